@@ -1,0 +1,49 @@
+# The two commands of the README:
+#   make demo   set up .venv and run the local pipeline on real data
+#   make test   set up .venv and run lint, types and the whole test suite
+# Set-up is idempotent: a second run only checks a stamp file.
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup demo test lint typecheck pytest bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo ">> creating $(VENV) with the pinned stack (constraints.txt)"
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -U pip setuptools wheel
+	# torch first and pinned: deepspeed's sdist would otherwise pull another torch.
+	$(PIP) install -c constraints.txt torch torchvision
+	$(PIP) install -c constraints.txt --no-build-isolation deepspeed
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(BIN)/python -c "import torch, torchvision, timm, deepspeed; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m models.smoke
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/encoder_backends.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
