@@ -1,0 +1,189 @@
+"""FCMAE: masking, sparse encoder backends, decoder, loss and the conversion to the dense model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.convnextv2 import build
+from models.fcmae import FCMAE, patchify, unpatchify
+from models.masked_encoder import minkowski_available
+from models.masking import mask_grid, random_mask
+from tests.models.conftest import randomize_, rel_err
+
+TOL = 1e-5
+
+
+def _model(size: str = "atto", drop_path: float = 0.0, backend: str = "gather") -> FCMAE:
+    model = FCMAE(size, decoder_dim=64, backend=backend, drop_path=drop_path)
+    return randomize_(model, seed=7)  # type: ignore[return-value]
+
+
+def _images(n: int = 3, h: int = 96, w: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_random_mask_keeps_the_same_count_per_sample_and_is_reproducible() -> None:
+    mask = random_mask(8, 49, 0.6, torch.Generator().manual_seed(1))
+    assert mask.shape == (8, 49)
+    assert (mask.sum(dim=1) == 49 - int(49 * 0.4)).all()
+    assert torch.equal(mask, random_mask(8, 49, 0.6, torch.Generator().manual_seed(1)))
+    assert not torch.equal(mask, random_mask(8, 49, 0.6, torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("size", ["atto", "tiny"])
+def test_gather_equals_dense_masked_forward_and_every_gradient(size: str) -> None:
+    imgs = _images(n=2, h=64, w=96) if size == "tiny" else _images()
+    model = _model(size, drop_path=0.2).train()
+    mask = model.random_mask(imgs, torch.Generator().manual_seed(3))
+    results = {}
+    for backend in ("dense_masked", "gather"):
+        model.backend = backend
+        model.zero_grad()
+        torch.manual_seed(11)  # the same drop-path draws for both backends
+        loss, pred, _ = model(imgs, mask)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = (loss.detach(), pred.detach(), grads)
+    ref_loss, ref_pred, ref_grads = results["dense_masked"]
+    loss, pred, grads = results["gather"]
+    assert rel_err(loss, ref_loss) < TOL
+    assert rel_err(pred, ref_pred) < TOL
+    assert grads.keys() == ref_grads.keys() == {n for n, _ in model.named_parameters()}
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < TOL, name
+
+
+def _mask_once_after_stem(model: FCMAE, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The wrong way: zero masked cells after the stem only and run the dense trunk."""
+    grid_h, grid_w = model.grid_size(imgs)
+    x = model.encoder.stem(imgs)
+    x = x * (1 - mask_grid(mask, grid_h, grid_w, x.shape[-2] // grid_h))
+    for stage in model.encoder.stages:
+        x = stage(x)
+    return x
+
+
+def test_masked_pixels_never_reach_visible_features() -> None:
+    model = _model().eval()
+    imgs = _images()
+    mask = model.random_mask(imgs, torch.Generator().manual_seed(5))
+    grid_h, grid_w = model.grid_size(imgs)
+    pixel_mask = mask_grid(mask, grid_h, grid_w, 32).bool().expand_as(imgs)
+    changed = imgs.clone()
+    changed[pixel_mask] = torch.randn(int(pixel_mask.sum())) * 10
+    visible = 1 - mask.reshape(-1, 1, grid_h, grid_w)
+    with torch.no_grad():
+        for backend in ("dense_masked", "gather"):
+            model.backend = backend
+            before = model.forward_encoder(imgs, mask) * visible
+            after = model.forward_encoder(changed, mask) * visible
+            assert torch.equal(before, after), backend
+        # The check is sensitive: the unmasked trunk does see the masked pixels.
+        dense = model.encoder.forward_features(imgs) * visible
+        assert rel_err(model.encoder.forward_features(changed) * visible, dense) > 1e-3
+
+
+def test_masking_once_after_the_stem_is_not_sparse_convolution() -> None:
+    model = _model().eval()
+    imgs = _images()
+    mask = model.random_mask(imgs, torch.Generator().manual_seed(5))
+    grid_h, grid_w = model.grid_size(imgs)
+    visible = 1 - mask.reshape(-1, 1, grid_h, grid_w)
+    with torch.no_grad():
+        sparse = model.forward_encoder(imgs, mask) * visible
+        naive = _mask_once_after_stem(model, imgs, mask) * visible
+    # Empty cells fill up with biases and neighbours after one block and leak into visible ones.
+    assert rel_err(naive, sparse) > 1e-2
+
+
+def test_loss_equals_an_independent_normalized_pixel_mse() -> None:
+    model = _model().eval()
+    imgs = _images(n=2, h=64, w=64)
+    mask = model.random_mask(imgs, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        loss, pred, _ = model(imgs, mask)
+    p = 32
+    total, count = 0.0, 0
+    for n in range(2):
+        for idx in range(4):
+            if mask[n, idx] == 0:
+                continue
+            r, c = divmod(idx, 2)
+            patch = imgs[n, :, r * p : (r + 1) * p, c * p : (c + 1) * p].permute(1, 2, 0).reshape(-1).double()
+            target = (patch - patch.mean()) / torch.sqrt(patch.var(unbiased=True) + 1e-6)
+            total += float(((pred[n, idx].double() - target) ** 2).mean())
+            count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_patchify_is_row_major_with_row_column_channel_values() -> None:
+    imgs = _images(n=1, h=64, w=96)
+    patches = patchify(imgs, 32)
+    assert patches.shape == (1, 6, 32 * 32 * 3)
+    # Patch 4 is row 1, column 1; its value index (row 2, column 3, channel 1) is 2*32*3 + 3*3 + 1.
+    assert patches[0, 4, 2 * 96 + 3 * 3 + 1] == imgs[0, 1, 32 + 2, 32 + 3]
+    assert torch.equal(unpatchify(patches, 32, 2, 3), imgs)
+
+
+@pytest.mark.parametrize("hw", [(32, 96), (64, 96), (160, 64)])
+def test_any_size_divisible_by_32_works(hw: tuple[int, int]) -> None:
+    model = _model()
+    imgs = _images(n=2, h=hw[0], w=hw[1])
+    loss, pred, mask = model(imgs)
+    num_patches = hw[0] // 32 * hw[1] // 32
+    assert pred.shape == (2, num_patches, 32 * 32 * 3)
+    assert mask.shape == (2, num_patches)
+    assert torch.isfinite(loss)
+
+
+def test_wrong_image_size_and_mask_shape_are_clear_errors() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match=r"100x64 is not divisible by the patch size 32"):
+        model(torch.randn(1, 3, 100, 64))
+    with pytest.raises(ValueError, match=r"mask must have shape"):
+        model(_images(n=2, h=64, w=64), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="same number of visible patches"):
+        model(_images(n=2, h=64, w=64), torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="leaves no visible patch"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="unknown encoder backend"):
+        FCMAE("atto", backend="sparse")
+
+
+def test_a_given_mask_is_used_as_is() -> None:
+    model = _model()
+    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    _, _, used = model(_images(n=2, h=64, w=64), mask)
+    assert torch.equal(used, mask)
+
+
+def test_encoder_weights_give_the_dense_model_the_same_features() -> None:
+    model = _model().eval()
+    dense = build("atto", num_classes=0).eval()
+    dense.load_state_dict(model.encoder_state_dict(), strict=True)
+    imgs = _images()
+    nothing_masked = torch.zeros(3, model.grid_size(imgs)[0] * model.grid_size(imgs)[1])
+    with torch.no_grad():
+        expected = dense.forward_features(imgs)
+        for backend in ("dense_masked", "gather"):
+            model.backend = backend
+            assert rel_err(model.forward_encoder(imgs, nothing_masked), expected) < TOL, backend
+
+
+@pytest.mark.skipif(minkowski_available(), reason="MinkowskiEngine is installed here")
+def test_minkowski_backend_without_the_library_says_how_to_get_it() -> None:
+    with pytest.raises(RuntimeError, match="needs MinkowskiEngine.*backend='gather'"):
+        FCMAE("atto", backend="minkowski")
+
+
+@pytest.mark.skipif(not minkowski_available(), reason="MinkowskiEngine is not installed")
+def test_minkowski_equals_dense_masked() -> None:
+    model = _model().eval()
+    imgs = _images()
+    mask = model.random_mask(imgs, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model.backend = "dense_masked"
+        reference = model.forward_encoder(imgs, mask)
+        model.backend = "minkowski"
+        assert rel_err(model.forward_encoder(imgs, mask), reference) < TOL
