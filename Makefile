@@ -12,7 +12,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test lint typecheck pytest bench clean
+.PHONY: setup demo test lint typecheck pytest bench minkowski clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m models.smoke
+	$(BIN)/python bench/encoder_backends.py --sizes atto --batch 2 --image-size 64 --repeats 1
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
@@ -44,6 +44,9 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/encoder_backends.py
+
+minkowski: $(STAMP)
+	bash .ci/install_minkowski.sh
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -90,7 +90,11 @@ def infer_size(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Name of the size whose stem width and stage depths match a state dict in this project's layout."""
     width = state_dict["stem.conv.weight"].shape[0]
     depths = tuple(
-        1 + max((int(m[1]) for k in state_dict if (m := re.match(rf"stages\.{i}\.blocks\.(\d+)\.", k))), default=-1)
+        1
+        + max(
+            (int(m[1]) for k in state_dict if (m := re.match(rf"stages\.{i}\.blocks\.(\d+)\.", k))),
+            default=-1,
+        )
         for i in range(4)
     )
     for name, spec in SIZES.items():
@@ -132,7 +136,13 @@ def _sparse_kernel_to_dense(kernel: torch.Tensor) -> torch.Tensor:
     return kernel.permute(1, 0).reshape(dim, 1, ks, ks).transpose(3, 2).contiguous()
 
 
-_OFFICIAL_BLOCK = {"dwconv": "dwconv", "norm": "norm", "pwconv1": "pwconv1", "pwconv2": "pwconv2", "grn": "grn"}
+_OFFICIAL_BLOCK = {
+    "dwconv": "dwconv",
+    "norm": "norm",
+    "pwconv1": "pwconv1",
+    "pwconv2": "pwconv2",
+    "grn": "grn",
+}
 
 
 def _official_key(key: str) -> str | None:
@@ -201,7 +211,7 @@ def load_foreign(state_dict: Mapping[str, object]) -> StateDict:
     """Detect the layout (ours, timm, official dense or FCMAE) and convert to ours."""
     sd = _unwrap(state_dict)
     converters: list[tuple[Callable[[str], bool], Callable[[Mapping[str, object]], StateDict]]] = [
-        (lambda k: k.startswith("stem.conv."), dict),
+        (lambda k: k.startswith("stem.conv."), _unwrap),
         (lambda k: k.startswith("stem.0."), from_timm),
         (lambda k: k.startswith(("downsample_layers.", "encoder.")), from_official),
     ]

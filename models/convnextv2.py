@@ -10,7 +10,9 @@ tensor is free), so the model is friendly to ``torch.channels_last`` inputs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -136,11 +138,18 @@ class Stage(nn.Module):
 
     def __init__(self, in_dim: int, dim: int, depth: int, drop_paths: list[float]) -> None:
         super().__init__()
-        self.downsample: nn.Module = Downsample(in_dim, dim) if in_dim != dim else nn.Identity()
+        self.downsample: Downsample | None = Downsample(in_dim, dim) if in_dim != dim else None
         self.blocks = nn.Sequential(*[Block(dim, dp) for dp in drop_paths[:depth]])
 
+    def iter_blocks(self) -> Iterator[Block]:
+        """The blocks, typed."""
+        for block in self.blocks:
+            yield cast(Block, block)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.blocks(x)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -183,6 +192,11 @@ class ConvNeXtV2Encoder(nn.Module):
     def num_features(self) -> int:
         """Channels of the last stage."""
         return self.dims[-1]
+
+    def iter_stages(self) -> Iterator[Stage]:
+        """The four stages, typed."""
+        for stage in self.stages:
+            yield cast(Stage, stage)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Dense trunk: image ``(N, 3, H, W)`` to last-stage features ``(N, C, H/32, W/32)``."""

@@ -168,4 +168,3 @@ class FCMAE(nn.Module):
         state["norm.weight"] = torch.ones(width)
         state["norm.bias"] = torch.zeros(width)
         return state
-

@@ -18,7 +18,9 @@ aligned to the 32-px grid, so each output cell reads one patch only.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -36,8 +38,8 @@ def encode_dense_masked(
     """Reference masked encoder: dense ops, mask re-applied wherever information could cross cells."""
     x = encoder.stem(imgs)
     scale = x.shape[-2] // grid_h
-    for i, stage in enumerate(encoder.stages):
-        if i > 0:
+    for stage in encoder.iter_stages():
+        if stage.downsample is not None:
             visible = 1.0 - mask_grid(mask, grid_h, grid_w, scale).to(x.dtype)
             # LayerNorm turns a zero cell into its bias: re-mask between the norm and the conv.
             x = stage.downsample.conv(stage.downsample.norm(x) * visible)
@@ -45,7 +47,7 @@ def encode_dense_masked(
         visible = 1.0 - mask_grid(mask, grid_h, grid_w, scale).to(x.dtype)
         visible_nhwc = visible.permute(0, 2, 3, 1)
         x = x * visible
-        for block in stage.blocks:
+        for block in stage.iter_blocks():
             y = block.dwconv(x) * visible
             y = block.mlp(y.permute(0, 2, 3, 1), visible=visible_nhwc).permute(0, 3, 1, 2)
             x = (x + block.drop_path(y)) * visible
@@ -84,8 +86,8 @@ def encode_gather(
     rows = visible_rows(mask, grid_h, grid_w, scale)
     tokens = _gather(x, rows, n)
     tokens = F.layer_norm(tokens, stem.norm.normalized_shape, stem.norm.weight, stem.norm.bias, stem.norm.eps)
-    for i, stage in enumerate(encoder.stages):
-        if i > 0:
+    for stage in encoder.iter_stages():
+        if stage.downsample is not None:
             norm = stage.downsample.norm
             tokens = F.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             x = stage.downsample.conv(_scatter(tokens, rows, n, h, w))
@@ -93,15 +95,24 @@ def encode_gather(
             scale //= 2
             rows = visible_rows(mask, grid_h, grid_w, scale)
             tokens = _gather(x, rows, n)
-        for block in stage.blocks:
+        for block in stage.iter_blocks():
             y = _gather(block.dwconv(_scatter(tokens, rows, n, h, w)), rows, n)
             tokens = tokens + block.drop_path(block.mlp(y))
     return _scatter(tokens, rows, n, h, w)
 
 
+@functools.cache
 def minkowski_available() -> bool:
-    """Whether MinkowskiEngine can be imported in this environment."""
-    return importlib.util.find_spec("MinkowskiEngine") is not None
+    """Whether MinkowskiEngine imports in this environment (an installed but broken build counts as absent)."""
+    if importlib.util.find_spec("MinkowskiEngine") is None:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "compiled with CPU_ONLY"
+            import MinkowskiEngine  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def encode_minkowski(

@@ -185,7 +185,7 @@ def test_a_checkpoint_of_another_size_is_refused() -> None:
 
 
 def test_garbage_keys_name_the_key() -> None:
-    with pytest.raises(KeyError, match="blocks.weird"):
+    with pytest.raises(KeyError, match=r"blocks\.weird"):
         from_timm({"blocks.weird.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="cannot tell the layout"):
         load_foreign({"foo.weight": torch.zeros(1)})

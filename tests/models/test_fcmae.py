@@ -31,22 +31,28 @@ def test_random_mask_keeps_the_same_count_per_sample_and_is_reproducible() -> No
     assert not torch.equal(mask, random_mask(8, 49, 0.6, torch.Generator().manual_seed(2)))
 
 
-@pytest.mark.parametrize("size", ["atto", "tiny"])
-def test_gather_equals_dense_masked_forward_and_every_gradient(size: str) -> None:
+needs_minkowski = pytest.mark.skipif(not minkowski_available(), reason="MinkowskiEngine is not installed")
+
+
+@pytest.mark.parametrize(
+    ("backend", "size"),
+    [("gather", "atto"), ("gather", "tiny"), pytest.param("minkowski", "atto", marks=needs_minkowski)],
+)
+def test_backend_equals_dense_masked_forward_and_every_gradient(backend: str, size: str) -> None:
     imgs = _images(n=2, h=64, w=96) if size == "tiny" else _images()
     model = _model(size, drop_path=0.2).train()
     mask = model.random_mask(imgs, torch.Generator().manual_seed(3))
     results = {}
-    for backend in ("dense_masked", "gather"):
-        model.backend = backend
+    for name in ("dense_masked", backend):
+        model.backend = name
         model.zero_grad()
         torch.manual_seed(11)  # the same drop-path draws for both backends
         loss, pred, _ = model(imgs, mask)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[backend] = (loss.detach(), pred.detach(), grads)
+        results[name] = (loss.detach(), pred.detach(), grads)
     ref_loss, ref_pred, ref_grads = results["dense_masked"]
-    loss, pred, grads = results["gather"]
+    loss, pred, grads = results[backend]
     assert rel_err(loss, ref_loss) < TOL
     assert rel_err(pred, ref_pred) < TOL
     assert grads.keys() == ref_grads.keys() == {n for n, _ in model.named_parameters()}
@@ -173,17 +179,5 @@ def test_encoder_weights_give_the_dense_model_the_same_features() -> None:
 
 @pytest.mark.skipif(minkowski_available(), reason="MinkowskiEngine is installed here")
 def test_minkowski_backend_without_the_library_says_how_to_get_it() -> None:
-    with pytest.raises(RuntimeError, match="needs MinkowskiEngine.*backend='gather'"):
+    with pytest.raises(RuntimeError, match=r"needs MinkowskiEngine.*backend='gather'"):
         FCMAE("atto", backend="minkowski")
-
-
-@pytest.mark.skipif(not minkowski_available(), reason="MinkowskiEngine is not installed")
-def test_minkowski_equals_dense_masked() -> None:
-    model = _model().eval()
-    imgs = _images()
-    mask = model.random_mask(imgs, torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        model.backend = "dense_masked"
-        reference = model.forward_encoder(imgs, mask)
-        model.backend = "minkowski"
-        assert rel_err(model.forward_encoder(imgs, mask), reference) < TOL

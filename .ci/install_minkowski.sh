@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Optional: build MinkowskiEngine 0.5.4 CPU-only into .venv so the `minkowski` encoder backend and its tests run.
+# ~4-6 minutes on 2 cores. Not part of `make test` (the backend is optional; its tests skip without it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV_BIN="$PWD/.venv/bin"
+if "$VENV_BIN/python" -c "import MinkowskiEngine" 2>/dev/null; then echo "MinkowskiEngine already installed"; exit 0; fi
+command -v apt-get >/dev/null && { apt-get update -qq && apt-get install -y -qq libopenblas-dev; }
+work=$(mktemp -d)
+cd "$work"
+# `pip download` of this sdist runs a metadata step that needs torch; take the URL pip resolves instead.
+url=$("$VENV_BIN/pip" download -vv --no-deps --no-binary :all: MinkowskiEngine==0.5.4 -d . 2>&1 \
+      | grep -o 'https://[^ ]*MinkowskiEngine-0.5.4.tar.gz' | head -1)
+curl -sSLo me.tar.gz "$url"
+tar xzf me.tar.gz && cd MinkowskiEngine-0.5.4
+# Python 3.10+ moved Sequence to collections.abc.
+sed -i 's/^from collections import Sequence, namedtuple$/from collections import namedtuple\nfrom collections.abc import Sequence/; s/^from collections import Sequence$/from collections.abc import Sequence/' \
+    MinkowskiEngine/*.py MinkowskiEngine/utils/*.py
+sed -i 's/th_map\.data<Dtype>()/th_map.data_ptr<Dtype>()/' src/quantization.cpp
+PATH="$VENV_BIN:$PATH" MAX_JOBS=2 python setup.py install --cpu_only --blas=openblas
+"$VENV_BIN/python" -c "import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__)"
