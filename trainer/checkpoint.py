@@ -1,0 +1,248 @@
+"""Atomic, resumable checkpoints on top of DeepSpeed's.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_00001000/           DeepSpeed's files (model, optimizer shards) for that step
+        rank_00000.pt        our per-rank state: step, loader state, RNG (one file per rank)
+        COMPLETE             written by rank 0 after every rank finished: JSON with step and world size
+    latest                   name of the newest complete checkpoint, replaced atomically after COMPLETE
+
+A checkpoint counts only when ``COMPLETE`` exists, so a crash mid-save (even SIGKILL) never leaves one that
+resume would pick; leftovers of an interrupted save are removed at the next save. The last ``keep`` complete
+checkpoints are kept. With ``mirror_url`` each complete checkpoint is copied to that fsspec URL (marker last) and
+resume falls back to the mirror when the local directory has none. State files load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from trainer.config import CheckpointConfig
+from trainer.distributed import DistEnv, barrier
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+LATEST = "latest"
+UNIVERSAL_SUFFIX = "_universal"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint on local disk."""
+
+    tag: str
+    step: int
+    world_size: int
+    path: Path
+
+
+def step_tag(step: int) -> str:
+    """Directory name of the checkpoint after optimizer step ``step``."""
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    key = state["numpy"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, state["numpy"]["pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _read_marker(directory: Path) -> dict[str, Any] | None:
+    marker = directory / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return dict(json.loads(marker.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+class Checkpointer:
+    """Saves and finds complete checkpoints; every rank calls :meth:`save` and :meth:`load`."""
+
+    def __init__(self, root: Path, cfg: CheckpointConfig, env: DistEnv) -> None:
+        self.root = root
+        self.cfg = cfg
+        self.env = env
+        root.mkdir(parents=True, exist_ok=True)
+
+    # -- finding ---------------------------------------------------------------------------------------------
+    def complete(self) -> list[CheckpointInfo]:
+        """Complete checkpoints, oldest first (by the step recorded in their markers, not by file names)."""
+        found = []
+        for directory in self.root.iterdir() if self.root.is_dir() else []:
+            meta = _read_marker(directory) if directory.is_dir() else None
+            if meta is not None and not directory.name.endswith(UNIVERSAL_SUFFIX):
+                found.append(CheckpointInfo(directory.name, int(meta["step"]), int(meta["world_size"]), directory))
+        return sorted(found, key=lambda c: c.step)
+
+    def find_latest(self) -> CheckpointInfo | None:
+        """The checkpoint to resume from: the ``latest`` pointer if it names a complete one, else the newest
+        complete one, else one fetched from the mirror; None for a fresh run."""
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            tag = pointer.read_text().strip()
+            meta = _read_marker(self.root / tag)
+            if meta is not None:
+                return CheckpointInfo(tag, int(meta["step"]), int(meta["world_size"]), self.root / tag)
+            log.warning("checkpoint pointer names %s, which is not complete; using the newest complete one", tag)
+        complete = self.complete()
+        if complete:
+            return complete[-1]
+        if self.cfg.mirror_url:
+            return self._fetch_from_mirror()
+        return None
+
+    # -- saving ----------------------------------------------------------------------------------------------
+    def save(self, engine: Any, step: int, rank_state: dict[str, Any]) -> CheckpointInfo:
+        """All ranks: DeepSpeed save, per-rank state, then (rank 0) marker, pointer, retention and mirror."""
+        tag = step_tag(step)
+        directory = self.root / tag
+        if self.env.is_main and directory.exists() and _read_marker(directory) is None:
+            shutil.rmtree(directory)  # leftovers of an interrupted save of the same step
+        barrier()
+        started = time.perf_counter()
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        state = {"step": step, "rng": rng_state(), **rank_state}
+        tmp = directory / f".rank_{self.env.rank:05d}.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, directory / f"rank_{self.env.rank:05d}.pt")
+        barrier()
+        info = CheckpointInfo(tag, step, self.env.world_size, directory)
+        if self.env.is_main:
+            marker = {"step": step, "world_size": self.env.world_size, "time": time.time()}
+            _atomic_write(directory / MARKER, json.dumps(marker))
+            _atomic_write(self.root / LATEST, tag)
+            self._retain()
+            if self.cfg.mirror_url:
+                self._mirror(info)
+            log.info("checkpoint %s saved in %.1fs", directory, time.perf_counter() - started)
+        barrier()
+        return info
+
+    def _retain(self) -> None:
+        complete = self.complete()
+        keep = {c.tag for c in complete[-self.cfg.keep :]}
+        newest = complete[-1].step if complete else -1
+        for directory in self.root.iterdir():
+            if not directory.is_dir():
+                continue
+            name = directory.name.removesuffix(UNIVERSAL_SUFFIX)
+            meta = _read_marker(self.root / name)
+            stale_partial = meta is None and name.startswith("step_") and int(name[5:] or -1) < newest
+            if (meta is not None and name not in keep) or stale_partial:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def load(self, engine: Any, info: CheckpointInfo, load_universal: bool) -> dict[str, Any]:
+        """Load DeepSpeed state (universal when the world size changed) and this rank's state file."""
+        tag = info.tag + UNIVERSAL_SUFFIX if load_universal else info.tag
+        path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        own = info.path / f"rank_{self.env.rank:05d}.pt"
+        source = own if own.exists() else info.path / "rank_00000.pt"
+        state = dict(torch.load(source, map_location="cpu", weights_only=True))
+        if info.world_size == self.env.world_size:
+            set_rng_state(state["rng"])
+        # On another world size, per-rank RNG streams do not map; every draw that shapes training is derived
+        # from (seed, step, rank) anyway, so nothing is lost.
+        return state
+
+    def prepare_universal(self, info: CheckpointInfo) -> None:
+        """Rank 0 converts a checkpoint written by another world size to DeepSpeed's universal format."""
+        out = self.root / (info.tag + UNIVERSAL_SUFFIX)
+        if self.env.is_main and not (out / MARKER).exists():
+            log.warning(
+                "checkpoint %s was written by %d ranks, this job has %d: converting it to a universal checkpoint",
+                info.tag, info.world_size, self.env.world_size,
+            )  # fmt: skip
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [
+                sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(info.path),
+                "--output_folder", str(out), "--inject_missing_state",
+            ]  # fmt: skip
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"ds_to_universal failed on {info.path}:\n{result.stderr[-3000:]}")
+            _atomic_write(out / MARKER, json.dumps({"step": info.step, "world_size": info.world_size}))
+        barrier()
+
+    # -- mirror ----------------------------------------------------------------------------------------------
+    def _mirror(self, info: CheckpointInfo) -> None:
+        from data.storage import url_to_fs
+
+        assert self.cfg.mirror_url is not None
+        fs, base = url_to_fs(self.cfg.mirror_url)
+        remote = f"{base.rstrip('/')}/{info.tag}"
+        for file in sorted(info.path.rglob("*")):
+            if file.is_file() and file.name != MARKER:
+                fs.put_file(str(file), f"{remote}/{file.relative_to(info.path).as_posix()}")
+        fs.put_file(str(info.path / MARKER), f"{remote}/{MARKER}")
+        with fs.open(f"{base.rstrip('/')}/{LATEST}", "w") as f:
+            f.write(info.tag)
+        log.info("checkpoint %s mirrored to %s", info.tag, self.cfg.mirror_url)
+
+    def _fetch_from_mirror(self) -> CheckpointInfo | None:
+        from data.storage import url_to_fs
+
+        assert self.cfg.mirror_url is not None
+        fs, base = url_to_fs(self.cfg.mirror_url)
+        base = base.rstrip("/")
+        if not fs.exists(f"{base}/{LATEST}"):
+            return None
+        tag = fs.cat_file(f"{base}/{LATEST}").decode().strip()
+        if not fs.exists(f"{base}/{tag}/{MARKER}"):
+            raise RuntimeError(f"mirror {self.cfg.mirror_url} points at {tag}, which has no {MARKER} marker")
+        if self.env.is_main:
+            staging = self.root / f".fetch_{tag}"
+            shutil.rmtree(staging, ignore_errors=True)
+            fs.get(f"{base}/{tag}/", str(staging) + "/", recursive=True)
+            os.replace(staging, self.root / tag)
+            _atomic_write(self.root / LATEST, tag)
+            log.warning("resuming from the mirror: fetched %s from %s", tag, self.cfg.mirror_url)
+        barrier()
+        meta = _read_marker(self.root / tag)
+        if meta is None:
+            raise RuntimeError(f"fetched checkpoint {tag} from {self.cfg.mirror_url} is incomplete")
+        return CheckpointInfo(tag, int(meta["step"]), int(meta["world_size"]), self.root / tag)

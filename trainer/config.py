@@ -1,0 +1,269 @@
+"""One config schema for the whole system, split by component, loaded from YAML files in ``configs/``.
+
+A config file may ``extends:`` another (or a list of them); later values win, nested sections merge. Command-line
+overrides are ``dotted.key=value`` with YAML-typed values (``optim.base_lr=3e-4``, ``deepspeed.zero_stage=2``).
+Unknown keys and bad values raise :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+ModelSizeName = Literal["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Section):
+    """What network is trained."""
+
+    size: ModelSizeName = Field("atto", description="ConvNeXt V2 size")
+    mask_ratio: float = Field(0.6, ge=0.0, lt=1.0, description="fraction of 32-px patches masked (FCMAE)")
+    decoder_dim: int = Field(512, ge=1, description="FCMAE decoder width")
+    decoder_depth: int = Field(1, ge=1, description="FCMAE decoder blocks")
+    norm_pix_loss: bool = Field(True, description="regress per-patch normalized pixels")
+    backend: Literal["gather", "dense_masked", "minkowski"] = Field("gather", description="sparse encoder backend")
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+
+
+class DataConfig(_Section):
+    """Where samples come from and how they are batched."""
+
+    train_url: str = Field("", description="shard set URL (directory with manifest.json): path, file://, s3://")
+    val_url: str | None = Field(None, description="validation shard set URL (fine-tune / eval)")
+    image_size: int = Field(224, ge=32, description="training crop size; a multiple of 32 for FCMAE")
+    batch_size: int = Field(64, ge=1, description="micro-batch per device")
+    num_workers: int = Field(4, ge=0, description="dataloader worker processes per rank")
+    min_scale: float = Field(0.2, gt=0.0, le=1.0, description="RandomResizedCrop lower scale bound")
+
+
+class OptimConfig(_Section):
+    """AdamW and its learning rate."""
+
+    base_lr: float = Field(1.5e-4, gt=0, description="lr for a global batch of 256; lr = base_lr * global_batch / 256")
+    min_lr: float = Field(0.0, ge=0, description="floor of the cosine schedule")
+    weight_decay: float = Field(0.05, ge=0, description="decoupled weight decay (not on biases, norms, GRN)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global grad norm to this value")
+
+
+class ScheduleConfig(_Section):
+    """How long to train: epochs, warmup, and an optional step cap."""
+
+    epochs: float = Field(800, gt=0, description="training epochs")
+    warmup_epochs: float = Field(40, ge=0, description="linear warmup epochs")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (demos, tests)")
+    max_skipped_steps: int = Field(10, ge=1, description="stop with an error after this many non-finite steps in a row")
+
+
+class DeepSpeedConfig(_Section):
+    """Sharding, precision and accumulation."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="training precision (fp16 uses loss scaling)"
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    global_batch: int | None = Field(
+        None, ge=1, description="expected global batch; checked against batch_size x grad_accum x world size"
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state offload to CPU")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys merged last")
+
+
+class CheckpointConfig(_Section):
+    """When checkpoints are written, how many are kept, and where they are mirrored."""
+
+    every_steps: int = Field(1000, ge=1, description="save a checkpoint every N optimizer steps")
+    keep: int = Field(3, ge=1, description="complete checkpoints kept locally")
+    mirror_url: str | None = Field(None, description="fsspec URL that each complete checkpoint is copied to")
+
+
+class TrackingConfig(_Section):
+    """Console and MLflow logging."""
+
+    experiment: str = Field("fcmae", description="MLflow experiment name")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default: env MLFLOW_TRACKING_URI or run dir sqlite")
+    log_every: int = Field(20, ge=1, description="console + metric logging interval (steps)")
+    eval_every: int = Field(1000, ge=1, description="reconstruction images and feature statistics interval (steps)")
+
+
+class ClusterConfig(_Section):
+    """SLURM resources (used by cluster/launch.py)."""
+
+    nodes: int = Field(1, ge=1, description="nodes")
+    gpus_per_node: int = Field(8, ge=0, description="GPUs (tasks) per node; 0 = CPU ranks")
+    cpu_ranks_per_node: int = Field(1, ge=1, description="ranks per node when gpus_per_node is 0")
+    partition: str | None = Field(None, description="SLURM partition")
+    account: str | None = Field(None, description="SLURM account")
+    time_min: int = Field(24 * 60, ge=1, description="job time limit in minutes")
+    cpus_per_task: int = Field(10, ge=1, description="CPU cores per task (dataloader workers + 2)")
+    mem_gb: int | None = Field(None, ge=1, description="memory per node in GiB")
+    signal_delay_s: int = Field(120, ge=10, description="seconds before the time limit that SLURM sends USR2")
+    max_requeues: int = Field(20, ge=0, description="requeues after preemption / time limit")
+
+
+class TrainConfig(_Section):
+    """A whole run: the stage and every component's settings."""
+
+    name: str = Field("run", description="config name (set from the file name)")
+    stage: Literal["pretrain"] = Field("pretrain", description="what this run trains")
+    seed: int = Field(0, description="run seed: shard order, crops, masks and drop path derive from it")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> TrainConfig:
+        if self.stage == "pretrain" and self.data.image_size % 32:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} must be a multiple of 32 for FCMAE (32-px patches)"
+            )
+        if self.schedule.warmup_epochs > self.schedule.epochs:
+            raise ValueError(
+                f"schedule.warmup_epochs={self.schedule.warmup_epochs} exceeds schedule.epochs={self.schedule.epochs}"
+            )
+        return self
+
+    def world_size(self) -> int:
+        """Ranks the cluster section asks for."""
+        per_node = self.cluster.gpus_per_node or self.cluster.cpu_ranks_per_node
+        return self.cluster.nodes * per_node
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step for a world size; checked against ``deepspeed.global_batch`` if set."""
+        actual = self.data.batch_size * self.deepspeed.grad_accum * world_size
+        expected = self.deepspeed.global_batch
+        if expected is not None and expected != actual:
+            raise ConfigError(
+                f"deepspeed.global_batch={expected} but data.batch_size={self.data.batch_size} x "
+                f"deepspeed.grad_accum={self.deepspeed.grad_accum} x world size {world_size} = {actual}; "
+                "change one of them (or unset deepspeed.global_batch)"
+            )
+        return actual
+
+    def lr(self, world_size: int) -> float:
+        """Peak learning rate: base_lr scaled linearly with the global batch (per 256)."""
+        return self.optim.base_lr * self.global_batch(world_size) / 256
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what is stored with the run)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def available_configs() -> list[str]:
+    """Names of the configs in ``configs/`` (files starting with ``_`` are bases, not listed)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"no config named {name!r}; available: {', '.join(available_configs())}")
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_raw(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = _config_path(name)
+    if str(path) in seen:
+        raise ConfigError(f"config {name!r} extends itself: {' -> '.join([*seen, str(path)])}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    parents = raw.pop("extends", [])
+    merged: dict[str, Any] = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = _deep_merge(merged, _load_raw(parent, (*seen, str(path))))
+    return _deep_merge(merged, raw)
+
+
+def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    """Unknown keys anywhere in the tree, named with their dotted path and the allowed keys."""
+    for key, value in raw.items():
+        field = model.model_fields.get(key)
+        where = f"{prefix}{key}"
+        if field is None:
+            allowed = ", ".join(model.model_fields)
+            raise ConfigError(
+                f"unknown config key {where!r}; allowed keys{' in ' + prefix[:-1] if prefix else ''}: {allowed}"
+            )
+        sub = field.annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            _check_keys(value, sub, f"{where}.")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> nested dict with YAML-typed values."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.base_lr=3e-4)")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return tree
+
+
+def load_config(name: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Resolve a named config (or a YAML path) with ``extends`` and ``key=value`` overrides."""
+    raw = _load_raw(name)
+    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    raw.setdefault("name", Path(name).stem)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """Validate a raw config tree, turning pydantic's errors into messages that name the key."""
+    _check_keys(raw, TrainConfig)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            if not where:  # a cross-field rule: its message names the keys
+                problems.append(str(e["msg"]).removeprefix("Value error, "))
+                continue
+            problems.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def load_run_config(path: str | Path) -> TrainConfig:
+    """Load a resolved ``config.yaml`` stored in a run directory."""
+    return config_from_dict(yaml.safe_load(Path(path).read_text()))

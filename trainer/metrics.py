@@ -1,0 +1,143 @@
+"""Training metrics: throughput, data wait, memory, MFU from counted FLOPs, ETA, and the console line."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.fcmae import FCMAE
+
+# Dense bf16 tensor-core peaks (FLOP/s) of accelerators we run on; MFU is reported against these.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of a CUDA device from its name, or None (CPU, unknown GPU): MFU is then not reported."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Training FLOPs (forward + backward) per sample: what the masked encoder does, and a dense equivalent."""
+
+    masked: float
+    dense: float
+
+
+def count_fcmae_flops(model: FCMAE, image_size: int, device: torch.device) -> FlopCount:
+    """Count FLOPs of one train step on one sample with torch's flop counter (matmuls and convs).
+
+    ``masked`` runs the configured backend (``gather`` does the MLP on visible cells only); ``dense`` runs the
+    unmasked trunk on the whole image, which is what a dense-convolution MAE would pay.
+    """
+    imgs = torch.zeros(1, 3, image_size, image_size, device=device)
+    mask = model.random_mask(imgs, torch.Generator().manual_seed(0))
+    counts = []
+    for dense in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            if dense:
+                features = model.encoder.forward_features(imgs)
+                loss = model.forward_loss(imgs, model.forward_decoder(features, mask), mask)
+            else:
+                loss, _, _ = model(imgs, mask)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        counts.append(float(counter.get_total_flops()))
+    return FlopCount(masked=counts[0], dense=counts[1])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPUs, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def format_duration(seconds: float) -> str:
+    """``3h04m``, ``12m30s`` or ``45s``."""
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+@dataclass
+class Meter:
+    """Accumulates timings between log points and turns them into the metrics of SPEC section 3."""
+
+    samples_per_step: int
+    world_size: int
+    total_steps: int
+    flops: FlopCount | None = None
+    peak_flops: float | None = None
+    _data_s: float = 0.0
+    _step_s: float = 0.0
+    _steps: int = 0
+    _started: float = field(default_factory=time.perf_counter)
+    _window_start: float = field(default_factory=time.perf_counter)
+
+    def add(self, data_s: float, step_s: float) -> None:
+        """Record one optimizer step: seconds waiting for data and seconds of compute."""
+        self._data_s += data_s
+        self._step_s += step_s
+        self._steps += 1
+
+    def flush(self, step: int, device: torch.device) -> dict[str, float]:
+        """Metrics over the steps since the last flush (global throughput assumes ranks run in lockstep)."""
+        now = time.perf_counter()
+        wall = max(now - self._window_start, 1e-9)
+        steps = max(self._steps, 1)
+        images_per_s = self.samples_per_step * self._steps / wall
+        metrics = {
+            "images_per_s": images_per_s,
+            "images_per_s_per_device": images_per_s / self.world_size,
+            "step_time_s": wall / steps,
+            "data_wait_pct": 100.0 * self._data_s / wall,
+            "peak_mem_gb": peak_memory_gb(device),
+        }
+        if self.flops is not None:
+            achieved = self.flops.masked * images_per_s / self.world_size
+            metrics["tflops_per_device"] = achieved / 1e12
+            if self.peak_flops:
+                metrics["mfu_pct"] = 100.0 * achieved / self.peak_flops
+                metrics["mfu_dense_equiv_pct"] = (
+                    100.0 * self.flops.dense * images_per_s / self.world_size / self.peak_flops
+                )
+        remaining = self.total_steps - step
+        metrics["eta_s"] = remaining * wall / steps
+        self._data_s = self._step_s = 0.0
+        self._steps = 0
+        self._window_start = now
+        return metrics
+
+
+def console_line(step: int, total: int, epoch: float, scalars: dict[str, float], perf: dict[str, float]) -> str:
+    """One compact progress line for rank 0."""
+    parts = [
+        f"step {step:>6d}/{total}",
+        f"ep {epoch:6.2f}",
+        f"loss {scalars['loss']:.4f}",
+        f"lr {scalars['lr']:.2e}",
+        f"gnorm {scalars.get('grad_norm', float('nan')):.3f}",
+        f"{perf['images_per_s']:.0f} img/s ({perf['images_per_s_per_device']:.0f}/dev)",
+        f"data {perf['data_wait_pct']:.0f}%",
+        f"{perf['step_time_s'] * 1e3:.0f} ms/step",
+        f"mem {perf['peak_mem_gb']:.1f}G",
+    ]
+    if "mfu_pct" in perf:
+        parts.append(f"MFU {perf['mfu_pct']:.1f}% (dense-eq {perf['mfu_dense_equiv_pct']:.1f}%)")
+    elif "tflops_per_device" in perf:
+        parts.append(f"{perf['tflops_per_device']:.2f} TFLOP/s/dev")
+    if scalars.get("skipped_steps"):
+        parts.append(f"skipped {int(scalars['skipped_steps'])}")
+    parts.append(f"eta {format_duration(perf['eta_s'])}")
+    return " | ".join(parts)

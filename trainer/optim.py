@@ -1,0 +1,62 @@
+"""AdamW with the paper's no-decay groups, and the per-step learning-rate schedule (linear warmup + cosine)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from models.convnextv2 import no_weight_decay
+from trainer.config import OptimConfig
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+) -> list[dict]:
+    """Split trainable parameters into decay / no-decay groups (and by ``lr_scale(name)`` when given).
+
+    Biases, norm weights and GRN gamma/beta take no weight decay. ``lr_scale`` (layer-wise lr decay in
+    fine-tuning) multiplies the scheduled lr of a group; the scale is stored as ``lr_scale`` in the group.
+    """
+    groups: dict[tuple[bool, float], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not no_weight_decay(name, param)
+        scale = lr_scale(name) if lr_scale is not None else 1.0
+        group = groups.setdefault(
+            (decay, scale),
+            {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale},
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, lr_scale: Callable[[str], float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; the lr is set every step by :func:`set_lr`."""
+    groups = param_groups(model, cfg.weight_decay, lr_scale)
+    for group in groups:
+        group.pop("names")
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``peak_lr``, then cosine to ``min_lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Apply a scheduled lr to every group, times the group's ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

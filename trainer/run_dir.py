@@ -1,0 +1,51 @@
+"""The run directory: resolved config, checkpoints, exports, MLflow store. Re-running the same command resumes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.config import ConfigError, TrainConfig
+
+# Sections that may change between restarts of one run (where it runs, not what it trains).
+RESTART_MUTABLE = ("cluster.", "data.num_workers", "tracking.", "checkpoint.mirror_url", "schedule.max_steps")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
+    """Create the run directory and store the resolved config; returns True when it resumes an existing run.
+
+    A run directory already holding a different config is refused (naming the keys that differ) unless only
+    restart-safe keys changed (cluster resources, workers, tracking, the step cap).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    resumed = path.exists()
+    if resumed:
+        old = _flat(yaml.safe_load(path.read_text()) or {})
+        new = _flat(cfg.model_dump(mode="json"))
+        changed = sorted(
+            k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESTART_MUTABLE)
+        )
+        if changed:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config ({details}). Re-run with the original settings to "
+                "resume it, or pass another --run-dir to start a new run."
+            )
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(cfg.to_yaml())
+    os.replace(tmp, path)
+    return resumed

@@ -1,0 +1,120 @@
+"""MLflow tracking from rank 0: one run per run directory, continued across restarts.
+
+The store is ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a sqlite file in the run directory
+(no server needed). The run id is kept in ``<run_dir>/mlflow_run_id`` so a requeued job logs into the same run;
+params are logged once; the ``restart_count`` tag counts restarts. Other ranks get a tracker that does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id"
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|api_key|access_key|private)", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def redact(key: str, value: str) -> str:
+    """Hide values of secret-looking keys and the user:password part of URLs."""
+    if _SECRET_KEY.search(key):
+        return "***"
+    return _URL_USERINFO.sub(r"\g<scheme>***@", value)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"optim.base_lr": "0.00015", ...}`` with secrets redacted."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = redact(name, str(value))[:500]
+    return out
+
+
+def git_commit() -> str:
+    """The commit of the code that runs, or ``unknown`` outside a git checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def default_tracking_uri(run_dir: Path, configured: str | None) -> str:
+    """Configured URI, else the environment's, else a sqlite file in the run directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """Rank 0's MLflow run; a no-op on other ranks or when ``enabled`` is false."""
+
+    def __init__(self, run_dir: Path, uri: str | None, experiment: str, enabled: bool) -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.uri = default_tracking_uri(run_dir, uri)
+        self.run_id: str | None = None
+        self.restart_count = 0
+        self._client: Any = None
+        self._experiment = experiment
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str) -> None:
+        """Create the run, or continue the one recorded in the run directory (restart count + 1)."""
+        if not self.enabled:
+            return
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+        id_file = self.run_dir / RUN_ID_FILE
+        if id_file.exists():
+            self.run_id = id_file.read_text().strip()
+            run = self._client.get_run(self.run_id)
+            self.restart_count = int(run.data.tags.get("restart_count", "0")) + 1
+            self._client.update_run(self.run_id, status="RUNNING")
+        else:
+            experiment = self._client.get_experiment_by_name(self._experiment)
+            experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(self._experiment)
+            self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+            id_file.write_text(self.run_id)
+            self._log_params(flatten(params))
+        for key, value in {**tags, "restart_count": str(self.restart_count)}.items():
+            self._client.set_tag(self.run_id, key, value)
+        log.info("MLflow run %s at %s", self.run_id, self.uri)
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One batched call for all metrics of a step."""
+        if not self.enabled or self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file (config, image, exported weights)."""
+        if self.enabled and self.run_id is not None:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run: FINISHED, FAILED, or KILLED (preempted: it continues after the requeue)."""
+        if self.enabled and self.run_id is not None:
+            self._client.set_terminated(self.run_id, status=status)
