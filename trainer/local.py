@@ -63,8 +63,8 @@ def run_local(run_dir: Path, world_size: int, grace_s: float = 30.0) -> int:
     try:
         failed_at: float | None = None
         while any(p.poll() is None for p in procs):
-            codes = [p.poll() for p in procs]
-            bad = [c for c in codes if c not in (None, 0, REQUEUE_EXIT_CODE)]
+            running = [p.poll() for p in procs]
+            bad = [c for c in running if c not in (None, 0, REQUEUE_EXIT_CODE)]
             if bad and failed_at is None:
                 failed_at = time.monotonic()
                 log.error("a rank exited with code %s; stopping the others", bad[0])
