@@ -55,6 +55,28 @@ class StepResult:
     skipped: bool
 
 
+class SkipGuard:
+    """Counts skipped (non-finite) steps and stops the run after too many in a row."""
+
+    def __init__(self, max_in_row: int) -> None:
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.total = 0
+
+    def update(self, skipped: bool, step: int, checkpoint_dir: Path) -> None:
+        """Record one step; raise :class:`TrainingError` when ``max_in_row`` steps in a row were skipped."""
+        self.in_row = self.in_row + 1 if skipped else 0
+        self.total += int(skipped)
+        if skipped:
+            log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, self.in_row)
+        if self.in_row >= self.max_in_row:
+            raise TrainingError(
+                f"{self.in_row} steps in a row had a non-finite loss or gradient (last: step {step}); lower "
+                "optim.base_lr, set optim.grad_clip, or use deepspeed.precision=fp32. The last complete "
+                f"checkpoint is in {checkpoint_dir}"
+            )
+
+
 def sample_masks(keys: list[str], seed: int, epoch: int, num_patches: int, ratio: float) -> torch.Tensor:
     """One mask per sample, drawn from (seed, epoch, sample key): the same on any world size and after resume."""
     masks = []
@@ -210,11 +232,12 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
         ds_config["checkpoint"] = {"load_universal": True}
     engine = initialize(model, build_optimizer(model, cfg.optim), ds_config)
 
-    step, skipped_total, skipped_in_row = 0, 0, 0
+    step = 0
+    skip_guard = SkipGuard(cfg.schedule.max_skipped_steps)
     if resume is not None:
         state = checkpointer.load(engine, resume, load_universal=universal)
         step = int(state["step"])
-        skipped_total = int(state.get("skipped_total", 0))
+        skip_guard.total = int(state.get("skipped_total", 0))
         loader.load_state_dict(state["loader"])
         if env.is_main:
             log.info("resumed from %s at step %d (epoch %d)", resume.path, step, loader.epoch)
@@ -248,6 +271,7 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
     eval_batch: tuple[torch.Tensor, torch.Tensor] | None = None
     losses: list[float] = []
     first_loss: float | None = None
+    logged_loss = float("nan")
     exit_code = 0
     started = time.perf_counter()
     try:
@@ -260,26 +284,21 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
             result = train_step(engine, group, lr_at(step, total, warmup, peak_lr, cfg.optim.min_lr), step, cfg, env)
             step += 1
             meter.add(t1 - t0, time.perf_counter() - t1)
-            skipped_in_row = skipped_in_row + 1 if result.skipped else 0
-            skipped_total += int(result.skipped)
-            if skipped_in_row >= cfg.schedule.max_skipped_steps:
-                raise TrainingError(
-                    f"{skipped_in_row} steps in a row had a non-finite loss or gradient (step {step}); lower "
-                    "optim.base_lr, set optim.grad_clip, or use deepspeed.precision=fp32; the last complete "
-                    f"checkpoint is in {checkpointer.root}"
-                )
+            skip_guard.update(result.skipped, step, checkpointer.root)
             if not math.isnan(result.loss):
                 losses.append(result.loss)
                 first_loss = first_loss if first_loss is not None else result.loss
             if step % cfg.tracking.log_every == 0 or step == total:
-                _log_interval(step, total, epoch, steps_per_epoch, result, losses, skipped_total, meter, tracker, env)
+                logged_loss = _log_interval(
+                    step, total, epoch, steps_per_epoch, result, losses, skip_guard.total, meter, tracker, env
+                )
                 losses = []
             if eval_batch is not None and (step % cfg.tracking.eval_every == 0 or step == total):
                 _evaluate(model, engine, eval_batch, step, run_dir, tracker, cfg, env)
             stop = preemption.should_stop(env.device)
             if stop or step % cfg.checkpoint.every_steps == 0 or step == total:
                 checkpointer.save(
-                    engine, step, {"loader": loader.state_dict(), "skipped_total": skipped_total, "epoch": epoch}
+                    engine, step, {"loader": loader.state_dict(), "skipped_total": skip_guard.total, "epoch": epoch}
                 )
             if stop:
                 exit_code = REQUEUE_EXIT_CODE
@@ -289,14 +308,14 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
                 "stage": "pretrain",
                 "steps": step,
                 "first_loss": first_loss,
-                "final_loss": _last_logged_loss(tracker, losses, result.loss),
-                "skipped_steps": skipped_total,
+                "final_loss": logged_loss,
+                "skipped_steps": skip_guard.total,
                 "wall_time_s": time.perf_counter() - started,
                 "samples_skipped_by_loader": getattr(getattr(loader, "stats", None), "skipped", 0),
             }
             export_weights(model, engine, run_dir, final, env)
             if env.is_main:
-                tracker.log_metrics({"final_loss": float(final["final_loss"] or float("nan"))}, step)
+                tracker.log_metrics({"final_loss": logged_loss}, step)
                 tracker.log_artifact(run_dir / "export" / "model.safetensors", "export")
                 tracker.log_artifact(run_dir / "export" / "metrics.json", "export")
                 log.info("done: %d steps, exported to %s", step, run_dir / "export")
@@ -308,10 +327,6 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
         preemption.uninstall()
         teardown(engine)
     return exit_code
-
-
-def _last_logged_loss(tracker: Tracker, pending: list[float], last: float) -> float:
-    return sum(pending) / len(pending) if pending else last
 
 
 def _slurm_job_id() -> str:
@@ -331,16 +346,21 @@ def _log_interval(
     meter: Meter,
     tracker: Tracker,
     env: DistEnv,
-) -> None:
+) -> float:
+    """Console line, metrics.jsonl and MLflow for the steps since the last call; returns the mean loss."""
     local_loss = sum(losses) / len(losses) if losses else float("nan")
     (loss,) = mean_over_ranks([local_loss], env.device)
     perf = meter.flush(step, env.device)
     if not env.is_main:
-        return
+        return loss
     scalars = {"loss": loss, "lr": result.lr, "grad_norm": result.grad_norm, "skipped_steps": float(skipped_total)}
     progress = epoch + (step % steps_per_epoch) / steps_per_epoch if steps_per_epoch else float(epoch)
     log.info(console_line(step, total, progress, scalars, perf))
+    record = {"step": step, "epoch": progress, **scalars, **perf}
+    with open(tracker.run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
     tracker.log_metrics({**{k: v for k, v in scalars.items() if math.isfinite(v)}, **perf, "epoch": progress}, step)
+    return loss
 
 
 @torch.no_grad()

@@ -1,0 +1,66 @@
+"""The config system: named configs, extends, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.config import ConfigError, available_configs, load_config
+from trainer.run_dir import prepare_run_dir
+
+SIZES = ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"]
+
+
+def test_every_size_has_the_papers_pretraining_recipe() -> None:
+    assert {f"{s}_fcmae" for s in SIZES} | {"demo_fcmae"} <= set(available_configs())
+    for size in SIZES:
+        cfg = load_config(f"{size}_fcmae")
+        assert cfg.model.size == size
+        assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.optim.betas) == (1.5e-4, 0.05, (0.9, 0.95))
+        assert (cfg.model.mask_ratio, cfg.model.decoder_depth, cfg.model.decoder_dim) == (0.6, 1, 512)
+        assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (800, 40)
+        world = cfg.world_size()
+        assert cfg.global_batch(world) == 4096
+        assert cfg.lr(world) == pytest.approx(1.5e-4 * 4096 / 256)
+
+
+def test_overrides_are_typed_and_merge_into_sections() -> None:
+    cfg = load_config("demo_fcmae", ["optim.base_lr=3e-4", "deepspeed.zero_stage=2", "model.backend=dense_masked"])
+    assert cfg.optim.base_lr == 3e-4
+    assert cfg.deepspeed.zero_stage == 2
+    assert cfg.model.backend == "dense_masked"
+    assert cfg.model.size == "atto"  # inherited through extends: atto_fcmae -> _fcmae
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "unknown config key 'optim.lrr'; allowed keys in optim: base_lr"),
+        ("modle.size=atto", "unknown config key 'modle'"),
+        ("model.size=gigantic", "model.size: Input should be 'atto'"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
+        ("data.image_size=100", "data.image_size=100 must be a multiple of 32"),
+        ("optim.base_lr", "must look like section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("demo_fcmae", [override])
+
+
+def test_unknown_config_lists_the_available_ones() -> None:
+    with pytest.raises(ConfigError, match="available: atto_fcmae"):
+        load_config("hgue_fcmae")
+
+
+def test_global_batch_mismatch_names_the_settings() -> None:
+    cfg = load_config("huge_fcmae")
+    with pytest.raises(ConfigError, match=r"deepspeed.global_batch=4096 but data.batch_size=32 .* world size 64"):
+        cfg.global_batch(64)
+
+
+def test_a_run_dir_refuses_a_different_training_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert prepare_run_dir(load_config("demo_fcmae"), tmp_path) is False
+    # Cluster resources may change between restarts; what is trained may not.
+    assert prepare_run_dir(load_config("demo_fcmae", ["cluster.nodes=2"]), tmp_path) is True
+    with pytest.raises(ConfigError, match=r"optim.base_lr: 0.0015 -> 0.01"):
+        prepare_run_dir(load_config("demo_fcmae", ["optim.base_lr=0.01"]), tmp_path)
