@@ -78,5 +78,5 @@ def test_too_many_skips_in_a_row_stop_with_advice(tmp_path: Path) -> None:
     for step, skipped in enumerate([True, True, False, True, True]):
         guard.update(skipped, step, tmp_path)
     assert guard.total == 4
-    with pytest.raises(TrainingError, match="3 steps in a row .* optim.grad_clip"):
+    with pytest.raises(TrainingError, match=r"3 steps in a row .* optim\.grad_clip"):
         guard.update(True, 5, tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -20,7 +21,7 @@ def test_warmup_is_linear_and_cosine_ends_at_min_lr() -> None:
     assert lr_at(55, total, warmup, peak) == pytest.approx(0.5e-3)  # halfway through the cosine
     assert lr_at(100, total, warmup, peak, min_lr=1e-5) == pytest.approx(1e-5)
     values = [lr_at(s, total, warmup, peak) for s in range(10, 100)]
-    assert all(b <= a for a, b in zip(values, values[1:], strict=False))
+    assert all(b <= a for a, b in itertools.pairwise(values))
     assert lr_at(32, total, 0, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 32 / 100)))
 
 

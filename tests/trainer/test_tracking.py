@@ -37,7 +37,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             str(port),
             "--workers",
             "1",
-        ],  # fmt: skip
+        ],
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=open(root / "server.log", "w"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
