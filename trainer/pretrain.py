@@ -195,6 +195,7 @@ class _null:
 
 def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
     """Train (or resume) FCMAE in ``run_dir``; returns the process exit code (0, or requeue after preemption)."""
+    preemption = PreemptionHandler().install()  # first: a signal during start-up must not kill the rank
     env = init_distributed()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = FCMAE(
@@ -238,6 +239,11 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
         state = checkpointer.load(engine, resume, load_universal=universal)
         step = int(state["step"])
         skip_guard.total = int(state.get("skipped_total", 0))
+        if int(state.get("global_batch", global_batch)) != global_batch and env.is_main:
+            log.warning(
+                "global batch changed from %d to %d on resume: the lr is rescaled and steps per epoch change",
+                int(state["global_batch"]), global_batch,
+            )  # fmt: skip
         loader.load_state_dict(state["loader"])
         if env.is_main:
             log.info("resumed from %s at step %d (epoch %d)", resume.path, step, loader.epoch)
@@ -264,7 +270,6 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
             steps_per_epoch, total, flops.masked / 1e9, flops.dense / 1e9,
         )  # fmt: skip
 
-    preemption = PreemptionHandler().install()
     meter = Meter(global_batch, env.world_size, total, flops, device_peak_flops(env.device))
     num_patches = (cfg.data.image_size // model.patch_size) ** 2
     batches = _micro_batches(loader, cfg, env, num_patches)
@@ -298,7 +303,14 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
             stop = preemption.should_stop(env.device)
             if stop or step % cfg.checkpoint.every_steps == 0 or step == total:
                 checkpointer.save(
-                    engine, step, {"loader": loader.state_dict(), "skipped_total": skip_guard.total, "epoch": epoch}
+                    engine,
+                    step,
+                    {
+                        "loader": loader.state_dict(),
+                        "skipped_total": skip_guard.total,
+                        "epoch": epoch,
+                        "global_batch": global_batch,
+                    },
                 )
             if stop:
                 exit_code = REQUEUE_EXIT_CODE

@@ -10,8 +10,19 @@ import yaml
 
 from trainer.config import ConfigError, TrainConfig
 
-# Sections that may change between restarts of one run (where it runs, not what it trains).
-RESTART_MUTABLE = ("cluster.", "data.num_workers", "tracking.", "checkpoint.mirror_url", "schedule.max_steps")
+# Keys that may change between restarts of one run: where and how it runs, not what it trains. Per-device batch
+# and accumulation may change with the world size (the trainer warns if the global batch changes).
+RESTART_MUTABLE = (
+    "cluster.",
+    "data.num_workers",
+    "data.batch_size",
+    "deepspeed.grad_accum",
+    "deepspeed.global_batch",
+    "tracking.",
+    "checkpoint.mirror_url",
+    "checkpoint.keep",
+    "schedule.max_steps",
+)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

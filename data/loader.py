@@ -1,0 +1,599 @@
+"""Streaming, resumable, rank-balanced loading of WebDataset shards from any fsspec URL.
+
+Design (details of the slot assignment in :mod:`data.sampling`):
+
+* The manifest gives each shard's sample count, so an epoch is planned without listing or reading tars: shards
+  are shuffled from ``(seed, epoch)``, every rank gets a contiguous slice of exactly ``B`` batches
+  (``B = floor(samples / (world_size * batch_size))`` with ``remainder="drop"``), split into per-worker blocks, and
+  shuffled within windows of ``shuffle_window`` samples. Every rank therefore yields the same number of batches,
+  also with uneven shards or fewer shards than ranks x workers.
+* Each dataloader worker builds whole batches; batch ``j`` of a rank comes from worker ``j % W``, which is the order
+  in which ``torch.utils.data.DataLoader`` collects from workers, so the batch sequence is deterministic (the
+  loader checks it).
+* Augmentation draws are seeded per batch slot from ``(seed, epoch, sample position)``
+  (:func:`data.transforms.seeded_rng`), so they are the same in any worker, process or restart.
+* A corrupt sample (undecodable image, label that is not an integer in range, sample missing from a truncated or
+  damaged tar) is skipped, counted in :class:`LoaderStats` and logged; its slot is filled with another sample of
+  the same batch (with the slot's own augmentation draw), or, if the whole batch is unreadable, with the next
+  readable sample of the worker's share. Batch counts and batch boundaries never move, so resume stays exact.
+* Transient read errors are retried with exponential backoff; a missing shard, an unreachable bucket or a
+  manifest sha256 mismatch (``verify=True``) raises a :class:`~data.storage.DataSourceError` naming the URL.
+
+Resume (``state_dict()`` / ``load_state_dict()``): the state holds the epoch, the batches consumed per rank in the
+current epoch (the same on every rank, so rank 0's state is enough) and the layout it was produced under.
+
+* **Same layout** (world size, worker count, batch size, remainder, shuffle window): each worker skips its consumed
+  batches by index: tar members before its current shuffle window are passed over at the header level, and no
+  skipped sample is decoded. The rest of the epoch is exactly the sequence of samples, and of augmentation draws,
+  of an uninterrupted run.
+* **Another layout** (e.g. another world size): the slots consumed under the old layout are recomputed from the
+  state, removed from the epoch's pool, and the rest is split anew. **Bound:** no sample of the epoch is repeated,
+  and at most ``world_size * batch_size - 1`` samples of the remaining pool (new layout; the same bound as the
+  remainder dropped in every epoch) are skipped for the rest of that epoch; with ``remainder="wrap"``/``"pad"``
+  none are skipped and fewer than ``world_size * batch_size`` are served twice (``"pad"`` labels those -1). A
+  corrupt sample's replacement is a repeat by construction (one per corrupt sample).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.utils.data
+from webdataset.autodecode import basichandlers, imagehandler
+
+from data.manifest import ShardSet, check_shards_exist, resolve_shards, verify_shards
+from data.reader import MissingSample, RawSample, ShardReader
+from data.sampling import (
+    EpochOrder,
+    Layout,
+    RankPlan,
+    Remainder,
+    Segment,
+    remaining_pool,
+    sample_seed,
+    worker_share,
+)
+from data.storage import DataSourceError, RetryPolicy, register_fsspec_schemes
+from data.transforms import ImageTransform, seeded_rng, to_tensor_transform
+
+log = logging.getLogger(__name__)
+
+IGNORE_LABEL = -1
+"""Label of padded slots (``remainder="pad"``) and of unlabeled detection images; use as ``ignore_index``."""
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+STATE_VERSION = 1
+_READ_CHUNK = 1024  # samples read at once by a worker when shuffling is off
+
+_decode_image = imagehandler("pilrgb", extensions=list(IMAGE_EXTENSIONS))
+
+
+@dataclass
+class LoaderStats:
+    """Counters of one rank's loader, accumulated over workers and epochs (and carried in the state)."""
+
+    samples: int = 0
+    """Samples served in batches (including replacements)."""
+    decoded: int = 0
+    """Decode attempts (served samples, skipped ones, and the search for a replacement); skipping to a resume
+    position decodes nothing."""
+    bad_image: int = 0
+    """Samples skipped because the image bytes did not decode."""
+    bad_label: int = 0
+    """Samples skipped because ``.cls`` was not an integer label in range."""
+    truncated: int = 0
+    """Samples the manifest lists but the tar did not deliver (truncated or damaged shard)."""
+    replaced: int = 0
+    """Slots filled with a replacement because their sample was skipped."""
+    retries: int = 0
+    """Transient read errors that were retried."""
+
+    @property
+    def skipped(self) -> int:
+        """All skipped samples."""
+        return self.bad_image + self.bad_label + self.truncated
+
+    def add(self, other: Mapping[str, int]) -> None:
+        """Add counters from a dict (a worker's per-batch delta)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + int(other.get(f.name, 0)))
+
+    def as_dict(self) -> dict[str, int]:
+        """Counters as a plain dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How a rank streams its share of a shard set."""
+
+    batch_size: int
+    """Samples per batch on this rank."""
+    rank: int = 0
+    """Global rank of this process."""
+    world_size: int = 1
+    """Number of data-parallel ranks."""
+    num_workers: int = 0
+    """DataLoader worker processes (0: load in the calling process)."""
+    seed: int = 0
+    """Run seed: shard order, shuffle windows and augmentation draws derive from it."""
+    shuffle: bool = True
+    """Shuffle shards and samples each epoch (off for evaluation)."""
+    shuffle_window: int = 1024
+    """Samples shuffled together inside a worker's block (rounded up to whole batches); each worker holds the raw
+    bytes of this many samples."""
+    remainder: Remainder = "drop"
+    """Samples that do not fill a batch on every rank: "drop", "wrap" (repeat from the start), "pad" (as wrap,
+    label -1)."""
+    verify: bool = False
+    """Read every shard at build time and check its sha256 against the manifest."""
+    check_shards: bool = True
+    """List the shard directories at build time: a missing shard or wrong size fails before training starts."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retries of transient read errors."""
+    storage_options: Mapping[str, Any] | None = None
+    """fsspec options (e.g. ``{"endpoint_url": ...}``); by default the AWS environment configures S3."""
+    pin_memory: bool = False
+    """Pin batch memory (for GPU training)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    multiprocessing_context: str | None = None
+    """Worker start method ("fork", "spawn", "forkserver"); None = torch default."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} must be in [0, world_size={self.world_size})")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_window < 0:
+            raise ValueError(f"shuffle_window must be >= 0, got {self.shuffle_window}")
+        if self.remainder not in ("drop", "wrap", "pad"):
+            raise ValueError(f"remainder {self.remainder!r}: choose 'drop', 'wrap' or 'pad'")
+
+    @property
+    def layout(self) -> Layout:
+        """The slot layout this configuration produces."""
+        window = 0
+        if self.shuffle and self.shuffle_window:
+            window = -(-self.shuffle_window // self.batch_size) * self.batch_size
+        return Layout(
+            world_size=self.world_size,
+            num_workers=max(1, self.num_workers),
+            batch_size=self.batch_size,
+            remainder=self.remainder,
+            window=window,
+        )
+
+
+class UnusableSampleError(Exception):
+    """A sample that cannot be served (bad image, bad label, lost in a damaged tar); ``kind`` names its counter."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def decode_sample(raw: RawSample | MissingSample, num_classes: int | None) -> tuple[PIL.Image.Image, int, str]:
+    """Decode a raw sample into (RGB image, label, key) with webdataset's handlers.
+
+    Raises :class:`UnusableSampleError` when the image does not decode or the label is not an integer in range.
+    """
+    if isinstance(raw, MissingSample):
+        raise UnusableSampleError("truncated", raw.reason)
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw.files), None)
+    if ext is None:
+        raise UnusableSampleError("bad_image", f"no image member (have {sorted(raw.files)})")
+    if "cls" not in raw.files:
+        raise UnusableSampleError("bad_label", "no .cls member")
+    try:
+        label = basichandlers(".cls", raw.files["cls"])
+    except ValueError as exc:
+        raise UnusableSampleError("bad_label", f".cls is not an integer: {raw.files['cls'][:20]!r}") from exc
+    if not isinstance(label, int) or label < IGNORE_LABEL or (num_classes is not None and label >= num_classes):
+        raise UnusableSampleError("bad_label", f"label {label!r} outside [-1, {num_classes})")
+    try:
+        image = _decode_image("." + ext, raw.files[ext])
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise UnusableSampleError("bad_image", f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(image, PIL.Image.Image):
+        raise UnusableSampleError("bad_image", f"webdataset did not decode .{ext} to an image")
+    return image, label, raw.key
+
+
+@dataclass
+class _StreamSpec:
+    """Everything a worker needs to produce its batches (picklable for spawn/forkserver workers)."""
+
+    urls: list[str]
+    sizes: list[int]
+    num_classes: int | None
+    seed: int
+    epoch: int
+    shuffle: bool
+    rank: int
+    layout: Layout
+    history: list[Segment]
+    position: int
+    transform: ImageTransform
+    storage_options: Mapping[str, Any] | None
+    retry: RetryPolicy
+
+
+def _plan(spec: _StreamSpec) -> tuple[EpochOrder, RankPlan]:
+    order = EpochOrder(spec.sizes, spec.seed, spec.epoch, spec.shuffle)
+    pool = remaining_pool(order.total, spec.history, seed=spec.seed, epoch=spec.epoch)
+    return order, RankPlan(pool=pool, layout=spec.layout, segment=len(spec.history), position=spec.position)
+
+
+class _WorkerStream:
+    """The batches of one logical worker for the rest of the epoch."""
+
+    def __init__(self, spec: _StreamSpec, physical: int) -> None:
+        self.spec = spec
+        self.order, self.plan = _plan(spec)
+        self.logical = self.plan.physical_to_logical(physical)
+        self.share = worker_share(
+            self.plan.pool,
+            spec.layout,
+            spec.rank,
+            self.logical,
+            seed=spec.seed,
+            epoch=spec.epoch,
+            segment=self.plan.segment,
+        )
+        self.stats = LoaderStats()
+        self.reader = ShardReader(
+            spec.urls, storage_options=spec.storage_options, retry=spec.retry, on_retry=self._count_retry
+        )
+        self._window_index = -1
+        self._window: dict[int, RawSample | MissingSample] = {}
+
+    def _count_retry(self) -> None:
+        self.stats.retries += 1
+
+    def _fetch(self, reader: ShardReader, positions: np.ndarray) -> dict[int, RawSample | MissingSample]:
+        """Raw samples at global ``positions``, read in global order (one forward pass over the shards)."""
+        unique = np.unique(positions)
+        shards, members = self.order.locate(unique)
+        out: dict[int, RawSample | MissingSample] = {}
+        start = 0
+        while start < len(unique):
+            end = start
+            while end < len(unique) and shards[end] == shards[start]:
+                end += 1
+            got = reader.read(int(shards[start]), members[start:end].tolist())
+            for pos, member in zip(unique[start:end].tolist(), members[start:end].tolist(), strict=True):
+                out[pos] = got[member]
+            start = end
+        return out
+
+    def _raw_batch(self, t: int) -> dict[int, RawSample | MissingSample]:
+        """Raw samples of local batch ``t``; its whole shuffle window is read once and kept."""
+        bs = self.share.batch_size
+        # Without shuffling, still read in bounded chunks of whole batches (memory stays O(window)).
+        window = self.share.window or bs * max(1, _READ_CHUNK // bs)
+        k = (t * bs) // window
+        if k != self._window_index:
+            self._window = self._fetch(self.reader, self.share.positions[k * window : (k + 1) * window])
+            self._window_index = k
+        return self._window
+
+    def _first_good_after(self, t: int, num_classes: int | None) -> tuple[PIL.Image.Image, int, str]:
+        """The next decodable sample of the share after batch ``t`` (cyclic), for a batch with no good sample.
+
+        Depends only on the share, not on what this process has read before, so a resumed run picks the same.
+        """
+        bs = self.share.batch_size
+        order = np.concatenate([self.share.positions[(t + 1) * bs :], self.share.positions[: t * bs]])
+        chunk = max(self.share.window, bs)
+        reader = ShardReader(self.spec.urls, storage_options=self.spec.storage_options, retry=self.spec.retry)
+        try:
+            for lo in range(0, len(order), chunk):
+                raws = self._fetch(reader, order[lo : lo + chunk])
+                for pos in order[lo : lo + chunk].tolist():
+                    self.stats.decoded += 1
+                    try:
+                        return decode_sample(raws[pos], num_classes)
+                    except UnusableSampleError:
+                        continue
+        finally:
+            reader.close()
+        raise DataSourceError(
+            f"rank {self.spec.rank} worker {self.logical}: none of the {len(self.share.positions)} samples of its "
+            f"share in epoch {self.spec.epoch} can be decoded (shards: {self.spec.urls[:3]}...)"
+        )
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """Yield ``(images, labels, meta)`` for the worker's remaining batches in order."""
+        try:
+            for t in range(self.plan.first_local_batch(self.logical), self.share.num_batches):
+                yield self._make_batch(t)
+        finally:
+            self.reader.close()
+
+    def _make_batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        spec = self.spec
+        positions, padded = self.share.batch(t)
+        raws = self._raw_batch(t)
+        decoded: list[tuple[PIL.Image.Image, int, str] | None] = []
+        for pos in positions.tolist():
+            raw = raws[pos]
+            self.stats.decoded += 1
+            try:
+                decoded.append(decode_sample(raw, spec.num_classes))
+            except UnusableSampleError as bad:
+                setattr(self.stats, bad.kind, getattr(self.stats, bad.kind) + 1)
+                key = raw.key if isinstance(raw, RawSample) else f"#{pos}"
+                log.warning("skipping sample %s of %s: %s", key, raw.url, bad)
+                decoded.append(None)
+        good = [d for d in decoded if d is not None]
+        filled: list[tuple[PIL.Image.Image, int, str]] = []
+        fallback = None
+        for i, item in enumerate(decoded):
+            if item is None:
+                self.stats.replaced += 1
+                if good:  # another sample of the same batch, cycling; its slot seed gives it a new crop
+                    item = good[(i - sum(1 for d in decoded[:i] if d is not None)) % len(good)]
+                else:
+                    fallback = fallback or self._first_good_after(t, spec.num_classes)
+                    item = fallback
+            filled.append(item)
+        images, labels, keys = [], [], []
+        for pos, pad, (image, label, key) in zip(positions.tolist(), padded.tolist(), filled, strict=True):
+            with seeded_rng(sample_seed(spec.seed, spec.epoch, pos)):
+                images.append(spec.transform(image))
+            labels.append(IGNORE_LABEL if pad else label)
+            keys.append(key)
+        self.stats.samples += len(filled)
+        try:
+            batch = torch.stack(images)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"images of one batch have different shapes ({sorted({tuple(i.shape) for i in images})}): "
+                "use a transform that resizes to a fixed size (e.g. data.transforms.pretrain_transform)"
+            ) from exc
+        meta = {
+            "batch": t * spec.layout.num_workers + self.logical,
+            "keys": keys,
+            "stats": self.stats.as_dict(),
+        }
+        self.stats = LoaderStats()  # the main process accumulates deltas
+        return batch, torch.tensor(labels, dtype=torch.long), meta
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    """IterableDataset over the batches of one rank; each DataLoader worker serves one logical worker."""
+
+    def __init__(self, spec: _StreamSpec) -> None:
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        # Spawned/forkserver workers start with webdataset's default table: register here, in the worker.
+        register_fsspec_schemes()
+        info = torch.utils.data.get_worker_info()
+        physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        if count != self.spec.layout.num_workers:
+            raise RuntimeError(f"dataset planned for {self.spec.layout.num_workers} workers runs on {count}")
+        return _WorkerStream(self.spec, physical).batches()
+
+
+class ShardLoader:
+    """Iterable over ``(images, labels)`` batches of one rank; ``len()`` is batches per epoch, the same on every rank.
+
+    Call :meth:`set_epoch` before each epoch. An epoch that is iterated to its end advances the loader to the next
+    epoch; an interrupted one continues where it stopped on the next ``iter()``. A trainer loop::
+
+        loader.load_state_dict(checkpoint["loader"])  # optional: resume
+        for epoch in range(loader.epoch, num_epochs):
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                ...  # checkpoint["loader"] = loader.state_dict() at any step
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        config: LoaderConfig,
+        transform: ImageTransform | None = None,
+        epoch: int = 0,
+    ) -> None:
+        self.shards = shards
+        self.config = config
+        self.transform: ImageTransform = transform or to_tensor_transform()
+        self.epoch = epoch
+        self.stats = LoaderStats()
+        """Counters of skipped samples, replacements and retries (this rank)."""
+        self.last_keys: list[str] = []
+        """Sample keys of the batch yielded last (for logging and tests)."""
+        self._position = 0
+        self._history: list[Segment] = []
+        if len(self) == 0:
+            raise ValueError(
+                f"{shards.num_samples} samples cannot give one batch per rank with world_size={config.world_size} "
+                f"and batch_size={config.batch_size}: use a smaller batch, fewer ranks, or remainder='wrap'/'pad'"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the shard set."""
+        return self.shards.num_samples
+
+    def __len__(self) -> int:
+        """Batches per epoch on every rank (for a whole epoch under the current layout)."""
+        return self.config.layout.batches(self.num_samples)
+
+    @property
+    def position(self) -> int:
+        """Batches consumed in the current epoch (in the current layout segment)."""
+        return self._position
+
+    @property
+    def remaining(self) -> int:
+        """Batches left in the current epoch (after a layout change this differs from ``len - position``)."""
+        return _plan(self._spec())[1].remaining
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate; a different epoch than the current one starts at its beginning."""
+        if epoch != self.epoch:
+            self.epoch, self._position, self._history = epoch, 0, []
+
+    def _spec(self) -> _StreamSpec:
+        cfg = self.config
+        return _StreamSpec(
+            urls=[s.url for s in self.shards.shards],
+            sizes=[s.info.num_samples for s in self.shards.shards],
+            num_classes=self.shards.num_classes,
+            seed=cfg.seed,
+            epoch=self.epoch,
+            shuffle=cfg.shuffle,
+            rank=cfg.rank,
+            layout=cfg.layout,
+            history=list(self._history),
+            position=self._position,
+            transform=self.transform,
+            storage_options=cfg.storage_options,
+            retry=cfg.retry,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        spec = self._spec()
+        _, plan = _plan(spec)
+        expected = plan.num_batches
+        if self._position < expected:
+            batches = self._batches(spec)
+            try:
+                for images, labels, meta in batches:
+                    if meta["batch"] != self._position:
+                        raise RuntimeError(
+                            f"rank {self.config.rank}: got batch {meta['batch']} where {self._position} was due; "
+                            "the DataLoader no longer collects from workers round-robin"
+                        )
+                    self._position += 1
+                    self.stats.add(meta["stats"])
+                    self.last_keys = list(meta["keys"])
+                    yield images, labels
+            finally:
+                # Stop the workers now, also on errors and early exits. Left to garbage collection (a traceback
+                # keeps the DataLoader iterator alive), the shutdown runs inside gc and stalls ~5 s per worker.
+                shutdown = getattr(batches, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                del batches
+            if self._position != expected:
+                raise RuntimeError(f"rank {self.config.rank}: {self._position} batches of {expected} were produced")
+        self.epoch, self._position, self._history = self.epoch + 1, 0, []
+
+    def _batches(self, spec: _StreamSpec) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """The rank's remaining batches with their metadata, from worker processes or in this process."""
+        dataset = _EpochDataset(spec)
+        if self.config.num_workers == 0:
+            return iter(dataset)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.config.num_workers,
+            pin_memory=self.config.pin_memory,
+            prefetch_factor=self.config.prefetch_factor,
+            multiprocessing_context=self.config.multiprocessing_context,
+            persistent_workers=False,  # the plan changes every epoch; workers receive it at start
+        )
+        return iter(loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch, position and layout (identical on all ranks) plus this rank's counters."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "position": self._position,
+            "seed": self.config.seed,
+            "shuffle": self.config.shuffle,
+            "num_samples": self.num_samples,
+            "layout": self.config.layout.to_dict(),
+            "history": [{"layout": s.layout.to_dict(), "consumed": s.consumed} for s in self._history],
+            "stats": self.stats.as_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``; a state from another layout (world size, workers, batch) is re-planned."""
+        if int(state.get("version", 0)) != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        for name, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle)):
+            if state[name] != mine:
+                raise ValueError(
+                    f"loader state has {name}={state[name]!r} but the loader is configured with {mine!r}: "
+                    f"resume with the run's original {name}"
+                )
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"loader state is for {state['num_samples']} samples, the shard set has {self.num_samples}: "
+                "the data changed since the checkpoint"
+            )
+        history = [Segment(Layout.from_dict(s["layout"]), int(s["consumed"])) for s in state["history"]]
+        old_layout = Layout.from_dict(state["layout"])
+        position = int(state["position"])
+        if old_layout != self.config.layout and position > 0:
+            history.append(Segment(old_layout, position))
+            position = 0
+            log.info(
+                "loader: resuming epoch %d under a new layout %s (was %s)",
+                state["epoch"],
+                self.config.layout,
+                old_layout,
+            )
+        self.epoch, self._position, self._history = int(state["epoch"]), position, history
+        self.stats = LoaderStats(**{k: int(v) for k, v in dict(state.get("stats", {})).items()})
+        # Validates the history against the data (raises if the state belongs to another set).
+        _plan(self._spec())
+
+
+def build_loader(
+    source: str | Sequence[str] | ShardSet,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    seed: int = 0,
+    transform: ImageTransform | None = None,
+    epoch: int = 0,
+    **options: Any,
+) -> ShardLoader:
+    """Build the loader of one rank from a manifest URL, a shard directory URL, shard URLs or a :class:`ShardSet`.
+
+    ``options`` are further :class:`LoaderConfig` fields (``shuffle``, ``remainder``, ``verify``,
+    ``storage_options``, ``retry``, ...). Reads the manifest (and checks the shards exist) before returning.
+    """
+    config = LoaderConfig(
+        batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, **options
+    )
+    register_fsspec_schemes()
+    shards = (
+        source
+        if isinstance(source, ShardSet)
+        else resolve_shards(source, storage_options=config.storage_options, retry=config.retry)
+    )
+    if not shards.shards:
+        raise ValueError(f"{source}: the manifest lists no shards")
+    if config.check_shards:
+        check_shards_exist(shards, storage_options=config.storage_options, retry=config.retry)
+    if config.verify:
+        verify_shards(shards, storage_options=config.storage_options, retry=config.retry)
+    return ShardLoader(shards, config, transform, epoch)
+
+
+__all__ = [
+    "IGNORE_LABEL",
+    "LoaderConfig",
+    "LoaderStats",
+    "ShardLoader",
+    "UnusableSampleError",
+    "build_loader",
+    "decode_sample",
+]

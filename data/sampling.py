@@ -1,0 +1,230 @@
+"""Epoch plans: which sample of the shard set fills which batch slot of which rank and dataloader worker.
+
+Pure index arithmetic on the manifest's sample counts (numpy, no I/O), so every process computes the same plan.
+
+* **Global order.** Epoch ``e`` concatenates the shards in an order shuffled from ``(seed, e)``; a sample's
+  *position* is its index in that concatenation.
+* **Pool.** The positions still to be served this epoch: all of them at the start; after a resume under another
+  layout, those the earlier layouts did not consume (see :class:`Segment`).
+* **Ranks.** With ``B = floor(len(pool) / (world_size * batch_size))`` batches per rank (``remainder="drop"``),
+  rank ``r`` takes the contiguous pool slice ``[r*B*bs, (r+1)*B*bs)``: every rank yields exactly ``B`` batches,
+  whatever the shard sizes, and reads only about ``1/world_size`` of the bytes. The dropped tail (fewer than
+  ``world_size * batch_size`` samples) is the end of the shuffled order, so it differs every epoch. With
+  ``"wrap"`` (or ``"pad"``) ``B`` is rounded up and the slice wraps around to the pool start; ``"pad"`` marks the
+  wrapped slots so their labels can be ignored (exact evaluation).
+* **Workers.** Rank batch ``j`` is made by logical worker ``j % W``; worker ``w`` owns a contiguous block of the
+  rank's slice (its ``len(range(w, B, W))`` batches), so workers read disjoint byte ranges. Inside the block,
+  windows of ``window`` samples (a multiple of the batch size) are permuted from ``(seed, e, segment, rank, w, k)``:
+  a bounded shuffle that a resume can reproduce without reading anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Remainder = Literal["drop", "wrap", "pad"]
+REMAINDER_MODES: tuple[str, ...] = ("drop", "wrap", "pad")
+
+# Domain tags keep the streams of derived seeds independent of each other.
+TAG_SHARD_ORDER = 1
+TAG_WINDOW = 2
+TAG_SAMPLE = 3
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes, platforms and Python versions (unlike ``hash``)."""
+    packed = struct.pack(f"<{len(parts)}Q", *(p & 0xFFFF_FFFF_FFFF_FFFF for p in parts))
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of the augmentation draws of the batch slot holding global ``position`` in ``epoch``."""
+    return derive_seed(seed, TAG_SAMPLE, epoch, position)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything that shapes how a pool is cut into rank, worker and batch slots."""
+
+    world_size: int
+    """Number of data-parallel ranks."""
+    num_workers: int
+    """Sample streams per rank (dataloader workers; 1 when loading in the main process)."""
+    batch_size: int
+    """Samples per batch on each rank."""
+    remainder: Remainder = "drop"
+    """What happens to the samples that do not fill a whole batch on every rank: drop, wrap or pad."""
+    window: int = 0
+    """Shuffle window in samples (a multiple of ``batch_size``); 0 = no in-block shuffle."""
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or self.num_workers < 1 or self.batch_size < 1:
+            raise ValueError(f"layout needs world_size, num_workers, batch_size >= 1, got {self}")
+        if self.remainder not in REMAINDER_MODES:
+            raise ValueError(f"remainder {self.remainder!r}: choose one of {REMAINDER_MODES}")
+        if self.window < 0 or self.window % self.batch_size:
+            raise ValueError(f"window {self.window} must be a non-negative multiple of batch_size {self.batch_size}")
+
+    def batches(self, pool_size: int) -> int:
+        """Batches per rank for a pool of ``pool_size`` samples."""
+        per_step = self.world_size * self.batch_size
+        return pool_size // per_step if self.remainder == "drop" else -(-pool_size // per_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for checkpoints."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Layout:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            world_size=int(raw["world_size"]),
+            num_workers=int(raw["num_workers"]),
+            batch_size=int(raw["batch_size"]),
+            remainder=raw["remainder"],
+            window=int(raw["window"]),
+        )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Part of an epoch served under one layout: ``consumed`` batches per rank (ranks move in lockstep)."""
+
+    layout: Layout
+    """The layout of this part."""
+    consumed: int
+    """Batches each rank consumed under it."""
+
+
+def worker_batches(num_batches: int, num_workers: int, worker: int) -> int:
+    """How many of the rank batches ``0 .. num_batches-1`` logical ``worker`` makes (batch ``j`` -> ``j % W``)."""
+    return len(range(worker, num_batches, num_workers))
+
+
+class EpochOrder:
+    """The global sample order of one epoch: shuffled shard order, and position -> (shard, member) lookup."""
+
+    def __init__(self, shard_sizes: Sequence[int], seed: int, epoch: int, shuffle: bool) -> None:
+        sizes = np.asarray(shard_sizes, dtype=np.int64)
+        if shuffle:
+            rng = np.random.default_rng(derive_seed(seed, TAG_SHARD_ORDER, epoch))
+            self.shard_order = rng.permutation(len(sizes))
+        else:
+            self.shard_order = np.arange(len(sizes))
+        self.ends = np.cumsum(sizes[self.shard_order])
+        self.starts = self.ends - sizes[self.shard_order]
+        self.total = int(self.ends[-1]) if len(sizes) else 0
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Shard indices (into the manifest list) and member indices of global ``positions``."""
+        k = np.searchsorted(self.ends, positions, side="right")
+        return self.shard_order[k], positions - self.starts[k]
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    """The slots of one logical worker of one rank, in the order it emits them (``num_batches * bs`` slots)."""
+
+    positions: np.ndarray
+    """Global positions of the samples filling the slots."""
+    padded: np.ndarray
+    """True for slots filled by wrapping under ``remainder="pad"`` (their labels are ignored)."""
+    num_batches: int
+    """Batches this worker makes."""
+    batch_size: int
+    """Slots per batch."""
+    window: int
+    """Shuffle window of the share (0: no shuffle)."""
+
+    def batch(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and padding flags of the worker's local batch ``t``."""
+        s = slice(t * self.batch_size, (t + 1) * self.batch_size)
+        return self.positions[s], self.padded[s]
+
+
+def worker_share(
+    pool: np.ndarray, layout: Layout, rank: int, worker: int, *, seed: int, epoch: int, segment: int
+) -> WorkerShare:
+    """Cut ``pool`` by ``layout`` and return the share of logical ``worker`` on ``rank``."""
+    n, bs, nw = len(pool), layout.batch_size, layout.num_workers
+    num_batches = layout.batches(n)
+    counts = [worker_batches(num_batches, nw, w) for w in range(nw)]
+    first = rank * num_batches * bs + sum(counts[:worker]) * bs
+    idx = np.arange(first, first + counts[worker] * bs, dtype=np.int64)
+    padded = idx >= n if layout.remainder == "pad" else np.zeros(len(idx), dtype=bool)
+    positions = pool[idx % n] if n else idx
+    window = layout.window
+    if window and len(idx):
+        perm = np.empty(len(idx), dtype=np.int64)
+        for k, lo in enumerate(range(0, len(idx), window)):
+            hi = min(lo + window, len(idx))
+            rng = np.random.default_rng(derive_seed(seed, TAG_WINDOW, epoch, segment, rank, worker, k))
+            perm[lo:hi] = lo + rng.permutation(hi - lo)
+        positions, padded = positions[perm], padded[perm]
+    return WorkerShare(positions, padded, counts[worker], bs, window)
+
+
+def remaining_pool(total: int, history: Sequence[Segment], *, seed: int, epoch: int) -> np.ndarray:
+    """Positions of ``epoch`` not consumed by the segments of ``history`` (in global order).
+
+    Every slot consumed in an earlier segment is removed, so a layout change never repeats a sample; samples that
+    the earlier layouts had not reached, including their dropped remainders, stay in the pool.
+    """
+    pool = np.arange(total, dtype=np.int64)
+    for index, seg in enumerate(history):
+        lay = seg.layout
+        if not 0 <= seg.consumed <= lay.batches(len(pool)):
+            raise ValueError(
+                f"loader state: segment {index} consumed {seg.consumed} batches but its layout has only "
+                f"{lay.batches(len(pool))}; the state does not belong to this data set"
+            )
+        consumed = np.zeros(total, dtype=bool)
+        for rank in range(lay.world_size):
+            for w in range(lay.num_workers):
+                share = worker_share(pool, lay, rank, w, seed=seed, epoch=epoch, segment=index)
+                used = worker_batches(seg.consumed, lay.num_workers, w) * lay.batch_size
+                consumed[share.positions[:used][~share.padded[:used]]] = True
+        pool = pool[~consumed[pool]]
+    return pool
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank serves for the rest of an epoch: the pool, the current layout and where it stands."""
+
+    pool: np.ndarray
+    """Positions served by the current segment (all ranks)."""
+    layout: Layout
+    """Current layout."""
+    segment: int
+    """Index of the current segment (number of earlier layouts this epoch)."""
+    position: int
+    """Batches this rank already consumed in the current segment."""
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per rank in the current segment."""
+        return self.layout.batches(len(self.pool))
+
+    @property
+    def remaining(self) -> int:
+        """Batches still to come in this epoch."""
+        return max(0, self.num_batches - self.position)
+
+    def physical_to_logical(self, physical: int) -> int:
+        """Logical worker served by dataloader worker ``physical``.
+
+        The DataLoader asks its workers round-robin starting at worker 0; rotating by the position makes worker 0
+        produce the next batch after a mid-epoch resume.
+        """
+        return (self.position + physical) % self.layout.num_workers
+
+    def first_local_batch(self, logical: int) -> int:
+        """Local batches of ``logical`` already consumed (skipped by index, never read or decoded)."""
+        return worker_batches(self.position, self.layout.num_workers, logical)

@@ -1,0 +1,77 @@
+"""Helpers for fault-tolerance tests: launcher subprocesses that can be signalled and killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer.conftest import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def launch_cmd(run_dir: Path, *overrides: str, ranks: int = 1) -> list[str]:
+    """The command a user types, with the tiny test settings."""
+    return [
+        sys.executable, str(REPO / "cluster" / "launch.py"), "--config", "demo_fcmae", "--local", "--run-dir",
+        str(run_dir), *TINY, f"cluster.cpu_ranks_per_node={ranks}", *overrides,
+    ]  # fmt: skip
+
+
+def env() -> dict[str, str]:
+    """Environment of launched jobs."""
+    out = dict(os.environ)
+    out.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    out["DS_ACCELERATOR"] = "cpu"
+    out.pop("MLFLOW_TRACKING_URI", None)
+    return out
+
+
+def run(cmd: list[str], timeout: float = 300) -> int:
+    """Run to the end; returns the exit code."""
+    return subprocess.run(
+        cmd, env=env(), timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ).returncode
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start in the background, logging to a file."""
+    return subprocess.Popen(cmd, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout: float = 240, what: str = "condition", proc: subprocess.Popen | None = None) -> None:  # type: ignore[no-untyped-def]
+    """Poll until ``predicate()`` is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def logged_steps(run_dir: Path) -> list[dict]:
+    """Metric records written so far."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The exported FCMAE weights (encoder + decoder) of a finished run."""
+    return load_file(str(run_dir / "export" / "fcmae.safetensors"))
+
+
+def preempt(proc: subprocess.Popen) -> int:
+    """Send SLURM's warning signal to the launcher (it forwards it to every rank); returns the exit code."""
+    proc.send_signal(signal.SIGUSR2)
+    return proc.wait(timeout=180)
