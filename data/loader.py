@@ -36,7 +36,9 @@ current epoch (the same on every rank, so rank 0's state is enough) and the layo
 
 from __future__ import annotations
 
+import functools
 import logging
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -144,6 +146,9 @@ class LoaderConfig:
     """Batches each worker prepares ahead."""
     multiprocessing_context: str | None = None
     """Worker start method ("fork", "spawn", "forkserver"); None = torch default."""
+    worker_ignored_signals: tuple[int, ...] = ()
+    """Signals that worker processes ignore: the trainer's main process handles preemption signals (SIGUSR2,
+    SIGTERM) at a step boundary, and a worker killed by one would abort the run before it can save."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -205,6 +210,11 @@ def decode_sample(raw: RawSample | MissingSample, num_classes: int | None) -> tu
     if not isinstance(image, PIL.Image.Image):
         raise UnusableSampleError("bad_image", f"webdataset did not decode .{ext} to an image")
     return image, label, raw.key
+
+
+def _ignore_signals(signals: tuple[int, ...], _worker_id: int) -> None:
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass
@@ -502,6 +512,7 @@ class ShardLoader:
             pin_memory=self.config.pin_memory,
             prefetch_factor=self.config.prefetch_factor,
             multiprocessing_context=self.config.multiprocessing_context,
+            worker_init_fn=functools.partial(_ignore_signals, self.config.worker_ignored_signals),
             persistent_workers=False,  # the plan changes every epoch; workers receive it at start
         )
         return iter(loader)

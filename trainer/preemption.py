@@ -51,8 +51,3 @@ class PreemptionHandler:
             log.warning("received %s: saving a checkpoint and exiting for requeue", signal.Signals(self.received).name)
         return stop
 
-
-def ignore_preemption_signals(_worker_id: int | None = None) -> None:
-    """For dataloader workers: the main process handles preemption; workers must not die on the signal."""
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)

@@ -9,6 +9,7 @@ from data.synthetic import SyntheticLoader, parse_synthetic_url
 from data.transforms import pretrain_transform
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
+from trainer.preemption import PREEMPTION_SIGNALS
 
 
 def build_train_loader(cfg: TrainConfig, env: DistEnv) -> Any:
@@ -35,4 +36,5 @@ def build_train_loader(cfg: TrainConfig, env: DistEnv) -> Any:
         seed=cfg.seed,
         transform=pretrain_transform(cfg.data.image_size, scale=(cfg.data.min_scale, 1.0)),
         pin_memory=env.device.type == "cuda",
+        worker_ignored_signals=PREEMPTION_SIGNALS,
     )

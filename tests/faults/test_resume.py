@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,9 +19,21 @@ STEPS = 12
 COMMON = ("data.batch_size=4", f"schedule.max_steps={STEPS}", "checkpoint.every_steps=4", "checkpoint.keep=2")
 
 
+# Real Fashion-MNIST shards streamed by 2 dataloader workers per rank: resume must restore the loader too.
+def _real(fmnist_shards: str) -> tuple[str, ...]:
+    return (*COMMON, f"data.train_url={fmnist_shards}", "data.num_workers=2")
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, fmnist_shards: str) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
+    assert run(launch_cmd(run_dir, *_real(fmnist_shards), ranks=2)) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted_synthetic")
     assert run(launch_cmd(run_dir, *COMMON, ranks=2)) == 0
     return run_dir
 
@@ -33,9 +46,9 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_preempted_run_resumes_to_identical_weights(uninterrupted: Path, tmp_path: Path) -> None:
+def test_preempted_run_resumes_to_identical_weights(uninterrupted: Path, tmp_path: Path, fmnist_shards: str) -> None:
     at = random.Random().randint(2, STEPS - 3)
-    cmd = launch_cmd(tmp_path, *COMMON, ranks=2)
+    cmd = launch_cmd(tmp_path, *_real(fmnist_shards), ranks=2)
     proc = start(cmd, tmp_path.parent / f"{tmp_path.name}.log")
     wait_for(lambda: len(logged_steps(tmp_path)) >= at, what=f"step {at}", proc=proc)
     assert preempt(proc) == REQUEUE_EXIT_CODE
@@ -51,7 +64,7 @@ def test_preempted_run_resumes_to_identical_weights(uninterrupted: Path, tmp_pat
 
 
 @pytest.mark.slow
-def test_checkpoint_from_two_ranks_resumes_on_one(uninterrupted: Path, tmp_path: Path) -> None:
+def test_checkpoint_from_two_ranks_resumes_on_one(uninterrupted_synthetic: Path, tmp_path: Path) -> None:
     half = ("data.batch_size=4", "schedule.max_steps=6", "checkpoint.every_steps=3")
     assert run(launch_cmd(tmp_path, *half, ranks=2)) == 0
     # Continue the same run to 12 steps on one rank with the same global batch (8): universal checkpoint.
@@ -62,7 +75,7 @@ def test_checkpoint_from_two_ranks_resumes_on_one(uninterrupted: Path, tmp_path:
     records = logged_steps(tmp_path)
     steps = [r["step"] for r in records]
     assert steps == list(range(1, STEPS + 1))
-    reference = {r["step"]: r["loss"] for r in logged_steps(uninterrupted)}
+    reference = {r["step"]: r["loss"] for r in logged_steps(uninterrupted_synthetic)}
     # The loss continues where it was: same samples, same optimizer state, fp32 within reduction-order noise.
     for r in records[6:]:
         assert r["loss"] == pytest.approx(reference[r["step"]], rel=1e-4)
@@ -118,3 +131,18 @@ def test_retention_keeps_exactly_k(tmp_path: Path) -> None:
     kept = sorted(d.name for d in (tmp_path / "checkpoints").iterdir() if d.is_dir())
     assert kept == ["step_00000005", "step_00000006", "step_00000007"]
     assert (tmp_path / "checkpoints" / LATEST).read_text() == "step_00000007"
+
+
+@pytest.mark.slow
+def test_checkpoint_mirrored_to_s3_resumes_after_local_loss(tmp_path: Path, s3_bucket: str) -> None:
+    mirror = f"{s3_bucket}/runs/demo"
+    first = launch_cmd(tmp_path, "data.batch_size=4", "schedule.max_steps=4", "checkpoint.every_steps=2",
+                       f"checkpoint.mirror_url={mirror}")  # fmt: skip
+    assert run(first) == 0
+    shutil.rmtree(tmp_path / "checkpoints")  # the node's disk is gone; the mirror is not
+    log = tmp_path.parent / f"{tmp_path.name}-mirror.log"
+    second = launch_cmd(tmp_path, "data.batch_size=4", "schedule.max_steps=6", "checkpoint.every_steps=2",
+                        f"checkpoint.mirror_url={mirror}")  # fmt: skip
+    assert start(second, log).wait(timeout=300) == 0
+    assert "resuming from the mirror: fetched step_00000004" in log.read_text()
+    assert [r["step"] for r in logged_steps(tmp_path)] == [1, 2, 3, 4, 5, 6]
