@@ -12,9 +12,20 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test lint typecheck pytest bench minkowski clean
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+DEMO_DATA  := runs/data/fashion-mnist-64
 
-setup: $(STAMP)
+.PHONY: setup system-deps demo test lint typecheck pytest bench minkowski clean
+
+setup: $(STAMP) system-deps
+
+# Real data for the demo and the tests: Debian's Fashion-MNIST package (needs root; skipped tests say so).
+system-deps:
+	@if [ ! -d $(FMNIST_DIR) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo ">> installing dataset-fashion-mnist"; apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "!! Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; fi; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo ">> creating $(VENV) with the pinned stack (constraints.txt)"
@@ -27,17 +38,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, torchvision, timm, deepspeed; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)"
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/python bench/encoder_backends.py --sizes atto --batch 2 --image-size 64 --repeats 1
+$(DEMO_DATA)/train/manifest.json: | setup
+	$(BIN)/python -m data.write_shards --source fashion-mnist --split train --image-size 64 \
+	    --samples-per-shard 5000 --output $(DEMO_DATA)/train --overwrite
 
-lint: $(STAMP)
+demo: setup $(DEMO_DATA)/train/manifest.json
+	$(BIN)/python cluster/launch.py --config demo_fcmae
+
+lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-typecheck: $(STAMP)
+typecheck: setup
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: setup
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest

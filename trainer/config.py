@@ -100,6 +100,7 @@ class TrackingConfig(_Section):
     experiment: str = Field("fcmae", description="MLflow experiment name")
     tracking_uri: str | None = Field(None, description="MLflow URI; default: env MLFLOW_TRACKING_URI or run dir sqlite")
     log_every: int = Field(20, ge=1, description="console + metric logging interval (steps)")
+    eval_each_epoch: bool = Field(False, description="also evaluate at the end of every epoch")
     eval_every: int = Field(1000, ge=1, description="reconstruction images and feature statistics interval (steps)")
 
 

@@ -50,4 +50,3 @@ class PreemptionHandler:
         if stop and self.received is not None:
             log.warning("received %s: saving a checkpoint and exiting for requeue", signal.Signals(self.received).name)
         return stop
-

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trainer.pretrain import SkipGuard, TrainingError
+from trainer.loop import SkipGuard, TrainingError
 
 
 def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
@@ -23,16 +23,20 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
     from trainer.config import load_config
     from trainer.distributed import init_distributed, teardown
     from trainer.engine import deepspeed_config, initialize
+    from trainer.loop import train_step
     from trainer.optim import build_optimizer
-    from trainer.pretrain import sample_masks, train_step
+    from trainer.pretrain import PretrainStage
 
     env = init_distributed()
     cfg = load_config("demo_fcmae", [*TINY, f"deepspeed.zero_stage={stage}", "data.batch_size=2"])
     torch.manual_seed(0)
     model = FCMAE("atto", decoder_dim=64)
     engine = initialize(model, build_optimizer(model, cfg.optim), deepspeed_config(cfg.deepspeed, cfg.optim, 2, 2))
+    stage = PretrainStage.__new__(PretrainStage)  # only its loss(): no loader needed
+    stage.cfg, stage.env, stage.num_patches, stage._eval_batch = cfg, env, 4, None
+    stage.loader = type("Epoch0", (), {"epoch": 0})()
     imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(rank))
-    masks = sample_masks([f"k{rank}a", f"k{rank}b"], 0, 0, 4, 0.6)
+    keys = [f"k{rank}a", f"k{rank}b"]
     poisoned = imgs.clone()
     if rank == 1:
         poisoned[0, 0, 0, 0] = float("nan")  # only rank 1 sees it
@@ -41,9 +45,9 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
         return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
     before = snapshot()
-    first = train_step(engine, [(poisoned, masks)], 1e-3, 0, cfg, env)
+    first = train_step(engine, stage, [(poisoned, torch.zeros(2), keys)], 1e-3, 0, cfg, env)
     after_skip = snapshot()
-    second = train_step(engine, [(imgs, masks)], 1e-3, 1, cfg, env)
+    second = train_step(engine, stage, [(imgs, torch.zeros(2), keys)], 1e-3, 1, cfg, env)
     after_step = snapshot()
     result = {
         "first_skipped": first.skipped,
