@@ -38,6 +38,12 @@ class ModelConfig(_Section):
     backend: Literal["gather", "dense_masked", "minkowski"] = Field("gather", description="sparse encoder backend")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    num_classes: int = Field(1000, ge=1, description="classes of the fine-tune head / detector (without background)")
+    pretrained: str | None = Field(
+        None,
+        description="weights to start from (fine-tune, detection): the previous stage's export/model.safetensors "
+        "by path or URL, or an official / timm ConvNeXt V2 checkpoint",
+    )
 
 
 class DataConfig(_Section):
@@ -49,6 +55,36 @@ class DataConfig(_Section):
     batch_size: int = Field(64, ge=1, description="micro-batch per device")
     num_workers: int = Field(4, ge=0, description="dataloader worker processes per rank")
     min_scale: float = Field(0.2, gt=0.0, le=1.0, description="RandomResizedCrop lower scale bound")
+
+
+class FinetuneConfig(_Section):
+    """Classification fine-tuning recipe (paper, appendix): layer decay, EMA, Mixup/CutMix, RandAugment."""
+
+    layer_decay: float = Field(0.8, gt=0.0, le=1.0, description="layer-wise lr decay factor")
+    layer_decay_grouping: Literal["block", "stage"] = Field(
+        "block", description="decay per block (small sizes) or per group of blocks (base and up, as the paper)"
+    )
+    ema_decay: float | None = Field(0.9999, gt=0.0, lt=1.0, description="EMA of weights (None: off)")
+    mixup: float = Field(0.8, ge=0.0, description="Mixup alpha (0: off)")
+    cutmix: float = Field(1.0, ge=0.0, description="CutMix alpha (0: off)")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing")
+    auto_augment: str = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment spec ('' to disable)")
+    re_prob: float = Field(0.25, ge=0.0, le=1.0, description="RandomErasing probability")
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="eval center-crop fraction")
+    head_init_scale: float = Field(0.001, gt=0.0, description="scale of the new classifier's initial weights")
+
+
+class DetectionConfig(_Section):
+    """Mask R-CNN transfer (torchvision) on the ConvNeXt V2 backbone."""
+
+    layer_decay: float = Field(0.9, gt=0.0, le=1.0, description="layer-wise lr decay over the backbone")
+    min_scale: float = Field(0.1, gt=0.0, description="large-scale jitter: smallest resize factor")
+    max_scale: float = Field(2.0, gt=0.0, description="large-scale jitter: largest resize factor")
+    fpn_channels: int = Field(256, ge=1, description="FPN width")
+    anchor_sizes: tuple[int, ...] = Field(
+        (32, 64, 128, 256, 512), description="anchor size per FPN level (P2..P6), matched to the level's stride"
+    )
+    detections_per_image: int = Field(100, ge=1, description="boxes kept per image at evaluation")
 
 
 class OptimConfig(_Section):
@@ -123,10 +159,12 @@ class TrainConfig(_Section):
     """A whole run: the stage and every component's settings."""
 
     name: str = Field("run", description="config name (set from the file name)")
-    stage: Literal["pretrain"] = Field("pretrain", description="what this run trains")
+    stage: Literal["pretrain", "finetune", "detection"] = Field("pretrain", description="what this run trains")
     seed: int = Field(0, description="run seed: shard order, crops, masks and drop path derive from it")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -140,6 +178,8 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"data.image_size={self.data.image_size} must be a multiple of 32 for FCMAE (32-px patches)"
             )
+        if self.stage in ("finetune", "detection") and not self.data.val_url:
+            raise ValueError(f"stage {self.stage} evaluates on data.val_url: set it to the validation shard set")
         if self.schedule.warmup_epochs > self.schedule.epochs:
             raise ValueError(
                 f"schedule.warmup_epochs={self.schedule.warmup_epochs} exceeds schedule.epochs={self.schedule.epochs}"

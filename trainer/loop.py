@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 TAG_DROP_PATH = 22
 
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
-"""One loader batch: images, labels (or targets), sample keys."""
+Batch = tuple[torch.Tensor, Any, list[str]]
+"""One loader batch: images, labels (a tensor, or per-image targets for detection), sample keys."""
 
 
 class TrainingError(RuntimeError):

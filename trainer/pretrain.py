@@ -21,7 +21,7 @@ from models.masking import random_mask
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.fcmae_eval import feature_cosine_distance, save_reconstructions
-from trainer.loop import Batch, Evaluation, autocast, run_stage
+from trainer.loop import Batch, Evaluation, autocast
 from trainer.metrics import count_fcmae_flops
 from trainer.optim import build_optimizer
 from trainer.run_loader import build_train_loader
@@ -132,8 +132,3 @@ class PretrainStage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """No state beyond the engine and the loader."""
-
-
-def run_pretrain(cfg: TrainConfig, run_dir: Path) -> int:
-    """Train (or resume) FCMAE in ``run_dir``; returns the exit code."""
-    return run_stage(cfg, run_dir, PretrainStage)

@@ -7,12 +7,14 @@ launcher (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) or from SL
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
 from trainer.config import load_run_config
+from trainer.loop import run_stage
 
 
 def setup_logging(rank: int) -> None:
@@ -28,12 +30,18 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_stage(run_dir: Path) -> int:
-    """Run the stage of the run directory's config; returns the exit code."""
-    from trainer.pretrain import run_pretrain
+# Stage name -> its class, imported on demand (detection pulls in torchvision's detection models).
+STAGES = {"pretrain": "trainer.pretrain:PretrainStage"}
 
+
+def run_run_dir(run_dir: Path) -> int:
+    """Run the stage of the run directory's config; returns the exit code."""
     cfg = load_run_config(run_dir / "config.yaml")
-    return run_pretrain(cfg, run_dir)
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage {cfg.stage!r} has no implementation yet; available: {', '.join(STAGES)}")
+    module_name, _, class_name = STAGES[cfg.stage].partition(":")
+    stage_class = getattr(importlib.import_module(module_name), class_name)
+    return run_stage(cfg, run_dir, stage_class)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
     setup_logging(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
-    return run_stage(args.run_dir)
+    return run_run_dir(args.run_dir)
 
 
 if __name__ == "__main__":
