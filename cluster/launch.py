@@ -1,19 +1,21 @@
-"""Launch a named config: ``python cluster/launch.py --config NAME [--local] [--dry-run] [key=value ...]``.
+"""Launch a named config: ``python cluster/launch.py --config NAME [--nodes N] [--local] [--dry-run] [k=v ...]``.
 
-Without SLURM on the machine (a laptop, CI) the job runs locally with the same code. Re-running the same command
-on the same run directory resumes the run.
+On a machine with SLURM the job is submitted through submitit (one task per GPU, requeued on preemption); without
+SLURM (a laptop, CI) or with ``--local`` it runs here with the same code. Re-running the same command on the same
+run directory resumes the run. ``--dry-run`` prints the plan (batch, lr, steps, memory per device, sbatch options).
+``--chain NAME [--chain NAME ...]`` submits later stages as dependent jobs, each reading the previous run's export.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from trainer.config import ConfigError, load_config
-from trainer.local import run_local
+from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.run_dir import prepare_run_dir
 
 log = logging.getLogger("launch")
@@ -30,6 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config name>)")
     parser.add_argument("--local", action="store_true", help="run on this machine instead of submitting to SLURM")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and print the plan only")
+    parser.add_argument(
+        "--chain", action="append", default=[], metavar="NAME",
+        help="a later stage's config, submitted after this one with model.pretrained set to this run's export",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.base_lr=3e-4")
     return parser.parse_args(argv)
 
@@ -46,33 +52,94 @@ def cluster_overrides(args: argparse.Namespace) -> list[str]:
     return [f"cluster.{k}={v}" for k, v in flags.items() if v is not None]
 
 
+def local_world_size(cfg: TrainConfig) -> int:
+    """Ranks of a local run: the CPU ranks of the whole cluster section, or this machine's GPUs."""
+    if cfg.cluster.gpus_per_node == 0:
+        return cfg.world_size()
+    import torch
+
+    return max(1, min(cfg.cluster.gpus_per_node, torch.cuda.device_count()))
+
+
+def _resolve(name: str, args: argparse.Namespace, extra: list[str]) -> TrainConfig:
+    return load_config(name, [*cluster_overrides(args), *extra])
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, [*cluster_overrides(args), *args.overrides])
+        chain = [(args.config, args.overrides)] + [(name, []) for name in args.chain]
+        configs: list[tuple[TrainConfig, Path]] = []
+        previous: Path | None = None
+        for i, (name, overrides) in enumerate(chain):
+            extra = list(overrides)
+            if previous is not None:
+                extra.append(f"model.pretrained={previous / 'export' / 'model.safetensors'}")
+            cfg = _resolve(name, args, extra)
+            run_dir = ((args.run_dir if i == 0 and args.run_dir else None) or Path("runs") / cfg.name).resolve()
+            configs.append((cfg, run_dir))
+            previous = run_dir
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
-    print(f"# resolved config {cfg.name} (run dir {run_dir})\n{cfg.to_yaml()}", flush=True)
+
     if args.dry_run:
+        from cluster.plan import format_plan, make_plan
+
+        for cfg, run_dir in configs:
+            print(f"# resolved config {cfg.name} (run dir {run_dir})\n{cfg.to_yaml()}")
+            print(format_plan(cfg, make_plan(cfg)), flush=True)
         return 0
-    local = args.local or shutil.which("sbatch") is None
-    if not args.local and local:
+
+    slurm = not args.local and shutil.which("sbatch") is not None
+    if not args.local and not slurm:
         log.info("no SLURM on this machine (sbatch not found): running locally")
-    try:
-        resumed = prepare_run_dir(cfg, run_dir)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    if resumed:
-        log.info("run directory exists: resuming %s", run_dir)
-    if not local:
-        print("SLURM submission is not available in this version: pass --local", file=sys.stderr)
-        return 2
-    world_size = cfg.world_size() if cfg.cluster.gpus_per_node == 0 else cfg.cluster.gpus_per_node
-    return run_local(run_dir, world_size)
+    for cfg, run_dir in configs:
+        print(f"# resolved config {cfg.name} (run dir {run_dir})\n{cfg.to_yaml()}", flush=True)
+        try:
+            if prepare_run_dir(cfg, run_dir):
+                log.info("run directory exists: resuming %s", run_dir)
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
+    if slurm:
+        return _submit_all(configs)
+    from trainer.local import run_local
+
+    for cfg, run_dir in configs:
+        code = run_local(run_dir, local_world_size(cfg))
+        if code != 0:
+            return code
+    return 0
+
+
+def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:
+    from cluster.slurm import make_executor, submit
+
+    previous_job = None
+    for cfg, run_dir in configs:
+        if previous_job is None:
+            job = submit(cfg, run_dir)
+        else:
+            from cluster.slurm import TrainJob
+
+            executor = make_executor(cfg, run_dir)
+            executor.update_parameters(
+                slurm_additional_parameters={"requeue": True, "dependency": f"afterok:{previous_job.job_id}"}
+            )
+            job = executor.submit(TrainJob(str(run_dir), cfg.cluster.max_requeues, cfg.cluster.max_failure_retries))
+        previous_job = job
+        uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
+        print(
+            f"submitted {cfg.name} as job {job.job_id}\n"
+            f"  follow:      squeue -j {job.job_id}   |   tail -f {job.paths.stdout}\n"
+            f"  errors:      {job.paths.stderr}\n"
+            f"  checkpoints: {run_dir / 'checkpoints'}   exports: {run_dir / 'export'}\n"
+            f"  MLflow:      mlflow ui --backend-store-uri {uri}",
+            flush=True,
+        )
+    return 0
 
 
 if __name__ == "__main__":

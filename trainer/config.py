@@ -153,6 +153,7 @@ class ClusterConfig(_Section):
     mem_gb: int | None = Field(None, ge=1, description="memory per node in GiB")
     signal_delay_s: int = Field(120, ge=10, description="seconds before the time limit that SLURM sends USR2")
     max_requeues: int = Field(20, ge=0, description="requeues after preemption / time limit")
+    max_failure_retries: int = Field(2, ge=0, description="requeues after a real error (then the failure stands)")
 
 
 class TrainConfig(_Section):

@@ -1,0 +1,188 @@
+"""``--dry-run``: what a launch would do, computed without submitting anything.
+
+Batch arithmetic, learning rate, steps, parameter count, and a per-device memory estimate for the chosen ZeRO
+stage. Parameters are counted on the meta device (no allocation); activations are the bytes autograd saves for
+backward in one FCMAE step of the configured per-device batch, measured on the meta device with the configured
+encoder backend (an upper bound: tensors saved by several ops are counted each time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.fcmae import FCMAE
+from models.masking import random_mask
+from trainer.config import TrainConfig
+
+IMAGENET_TRAIN = 1_281_167
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        """Sum of the parts (allocator fragmentation and communication buckets come on top)."""
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``--dry-run`` prints."""
+
+    world_size: int
+    nodes: int
+    ranks_per_node: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    lr: float
+    dataset_size: int
+    dataset_note: str
+    steps_per_epoch: int
+    total_steps: int
+    num_params: int
+    memory: MemoryEstimate
+    sbatch: list[str]
+
+
+def dataset_size(cfg: TrainConfig) -> tuple[int, str]:
+    """Samples per epoch from a local manifest; remote sets are not contacted by a dry run."""
+    url = cfg.data.train_url
+    if url.startswith("synthetic://"):
+        return int(url.removeprefix("synthetic://")), "synthetic"
+    local = Path(url.removeprefix("file://"))
+    if "://" not in url or url.startswith("file://"):
+        from data.manifest import read_manifest
+
+        manifest = read_manifest(str(local))
+        return manifest.num_samples, f"from {local}/manifest.json"
+    return IMAGENET_TRAIN, f"{url} not contacted by a dry run: assuming ImageNet-1k train"
+
+
+def activation_bytes(cfg: TrainConfig, batch: int) -> float:
+    """Bytes saved for backward by one FCMAE forward of ``batch`` images (fp32), measured on the meta device."""
+    # MinkowskiEngine cannot run on the meta device; gather saves the same per-cell activations.
+    backend = "gather" if cfg.model.backend == "minkowski" else cfg.model.backend
+    with torch.device("meta"):
+        model = FCMAE(
+            cfg.model.size, mask_ratio=cfg.model.mask_ratio, decoder_dim=cfg.model.decoder_dim,
+            decoder_depth=cfg.model.decoder_depth, backend=backend,
+        )  # fmt: skip
+    size = cfg.data.image_size
+    grid = size // model.patch_size
+    mask = random_mask(batch, grid * grid, cfg.model.mask_ratio, torch.Generator().manual_seed(0))
+    images = torch.empty(batch, 3, size, size, device="meta")
+    saved = 0.0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        features = model.forward_encoder(images, mask)
+        meta_mask = mask.to("meta")
+        model.forward_loss(images, model.forward_decoder(features, meta_mask), meta_mask)
+    return saved
+
+
+def memory_estimate(cfg: TrainConfig, num_params: int, world: int) -> MemoryEstimate:
+    """Model states per device under ZeRO (DeepSpeed's accounting) plus measured activations.
+
+    bf16/fp16: bf16 weights (2 B) and gradients (2 B), fp32 master weights + Adam moments (12 B). fp32: 4 + 4 + 8 B.
+    ZeRO-1 partitions optimizer states over the data-parallel ranks, ZeRO-2 also gradients, ZeRO-3 also weights.
+    """
+    p, stage = float(num_params), cfg.deepspeed.zero_stage
+    half = cfg.deepspeed.precision in ("bf16", "fp16")
+    weight_b, grad_b, optim_b = (2, 2, 12) if half else (4, 4, 8)
+    acts = activation_bytes(cfg, cfg.data.batch_size) * (0.5 if half else 1.0)  # autocast keeps most in bf16
+    offload = cfg.deepspeed.offload_optimizer
+    return MemoryEstimate(
+        params=p * weight_b / (world if stage >= 3 else 1),
+        grads=p * grad_b / (world if stage >= 2 else 1),
+        optimizer=0.0 if offload else p * optim_b / (world if stage >= 1 else 1),
+        activations=acts,
+    )
+
+
+def sbatch_options(cfg: TrainConfig, job_name: str) -> list[str]:
+    """The sbatch options the launcher's submitit executor sets."""
+    c = cfg.cluster
+    per_node = c.gpus_per_node or c.cpu_ranks_per_node
+    options = [
+        f"--job-name={job_name}", f"--nodes={c.nodes}", f"--ntasks-per-node={per_node}",
+        f"--cpus-per-task={c.cpus_per_task}", f"--time={c.time_min}", f"--signal=USR2@{c.signal_delay_s}",
+        "--requeue", "--open-mode=append",
+    ]  # fmt: skip
+    if c.gpus_per_node:
+        options.append(f"--gpus-per-node={c.gpus_per_node}")
+    if c.partition:
+        options.append(f"--partition={c.partition}")
+    if c.account:
+        options.append(f"--account={c.account}")
+    if c.mem_gb:
+        options.append(f"--mem={c.mem_gb}G")
+    return options
+
+
+def make_plan(cfg: TrainConfig) -> Plan:
+    """The plan of a launch of ``cfg`` on its cluster section."""
+    world = cfg.world_size()
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in FCMAE(cfg.model.size, decoder_dim=cfg.model.decoder_dim).parameters())
+    size, note = dataset_size(cfg)
+    global_batch = cfg.global_batch(world)
+    steps_per_epoch = size // global_batch
+    total = math.ceil(cfg.schedule.epochs * steps_per_epoch)
+    if cfg.schedule.max_steps:
+        total = min(total, cfg.schedule.max_steps)
+    return Plan(
+        world_size=world,
+        nodes=cfg.cluster.nodes,
+        ranks_per_node=cfg.cluster.gpus_per_node or cfg.cluster.cpu_ranks_per_node,
+        micro_batch=cfg.data.batch_size,
+        grad_accum=cfg.deepspeed.grad_accum,
+        global_batch=global_batch,
+        lr=cfg.lr(world),
+        dataset_size=size,
+        dataset_note=note,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        num_params=num_params,
+        memory=memory_estimate(cfg, num_params, world),
+        sbatch=sbatch_options(cfg, cfg.name),
+    )
+
+
+def format_plan(cfg: TrainConfig, plan: Plan) -> str:
+    """Human-readable plan."""
+    m = plan.memory
+    device = "GPU" if cfg.cluster.gpus_per_node else "CPU rank"
+    lines = [
+        f"plan for {cfg.name} ({cfg.stage}, ConvNeXt V2 {cfg.model.size}, {cfg.deepspeed.precision}, "
+        f"ZeRO-{cfg.deepspeed.zero_stage})",
+        f"  world size        {plan.world_size} = {plan.nodes} nodes x {plan.ranks_per_node} {device}s",
+        f"  batch             {plan.micro_batch} per device x {plan.grad_accum} accumulation x {plan.world_size} "
+        f"= {plan.global_batch} global",
+        f"  learning rate     {plan.lr:.4g} (base {cfg.optim.base_lr:g} x {plan.global_batch} / 256)",
+        f"  data              {plan.dataset_size:,} samples ({plan.dataset_note})",
+        f"  steps             {plan.steps_per_epoch:,} per epoch x {cfg.schedule.epochs:g} epochs = "
+        f"{plan.total_steps:,} total ({cfg.schedule.warmup_epochs:g} warmup epochs)",
+        f"  parameters        {plan.num_params / 1e6:.1f}M (encoder + decoder)",
+        f"  memory/{device:<8} {m.total / GiB:.1f} GiB = weights {m.params / GiB:.2f} + grads {m.grads / GiB:.2f} "
+        f"+ optimizer {m.optimizer / GiB:.2f} + activations {m.activations / GiB:.1f} (batch {plan.micro_batch})",
+        f"  sbatch            {' '.join(plan.sbatch)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""SLURM submission through submitit, and the job that runs in every task.
+
+One task per GPU (per CPU rank on CPU clusters). The job takes its distributed environment from SLURM through
+submitit (master address = first node, port derived from the job id). Preemption and the time limit reach the
+training loop as SIGUSR2/SIGTERM, which only set a flag (trainer.preemption); all ranks save at the next step
+boundary and exit with REQUEUE_EXIT_CODE; then global rank 0 requeues the job (``scontrol requeue``) with the
+same run directory, so it resumes by itself. A job that finished is not requeued. A job that failed with a real
+error is requeued at most ``cluster.max_failure_retries`` times (transient node or network faults), then the
+failure stands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig
+from trainer.preemption import REQUEUE_EXIT_CODE
+
+log = logging.getLogger(__name__)
+
+
+def _restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+
+
+def _requeue(job_id: str) -> None:
+    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
+
+
+class TrainJob:
+    """The callable submitit pickles and runs in every task of the job (and again after each requeue)."""
+
+    def __init__(self, run_dir: str, max_requeues: int, max_failure_retries: int) -> None:
+        self.run_dir = run_dir
+        self.max_requeues = max_requeues
+        self.max_failure_retries = max_failure_retries
+
+    def __call__(self) -> int:
+        import submitit
+
+        from trainer.worker import run_run_dir, setup_logging
+
+        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        setup_logging(dist_env.rank)
+        job_id = submitit.JobEnvironment().job_id
+        try:
+            code = run_run_dir(Path(self.run_dir))
+        except Exception:
+            if dist_env.rank == 0 and _restart_count() < self.max_failure_retries:
+                log.exception(
+                    "job %s failed; requeueing (retry %d of %d)", job_id, _restart_count() + 1, self.max_failure_retries
+                )
+                _requeue(job_id)
+                self._wait_for_requeue()
+            raise
+        if code != REQUEUE_EXIT_CODE:
+            return code
+        if dist_env.rank == 0:
+            if _restart_count() >= self.max_requeues:
+                raise RuntimeError(
+                    f"job {job_id} was preempted/timed out {_restart_count()} times (cluster.max_requeues="
+                    f"{self.max_requeues}); not requeueing. Resume by re-running the launch command."
+                )
+            log.warning("checkpoint saved; requeueing job %s (restart %d)", job_id, _restart_count() + 1)
+            _requeue(job_id)
+        self._wait_for_requeue()
+        return code
+
+    @staticmethod
+    def _wait_for_requeue(timeout_s: float = 600) -> None:
+        """Wait to be stopped by SLURM's requeue. Returning would let submitit record a result (the job would look
+        finished); exiting early could end the job step before rank 0's requeue lands."""
+        time.sleep(timeout_s)
+        sys.exit(REQUEUE_EXIT_CODE)
+
+
+def make_executor(cfg: TrainConfig, run_dir: Path) -> Any:
+    """A submitit executor with the job's SLURM resources."""
+    import submitit
+
+    c = cfg.cluster
+    executor = submitit.AutoExecutor(folder=run_dir / "slurm" / "%j", cluster="slurm")
+    per_node = c.gpus_per_node or c.cpu_ranks_per_node
+    params: dict[str, Any] = {
+        "name": cfg.name,
+        "nodes": c.nodes,
+        "tasks_per_node": per_node,
+        "cpus_per_task": c.cpus_per_task,
+        "timeout_min": c.time_min,
+        "slurm_signal_delay_s": c.signal_delay_s,
+        "slurm_additional_parameters": {"requeue": True},
+    }
+    if c.gpus_per_node:
+        params["gpus_per_node"] = c.gpus_per_node
+    if c.partition:
+        params["slurm_partition"] = c.partition
+    if c.account:
+        params["slurm_account"] = c.account
+    if c.mem_gb:
+        params["mem_gb"] = c.mem_gb
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(cfg: TrainConfig, run_dir: Path) -> Any:
+    """Submit the run directory's job; returns the submitit job."""
+    executor = make_executor(cfg, run_dir)
+    job = executor.submit(TrainJob(str(run_dir), cfg.cluster.max_requeues, cfg.cluster.max_failure_retries))
+    return job
