@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a later stage's config, submitted after this one with model.pretrained set to this run's export",
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.base_lr=3e-4")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def cluster_overrides(args: argparse.Namespace) -> list[str]:
@@ -130,6 +130,8 @@ def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:
             )
             job = executor.submit(TrainJob(str(run_dir), cfg.cluster.max_requeues, cfg.cluster.max_failure_retries))
         previous_job = job
+        with open(run_dir / "slurm" / "jobs.txt", "a") as f:  # submitted job ids, newest last
+            f.write(f"{job.job_id}\n")
         uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
         print(
             f"submitted {cfg.name} as job {job.job_id}\n"

@@ -30,7 +30,10 @@ def _restart_count() -> int:
 
 
 def _requeue(job_id: str) -> None:
-    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
+    """Put the job back in the queue; a job SLURM already requeued (partition preemption) is left as it is."""
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s: %s (SLURM may have requeued it already)", job_id, result.stderr.strip())
 
 
 class TrainJob:

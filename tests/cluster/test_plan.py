@@ -1,0 +1,50 @@
+"""``--dry-run``: the plan of ``huge_fcmae`` on 16 nodes, checked number by number."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.launch import main
+from cluster.plan import GiB, make_plan
+from trainer.config import load_config
+
+
+def test_huge_on_16_nodes_plan_numbers() -> None:
+    plan = make_plan(load_config("huge_fcmae", ["cluster.nodes=16"]))
+    assert (plan.world_size, plan.nodes, plan.ranks_per_node) == (128, 16, 8)
+    assert (plan.micro_batch, plan.grad_accum, plan.global_batch) == (32, 1, 4096)
+    assert plan.lr == pytest.approx(1.5e-4 * 4096 / 256)
+    assert plan.dataset_size == 1_281_167
+    assert plan.steps_per_epoch == 1_281_167 // 4096 == 312
+    assert plan.total_steps == 312 * 800
+    assert 655e6 < plan.num_params < 670e6  # 660M encoder + the 512-wide decoder
+    m = plan.memory
+    # ZeRO-2, bf16: 2-byte weights on every GPU; gradients and fp32 master+Adam (14 B) split over 128 GPUs.
+    assert m.params == pytest.approx(plan.num_params * 2)
+    assert m.grads == pytest.approx(plan.num_params * 2 / 128)
+    assert m.optimizer == pytest.approx(plan.num_params * 12 / 128)
+    assert 2 * GiB < m.activations < 40 * GiB
+    assert m.total < 80 * GiB  # fits an 80 GB H100
+    assert "--nodes=16" in plan.sbatch and "--gpus-per-node=8" in plan.sbatch
+    assert "--signal=USR2@120" in plan.sbatch and "--requeue" in plan.sbatch
+
+
+def test_zero_stage_changes_the_memory_split() -> None:
+    base = ["cluster.nodes=16"]
+    zero1 = make_plan(load_config("huge_fcmae", [*base, "deepspeed.zero_stage=1"])).memory
+    zero3 = make_plan(load_config("huge_fcmae", [*base, "deepspeed.zero_stage=3"])).memory
+    assert zero1.grads == pytest.approx(zero3.grads * 128)
+    assert zero3.params == pytest.approx(zero1.params / 128)
+
+
+def test_dry_run_prints_the_plan_without_submitting(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert main(["--config", "huge_fcmae", "--nodes", "16", "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "world size        128 = 16 nodes x 8 GPUs" in out
+    assert "4096 global" in out and "249,600 total" in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_rejects_a_bad_override(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", "huge_fcmae", "--dry-run", "optim.lr=1"]) == 2
+    assert "unknown config key 'optim.lr'" in capsys.readouterr().err
