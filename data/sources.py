@@ -93,7 +93,24 @@ def _open_rgb(path: Path) -> PIL.Image.Image:
         raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc}); fix or remove the file") from exc
 
 
-class ImageFolderSource:
+class _ImageFileSource:
+    """Images on disk with integer labels: subclasses fill ``items`` and ``image_size``."""
+
+    items: list[tuple[Path, int]]
+    image_size: int | None
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.items)
+
+    def load(self, index: int) -> SourceSample:
+        """Load image ``index`` as RGB, resized so its shorter side is ``image_size``."""
+        path, label = self.items[index]
+        image = resize_shorter(_open_rgb(path), self.image_size)
+        return SourceSample(key=f"{index:08d}-{sanitize_key(path.stem)}", image=image, label=label)
+
+
+class ImageFolderSource(_ImageFileSource):
     """ImageNet layout: ``root/<class>/<image>``; the label is the index of the class folder in sorted order."""
 
     kind = "imagefolder"
@@ -113,22 +130,12 @@ class ImageFolderSource:
             raise ValueError(f"--input {self.root}: class folders hold no images ({sorted(IMAGE_EXTENSIONS)})")
         self.image_size = image_size
 
-    def __len__(self) -> int:
-        """Number of images."""
-        return len(self.items)
-
-    def load(self, index: int) -> SourceSample:
-        """Load image ``index`` as RGB, resized so its shorter side is ``image_size``."""
-        path, label = self.items[index]
-        image = resize_shorter(_open_rgb(path), self.image_size)
-        return SourceSample(key=f"{index:08d}-{sanitize_key(path.stem)}", image=image, label=label)
-
     def describe(self) -> dict[str, Any]:
         """Classes in label order."""
         return {"classes": self.classes, "num_classes": len(self.classes)}
 
 
-class ListSource:
+class ListSource(_ImageFileSource):
     """A text file of ``<image path> <integer label>`` lines (paths relative to the file; ``#`` comments)."""
 
     kind = "list"
@@ -149,16 +156,6 @@ class ListSource:
         if not self.items:
             raise ValueError(f"{self.list_file}: no samples listed")
         self.image_size = image_size
-
-    def __len__(self) -> int:
-        """Number of listed images."""
-        return len(self.items)
-
-    def load(self, index: int) -> SourceSample:
-        """Load listed image ``index`` as RGB, resized so its shorter side is ``image_size``."""
-        path, label = self.items[index]
-        image = resize_shorter(_open_rgb(path), self.image_size)
-        return SourceSample(key=f"{index:08d}-{sanitize_key(path.stem)}", image=image, label=label)
 
     def describe(self) -> dict[str, Any]:
         """Number of classes (max label + 1)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -15,6 +16,28 @@ import pytest
 
 from data.sources import FASHION_MNIST_DIR, build_source
 from data.writer import WriterConfig, write_shards
+
+
+@contextlib.contextmanager
+def patched_environ(env: dict[str, str]) -> Iterator[None]:
+    """Make os.environ equal to ``env`` for the body, then undo only the keys that changed (so variables other
+    fixtures set meanwhile survive)."""
+    changed = {k for k in os.environ if k not in env} | {k for k, v in env.items() if os.environ.get(k) != v}
+    saved = {k: os.environ.get(k) for k in changed}
+    for key in changed:
+        if key in env:
+            os.environ[key] = env[key]
+        else:
+            del os.environ[key]
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -48,16 +71,10 @@ def moto_endpoint() -> Iterator[str]:
                 proc.kill()
                 raise RuntimeError(f"moto_server did not start on port {port}") from None
             time.sleep(0.05)
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=endpoint)
     try:
-        yield endpoint
+        with patched_environ({**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": endpoint}):
+            yield endpoint
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         proc.terminate()
         proc.wait(timeout=10)
 
