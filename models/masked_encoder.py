@@ -83,7 +83,8 @@ def encode_gather(
     x = stem.conv(imgs)
     h, w = x.shape[-2:]
     scale = h // grid_h
-    rows = visible_rows(mask, grid_h, grid_w, scale)
+    # The mask may live elsewhere than the features (a CPU mask for meta-device memory planning).
+    rows = visible_rows(mask, grid_h, grid_w, scale).to(x.device)
     tokens = _gather(x, rows, n)
     tokens = F.layer_norm(tokens, stem.norm.normalized_shape, stem.norm.weight, stem.norm.bias, stem.norm.eps)
     for stage in encoder.iter_stages():
@@ -93,7 +94,7 @@ def encode_gather(
             x = stage.downsample.conv(_scatter(tokens, rows, n, h, w))
             h, w = x.shape[-2:]
             scale //= 2
-            rows = visible_rows(mask, grid_h, grid_w, scale)
+            rows = visible_rows(mask, grid_h, grid_w, scale).to(x.device)
             tokens = _gather(x, rows, n)
         for block in stage.iter_blocks():
             y = _gather(block.dwconv(_scatter(tokens, rows, n, h, w)), rows, n)
