@@ -55,12 +55,16 @@ class TrainJob:
         try:
             code = run_run_dir(Path(self.run_dir))
         except Exception:
-            if dist_env.rank == 0 and _restart_count() < self.max_failure_retries:
+            # Any failing rank may requeue (a second request for the same job is harmless); the others may be
+            # blocked in a collective and cannot tell.
+            if _restart_count() < self.max_failure_retries:
                 log.exception(
-                    "job %s failed; requeueing (retry %d of %d)", job_id, _restart_count() + 1, self.max_failure_retries
-                )
+                    "rank %d failed; requeueing job %s (retry %d of %d)",
+                    dist_env.rank, job_id, _restart_count() + 1, self.max_failure_retries,
+                )  # fmt: skip
                 _requeue(job_id)
                 self._wait_for_requeue()
+            log.error("job %s failed after %d retries; not requeueing", job_id, _restart_count())
             raise
         if code != REQUEUE_EXIT_CODE:
             return code

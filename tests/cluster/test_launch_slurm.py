@@ -51,7 +51,8 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _job_log(run_dir: Path, job_id: str) -> str:
-    return "\n".join(p.read_text() for p in sorted((run_dir / "slurm").rglob(f"{job_id}*.out")))
+    files = sorted((run_dir / "slurm").rglob(f"{job_id}_*_log.*"))
+    return "\n".join(p.read_text() for p in files if p.suffix in (".out", ".err"))
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,17 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_weights(
     assert max(float((resumed[k] - reference[k]).abs().max()) for k in reference) < 1e-6
     reference_losses = [r["loss"] for r in logged_steps(uninterrupted)]
     assert [r["loss"] for r in logged_steps(tmp_path)] == pytest.approx(reference_losses, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_retried_a_bounded_number_of_times(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-shards"
+    args = ["--config", "demo_fcmae", "--run-dir", str(tmp_path / "run"), *JOB, f"data.train_url={missing}"]
+    assert launch([*args, "cluster.max_failure_retries=1"]) == 0
+    job_id = (tmp_path / "run" / "slurm" / "jobs.txt").read_text().split()[-1]
+    state = slurm_cluster.wait_state(job_id, ["FAILED", "COMPLETED", "CANCELLED"], timeout=240)
+    log = _job_log(tmp_path / "run", job_id)
+    assert state == "FAILED", log
+    assert slurm_cluster.job_info(job_id).get("Restarts") == "1"
+    assert "requeueing job" in log and "failed after 1 retries" in log
+    assert str(missing) in log  # the real error names the missing data
