@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, load_config
@@ -107,10 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         return _submit_all(configs)
     from trainer.local import run_local
 
+    walls: list[float] = []
     for cfg, run_dir in configs:
+        started = time.perf_counter()
         code = run_local(run_dir, local_world_size(cfg))
+        walls.append(time.perf_counter() - started)
         if code != 0:
             return code
+    from cluster.summary import summary_table
+
+    print(f"\n{summary_table(configs, walls)}")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{configs[0][1] / 'mlflow.db'}"
+    print(f"\nMLflow UI: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}", flush=True)
     return 0
 
 
