@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -82,17 +82,26 @@ class GRN(nn.Module):
         return x + torch.addcmul(self.beta, self.gamma, x * nx)
 
 
-class Block(nn.Module):
-    """ConvNeXt V2 block: dwconv 7x7 -> LN -> Linear(4C) -> GELU -> GRN -> Linear(C) -> drop path, residual."""
+BlockKind = Literal["v2", "v1"]
+LAYER_SCALE_INIT = 1e-6
 
-    def __init__(self, dim: int, drop_path: float = 0.0) -> None:
+
+class Block(nn.Module):
+    """ConvNeXt V2 block: dwconv 7x7 -> LN -> Linear(4C) -> GELU -> GRN -> Linear(C) -> drop path, residual.
+
+    ``kind="v1"`` builds the ConvNeXt V1 block instead (no GRN, LayerScale on the output, initialized to 1e-6):
+    only for the paper's GRN ablation.
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, kind: BlockKind = "v2") -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim)
+        self.grn = GRN(4 * dim) if kind == "v2" else None
         self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.layer_scale = nn.Parameter(torch.full((dim,), LAYER_SCALE_INIT)) if kind == "v1" else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def mlp(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,8 +109,10 @@ class Block(nn.Module):
         x = self.norm(x)
         x = self.pwconv1(x)
         x = self.act(x)
-        x = self.grn(x, visible)
-        return self.pwconv2(x)
+        if self.grn is not None:
+            x = self.grn(x, visible)
+        x = self.pwconv2(x)
+        return x * self.layer_scale if self.layer_scale is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dwconv(x).permute(0, 2, 3, 1)
@@ -136,10 +147,10 @@ class Downsample(nn.Module):
 class Stage(nn.Module):
     """A downsample (identity for the first stage) followed by blocks of one width."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, drop_paths: list[float]) -> None:
+    def __init__(self, in_dim: int, dim: int, depth: int, drop_paths: list[float], block: BlockKind = "v2") -> None:
         super().__init__()
         self.downsample: Downsample | None = Downsample(in_dim, dim) if in_dim != dim else None
-        self.blocks = nn.Sequential(*[Block(dim, dp) for dp in drop_paths[:depth]])
+        self.blocks = nn.Sequential(*[Block(dim, dp, block) for dp in drop_paths[:depth]])
 
     def iter_blocks(self) -> Iterator[Block]:
         """The blocks, typed."""
@@ -169,6 +180,7 @@ class ConvNeXtV2Encoder(nn.Module):
         dims: tuple[int, ...],
         drop_path: float = 0.0,
         in_chans: int = 3,
+        block: BlockKind = "v2",
     ) -> None:
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
@@ -183,7 +195,7 @@ class ConvNeXtV2Encoder(nn.Module):
         start = 0
         for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
             in_dim = dims[i - 1] if i > 0 else dim
-            stages.append(Stage(in_dim, dim, depth, rates[start : start + depth]))
+            stages.append(Stage(in_dim, dim, depth, rates[start : start + depth], block))
             start += depth
         self.stages = nn.ModuleList(stages)
         self.apply(init_weights)
@@ -252,10 +264,10 @@ def build(size: str, num_classes: int = 1000, drop_path: float = 0.0) -> ConvNeX
     return ConvNeXtV2(spec.depths, spec.dims, num_classes=num_classes, drop_path=drop_path)
 
 
-def build_encoder(size: str, drop_path: float = 0.0) -> ConvNeXtV2Encoder:
+def build_encoder(size: str, drop_path: float = 0.0, block: BlockKind = "v2") -> ConvNeXtV2Encoder:
     """Build the trunk of a named size, without the classifier norm and head (what FCMAE trains)."""
     spec = get_size(size)
-    return ConvNeXtV2Encoder(spec.depths, spec.dims, drop_path=drop_path)
+    return ConvNeXtV2Encoder(spec.depths, spec.dims, drop_path=drop_path, block=block)
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

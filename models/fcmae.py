@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.convnextv2 import Block, build_encoder, get_size, init_weights
+from models.convnextv2 import Block, BlockKind, build_encoder, get_size, init_weights
 from models.masked_encoder import BACKENDS, check_backend
 from models.masking import random_mask
 
@@ -49,6 +49,8 @@ class FCMAE(nn.Module):
 
     ``mask`` is ``(N, L)`` with 1 = masked over the row-major patch grid; a given mask is used as is, otherwise
     one is drawn with ``mask_ratio`` (from ``generator`` when given). ``pred`` is ``(N, L, patch_size**2 * 3)``.
+    ``sparse=False`` and ``block="v1"`` exist for the paper's ablations: dense convolutions on the masked image,
+    and ConvNeXt V1 blocks (LayerScale, no GRN).
     """
 
     def __init__(
@@ -61,6 +63,8 @@ class FCMAE(nn.Module):
         backend: str = "gather",
         patch_size: int = 32,
         drop_path: float = 0.0,
+        block: BlockKind = "v2",
+        sparse: bool = True,
     ) -> None:
         super().__init__()
         get_size(size)
@@ -78,8 +82,9 @@ class FCMAE(nn.Module):
         self.mask_ratio = mask_ratio
         self.patch_size = patch_size
         self.norm_pix_loss = norm_pix_loss
+        self.sparse = sparse
         self._backend = backend
-        self.encoder = build_encoder(size, drop_path=drop_path)
+        self.encoder = build_encoder(size, drop_path=drop_path, block=block)
         self.proj = nn.Conv2d(self.encoder.num_features, decoder_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
         self.decoder = nn.Sequential(*[Block(decoder_dim) for _ in range(decoder_depth)])
@@ -124,6 +129,12 @@ class FCMAE(nn.Module):
                 f"mask must have shape (N, L) = {(imgs.shape[0], grid_h * grid_w)} for images "
                 f"{tuple(imgs.shape)}, got {tuple(mask.shape)}"
             )
+        if not self.sparse:
+            # The paper's ablation: dense convolutions over the image with masked patches zeroed. Features of
+            # visible cells then see the zeros (and, after a few 7x7 convs, their neighbours' biases).
+            pixels = 1.0 - mask.to(imgs.dtype).reshape(-1, 1, grid_h, grid_w)
+            pixels = pixels.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
+            return self.encoder.forward_features(imgs * pixels)
         return BACKENDS[self._backend](self.encoder, imgs, mask.to(imgs.dtype), grid_h, grid_w)
 
     def forward_decoder(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

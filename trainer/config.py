@@ -38,6 +38,8 @@ class ModelConfig(_Section):
     backend: Literal["gather", "dense_masked", "minkowski"] = Field("gather", description="sparse encoder backend")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    block: Literal["v2", "v1"] = Field("v2", description="v1: ConvNeXt V1 blocks (LayerScale, no GRN), an ablation")
+    sparse: bool = Field(True, description="false: dense convs on the masked image, the paper's ablation")
     num_classes: int = Field(1000, ge=1, description="classes of the fine-tune head / detector (without background)")
     pretrained: str | None = Field(
         None,

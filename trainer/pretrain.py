@@ -54,6 +54,8 @@ class PretrainStage:
             norm_pix_loss=cfg.model.norm_pix_loss,
             backend=cfg.model.backend,
             drop_path=cfg.model.drop_path,
+            block=cfg.model.block,
+            sparse=cfg.model.sparse,
         ).to(env.device)
         if cfg.model.channels_last and env.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)

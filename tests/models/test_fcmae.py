@@ -181,3 +181,23 @@ def test_encoder_weights_give_the_dense_model_the_same_features() -> None:
 def test_minkowski_backend_without_the_library_says_how_to_get_it() -> None:
     with pytest.raises(RuntimeError, match=r"needs MinkowskiEngine.*backend='gather'"):
         FCMAE("atto", backend="minkowski")
+
+
+def test_ablation_models_v1_blocks_and_dense_convolutions() -> None:
+    imgs = _images(n=2, h=64, w=64)
+    v1 = randomize_(FCMAE("atto", decoder_dim=64, block="v1"), seed=3)
+    names = {n for n, _ in v1.encoder.named_parameters()}
+    assert not any(".grn." in n for n in names) and "stages.0.blocks.0.layer_scale" in names
+    mask = v1.random_mask(imgs, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        v1.backend = "dense_masked"
+        reference = v1.forward_encoder(imgs, mask)
+        v1.backend = "gather"
+        assert rel_err(v1.forward_encoder(imgs, mask), reference) < TOL
+    dense = _model()
+    with torch.no_grad():
+        sparse_features = dense.forward_encoder(imgs, mask)
+        dense.sparse = False
+        dense_features = dense.forward_encoder(imgs, mask)
+    visible = 1 - mask.reshape(-1, 1, 2, 2)
+    assert rel_err(dense_features * visible, sparse_features * visible) > 1e-2  # dense convs see the holes
