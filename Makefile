@@ -14,6 +14,9 @@ export OMP_NUM_THREADS ?= 2
 
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_DATA  := runs/data/fashion-mnist-64
+DET_DATA   := runs/data/fmnist-det
+DEMO_SETS  := $(DEMO_DATA)/train/manifest.json $(DEMO_DATA)/test/manifest.json \
+              $(DET_DATA)/train/manifest.json $(DET_DATA)/val/manifest.json
 
 .PHONY: setup system-deps demo test lint typecheck pytest bench minkowski clean
 
@@ -38,12 +41,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, torchvision, timm, deepspeed; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)"
 	touch $@
 
-$(DEMO_DATA)/train/manifest.json: | setup
-	$(BIN)/python -m data.write_shards --source fashion-mnist --split train --image-size 64 \
-	    --samples-per-shard 5000 --output $(DEMO_DATA)/train --overwrite
+# Real data for the demo: Fashion-MNIST at 64 px (train 60k, test 10k) and a detection set of Fashion-MNIST
+# items on 128-px canvases (COCO format, then shards).
+$(DEMO_DATA)/%/manifest.json: | setup
+	$(BIN)/python -m data.write_shards --source fashion-mnist --split $* --image-size 64 \
+	    --samples-per-shard 5000 --output $(DEMO_DATA)/$* --overwrite --quiet
 
-demo: setup $(DEMO_DATA)/train/manifest.json
-	$(BIN)/python cluster/launch.py --config demo_fcmae
+$(DET_DATA)/%/manifest.json: | setup
+	$(BIN)/python -m data.fmnist_detection --split $* --images $(if $(filter train,$*),2000,200) \
+	    --output $(DET_DATA)/coco-$*
+	$(BIN)/python -m data.write_shards --source coco --input $(DET_DATA)/coco-$*/annotations.json \
+	    --samples-per-shard 500 --output $(DET_DATA)/$* --overwrite --quiet
+
+# The pipeline on real data: FCMAE pretraining -> fine-tuning -> Mask R-CNN transfer, each stage reading the
+# previous one's export; one MLflow store for the three runs; a summary table at the end.
+demo: setup $(DEMO_SETS)
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/runs/mlflow.db $(BIN)/python cluster/launch.py \
+	    --config demo_fcmae --chain demo_finetune --chain demo_maskrcnn
 
 lint: setup
 	$(BIN)/ruff format --check .
