@@ -56,7 +56,7 @@ $(DET_DATA)/%/manifest.json: | setup
 # The pipeline on real data: FCMAE pretraining -> fine-tuning -> Mask R-CNN transfer, each stage reading the
 # previous one's export; one MLflow store for the three runs; a summary table at the end.
 demo: setup $(DEMO_SETS)
-	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/runs/mlflow.db $(BIN)/python cluster/launch.py \
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/runs/mlflow.db $(BIN)/python cluster/launch.py --local \
 	    --config demo_fcmae --chain demo_finetune --chain demo_maskrcnn
 
 lint: setup

@@ -53,6 +53,12 @@ def cluster_overrides(args: argparse.Namespace) -> list[str]:
     return [f"cluster.{k}={v}" for k, v in flags.items() if v is not None]
 
 
+def slurm_available() -> bool:
+    """SLURM's client is installed and configured (installed packages alone do not make a cluster)."""
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    return shutil.which("sbatch") is not None and conf.is_file()
+
+
 def local_world_size(cfg: TrainConfig) -> int:
     """Ranks of a local run: the CPU ranks of the whole cluster section, or this machine's GPUs."""
     if cfg.cluster.gpus_per_node == 0:
@@ -93,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             print(format_plan(cfg, make_plan(cfg)), flush=True)
         return 0
 
-    slurm = not args.local and shutil.which("sbatch") is not None
+    slurm = not args.local and slurm_available()
     if not args.local and not slurm:
-        log.info("no SLURM on this machine (sbatch not found): running locally")
+        log.info("no SLURM cluster configured on this machine: running locally (pass --local to say so)")
     for cfg, run_dir in configs:
         print(f"# resolved config {cfg.name} (run dir {run_dir})\n{cfg.to_yaml()}", flush=True)
         try:

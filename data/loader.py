@@ -12,6 +12,9 @@ Design (details of the slot assignment in :mod:`data.sampling`):
   loader checks it).
 * Augmentation draws are seeded per batch slot from ``(seed, epoch, sample position)``
   (:func:`data.transforms.seeded_rng`), so they are the same in any worker, process or restart.
+* Detection: with a ``sample_transform`` the loader also decodes each sample's ``.json`` (the targets the COCO
+  source wrote) and calls ``sample_transform(image, target) -> (tensor, target)`` under the same seeded draws;
+  a batch is then ``(images, list of targets)``, ``None`` marking a padded slot (``remainder="pad"``).
 * A corrupt sample (undecodable image, label that is not an integer in range, sample missing from a truncated or
   damaged tar) is skipped, counted in :class:`LoaderStats` and logged; its slot is filled with another sample of
   the same batch (with the slot's own augmentation draw), or, if the whole batch is unreadable, with the next
@@ -37,9 +40,10 @@ current epoch (the same on every rank, so rank 0's state is enough) and the layo
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import signal
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -68,6 +72,9 @@ log = logging.getLogger(__name__)
 
 IGNORE_LABEL = -1
 """Label of padded slots (``remainder="pad"``) and of unlabeled detection images; use as ``ignore_index``."""
+SampleTransform = Callable[[PIL.Image.Image, dict[str, Any]], tuple[torch.Tensor, Any]]
+"""A per-sample transform of an image and its ``.json`` target (detection): returns the image tensor and the
+transformed target. It must not modify its inputs (a replacement slot shares them with the slot it copies)."""
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 STATE_VERSION = 1
 _READ_CHUNK = 1024  # samples read at once by a worker when shuffling is off
@@ -87,7 +94,8 @@ class LoaderStats:
     bad_image: int = 0
     """Samples skipped because the image bytes did not decode."""
     bad_label: int = 0
-    """Samples skipped because ``.cls`` was not an integer label in range."""
+    """Samples skipped because ``.cls`` was not an integer label in range (or, with a sample transform, ``.json``
+    was missing or not a JSON object)."""
     truncated: int = 0
     """Samples the manifest lists but the tar did not deliver (truncated or damaged shard)."""
     replaced: int = 0
@@ -212,6 +220,25 @@ def decode_sample(raw: RawSample | MissingSample, num_classes: int | None) -> tu
     return image, label, raw.key
 
 
+def decode_target(raw: RawSample) -> dict[str, Any]:
+    """The sample's ``.json`` metadata (detection targets), or :class:`UnusableSampleError` ("bad_label")."""
+    if "json" not in raw.files:
+        raise UnusableSampleError("bad_label", f"no .json member (have {sorted(raw.files)})")
+    try:
+        target = json.loads(raw.files["json"])
+    except ValueError as exc:
+        raise UnusableSampleError("bad_label", f".json does not parse: {exc}") from exc
+    if not isinstance(target, dict):
+        raise UnusableSampleError("bad_label", f".json holds a {type(target).__name__}, not an object")
+    return target
+
+
+_Decoded = tuple[PIL.Image.Image, int, str, dict[str, Any] | None]
+"""A decoded sample: image, label, key and (with a sample transform) its ``.json`` target."""
+Labels = torch.Tensor | list[Any]
+"""A batch's labels: a tensor, or the list of targets (``None`` for padded slots) with a sample transform."""
+
+
 def _ignore_signals(signals: tuple[int, ...], _worker_id: int) -> None:
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
@@ -232,6 +259,7 @@ class _StreamSpec:
     history: list[Segment]
     position: int
     transform: ImageTransform
+    sample_transform: SampleTransform | None
     storage_options: Mapping[str, Any] | None
     retry: RetryPolicy
 
@@ -268,6 +296,14 @@ class _WorkerStream:
     def _count_retry(self) -> None:
         self.stats.retries += 1
 
+    def _decode(self, raw: RawSample | MissingSample) -> _Decoded:
+        image, label, key = decode_sample(raw, self.spec.num_classes)
+        target = None
+        if self.spec.sample_transform is not None:
+            assert isinstance(raw, RawSample)  # decode_sample raised for a missing one
+            target = decode_target(raw)
+        return image, label, key, target
+
     def _fetch(self, reader: ShardReader, positions: np.ndarray) -> dict[int, RawSample | MissingSample]:
         """Raw samples at global ``positions``, read in global order (one forward pass over the shards)."""
         unique = np.unique(positions)
@@ -295,7 +331,7 @@ class _WorkerStream:
             self._window_index = k
         return self._window
 
-    def _first_good_after(self, t: int, num_classes: int | None) -> tuple[PIL.Image.Image, int, str]:
+    def _first_good_after(self, t: int) -> _Decoded:
         """The next decodable sample of the share after batch ``t`` (cyclic), for a batch with no good sample.
 
         Depends only on the share, not on what this process has read before, so a resumed run picks the same.
@@ -310,7 +346,7 @@ class _WorkerStream:
                 for pos in order[lo : lo + chunk].tolist():
                     self.stats.decoded += 1
                     try:
-                        return decode_sample(raws[pos], num_classes)
+                        return self._decode(raws[pos])
                     except UnusableSampleError:
                         continue
         finally:
@@ -320,7 +356,7 @@ class _WorkerStream:
             f"share in epoch {self.spec.epoch} can be decoded (shards: {self.spec.urls[:3]}...)"
         )
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    def batches(self) -> Iterator[tuple[torch.Tensor, Labels, dict[str, Any]]]:
         """Yield ``(images, labels, meta)`` for the worker's remaining batches in order."""
         try:
             for t in range(self.plan.first_local_batch(self.logical), self.share.num_batches):
@@ -328,23 +364,23 @@ class _WorkerStream:
         finally:
             self.reader.close()
 
-    def _make_batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def _make_batch(self, t: int) -> tuple[torch.Tensor, Labels, dict[str, Any]]:
         spec = self.spec
         positions, padded = self.share.batch(t)
         raws = self._raw_batch(t)
-        decoded: list[tuple[PIL.Image.Image, int, str] | None] = []
+        decoded: list[_Decoded | None] = []
         for pos in positions.tolist():
             raw = raws[pos]
             self.stats.decoded += 1
             try:
-                decoded.append(decode_sample(raw, spec.num_classes))
+                decoded.append(self._decode(raw))
             except UnusableSampleError as bad:
                 setattr(self.stats, bad.kind, getattr(self.stats, bad.kind) + 1)
                 key = raw.key if isinstance(raw, RawSample) else f"#{pos}"
                 log.warning("skipping sample %s of %s: %s", key, raw.url, bad)
                 decoded.append(None)
         good = [d for d in decoded if d is not None]
-        filled: list[tuple[PIL.Image.Image, int, str]] = []
+        filled: list[_Decoded] = []
         fallback = None
         for i, item in enumerate(decoded):
             if item is None:
@@ -352,14 +388,20 @@ class _WorkerStream:
                 if good:  # another sample of the same batch, cycling; its slot seed gives it a new crop
                     item = good[(i - sum(1 for d in decoded[:i] if d is not None)) % len(good)]
                 else:
-                    fallback = fallback or self._first_good_after(t, spec.num_classes)
+                    fallback = fallback or self._first_good_after(t)
                     item = fallback
             filled.append(item)
-        images, labels, keys = [], [], []
-        for pos, pad, (image, label, key) in zip(positions.tolist(), padded.tolist(), filled, strict=True):
+        images, labels, targets, keys = [], [], [], []
+        for pos, pad, (image, label, key, target) in zip(positions.tolist(), padded.tolist(), filled, strict=True):
             with seeded_rng(sample_seed(spec.seed, spec.epoch, pos)):
-                images.append(spec.transform(image))
+                if spec.sample_transform is None:
+                    images.append(spec.transform(image))
+                else:
+                    assert target is not None
+                    tensor, target = spec.sample_transform(image, target)
+                    images.append(tensor)
             labels.append(IGNORE_LABEL if pad else label)
+            targets.append(None if pad else target)
             keys.append(key)
         self.stats.samples += len(filled)
         try:
@@ -375,6 +417,8 @@ class _WorkerStream:
             "stats": self.stats.as_dict(),
         }
         self.stats = LoaderStats()  # the main process accumulates deltas
+        if spec.sample_transform is not None:
+            return batch, targets, meta
         return batch, torch.tensor(labels, dtype=torch.long), meta
 
 
@@ -384,7 +428,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     def __init__(self, spec: _StreamSpec) -> None:
         self.spec = spec
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Labels, dict[str, Any]]]:
         # Spawned/forkserver workers start with webdataset's default table: register here, in the worker.
         register_fsspec_schemes()
         info = torch.utils.data.get_worker_info()
@@ -396,6 +440,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):
 
 class ShardLoader:
     """Iterable over ``(images, labels)`` batches of one rank; ``len()`` is batches per epoch, the same on every rank.
+
+    ``labels`` is a tensor, or with a ``sample_transform`` (detection) the list of the slots' targets.
 
     Call :meth:`set_epoch` before each epoch. An epoch that is iterated to its end advances the loader to the next
     epoch; an interrupted one continues where it stopped on the next ``iter()``. A trainer loop::
@@ -413,10 +459,14 @@ class ShardLoader:
         config: LoaderConfig,
         transform: ImageTransform | None = None,
         epoch: int = 0,
+        sample_transform: SampleTransform | None = None,
     ) -> None:
+        if transform is not None and sample_transform is not None:
+            raise ValueError("give either transform (image only) or sample_transform (image and .json target)")
         self.shards = shards
         self.config = config
         self.transform: ImageTransform = transform or to_tensor_transform()
+        self.sample_transform = sample_transform
         self.epoch = epoch
         self.stats = LoaderStats()
         """Counters of skipped samples, replacements and retries (this rank)."""
@@ -468,11 +518,12 @@ class ShardLoader:
             history=list(self._history),
             position=self._position,
             transform=self.transform,
+            sample_transform=self.sample_transform,
             storage_options=cfg.storage_options,
             retry=cfg.retry,
         )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Labels]]:
         spec = self._spec()
         _, plan = _plan(spec)
         expected = plan.num_batches
@@ -500,7 +551,7 @@ class ShardLoader:
                 raise RuntimeError(f"rank {self.config.rank}: {self._position} batches of {expected} were produced")
         self.epoch, self._position, self._history = self.epoch + 1, 0, []
 
-    def _batches(self, spec: _StreamSpec) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    def _batches(self, spec: _StreamSpec) -> Iterator[tuple[torch.Tensor, Labels, dict[str, Any]]]:
         """The rank's remaining batches with their metadata, from worker processes or in this process."""
         dataset = _EpochDataset(spec)
         if self.config.num_workers == 0:
@@ -574,12 +625,15 @@ def build_loader(
     seed: int = 0,
     transform: ImageTransform | None = None,
     epoch: int = 0,
+    sample_transform: SampleTransform | None = None,
     **options: Any,
 ) -> ShardLoader:
     """Build the loader of one rank from a manifest URL, a shard directory URL, shard URLs or a :class:`ShardSet`.
 
     ``options`` are further :class:`LoaderConfig` fields (``shuffle``, ``remainder``, ``verify``,
     ``storage_options``, ``retry``, ...). Reads the manifest (and checks the shards exist) before returning.
+    ``sample_transform`` replaces ``transform`` for detection: it receives the image and the sample's ``.json``,
+    and the batches carry lists of targets.
     """
     config = LoaderConfig(
         batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, **options
@@ -596,15 +650,17 @@ def build_loader(
         check_shards_exist(shards, storage_options=config.storage_options, retry=config.retry)
     if config.verify:
         verify_shards(shards, storage_options=config.storage_options, retry=config.retry)
-    return ShardLoader(shards, config, transform, epoch)
+    return ShardLoader(shards, config, transform, epoch, sample_transform)
 
 
 __all__ = [
     "IGNORE_LABEL",
     "LoaderConfig",
     "LoaderStats",
+    "SampleTransform",
     "ShardLoader",
     "UnusableSampleError",
     "build_loader",
     "decode_sample",
+    "decode_target",
 ]

@@ -5,7 +5,8 @@ The backbone runs the ConvNeXt V2 trunk of :mod:`models.convnextv2` and returns 
 trunk are not normalized; these norms are new, not pretrained). torchvision's ``FeaturePyramidNetwork`` turns them
 into P2-P5 plus P6 (a max pool of P5); the RPN has one anchor size per level and aspect ratios (0.5, 1, 2); box and
 mask heads pool P2-P5 with ``MultiScaleRoIAlign``. With ``fpn_channels=256`` the heads are torchvision's Mask R-CNN
-defaults; narrower pyramids (tiny demos) scale the heads with them.
+defaults; narrower pyramids (tiny demos) scale the heads with them. Anchors and box decoding stay in float32 in
+bf16 runs (torchvision would compute them in the features' dtype, quantizing coordinates by up to 8 px at 1024).
 
 Pretrained weights go into the trunk only: a pretraining export (``build(size, num_classes=0)`` layout, whose
 ``norm.*`` the detector does not use), a fine-tune export (its ``norm.*`` and ``head.*`` are dropped), or an
@@ -21,8 +22,10 @@ import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
@@ -33,7 +36,6 @@ from models.convnextv2 import LN_EPS, ConvNeXtV2Encoder, LayerNorm2d, build_enco
 
 FEATURE_NAMES = ("0", "1", "2", "3")
 """Names of the stage maps (strides 4, 8, 16, 32) in the backbone's output and the RoI poolers."""
-STRIDES = (4, 8, 16, 32)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 TRUNK_PREFIX = "backbone.body.trunk."
 """Where the ConvNeXt V2 trunk's parameters sit in the detector's state dict."""
@@ -61,6 +63,22 @@ class ConvNeXtV2Features(nn.Module):
         return features
 
 
+class Float32AnchorGenerator(AnchorGenerator):
+    """Anchors in float32 whatever the dtype of the features: in bf16, coordinates near 1024 px are 8 px apart."""
+
+    def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        # torchvision reads only shape, dtype and device of the maps: zero-cost float32 stand-ins.
+        stand_ins = [torch.zeros((), device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, stand_ins)
+
+
+class Float32BoxCoder(BoxCoder):
+    """Decodes box deltas in float32: torchvision decodes in the dtype of the deltas, which is bf16 in bf16 runs."""
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return super().decode_single(rel_codes.float(), boxes.float())
+
+
 class ConvNeXtV2FPN(nn.Module):
     """Backbone + FPN: image -> P2..P6 (``"0"`` .. ``"3"``, ``"pool"``), each with ``out_channels`` channels."""
 
@@ -74,13 +92,14 @@ class ConvNeXtV2FPN(nn.Module):
         return self.fpn(self.body(x))
 
 
-def load_backbone(trunk: ConvNeXtV2Encoder, state_dict: Mapping[str, object], size: str) -> None:
-    """Load pretrained ConvNeXt V2 weights (any layout :func:`load_foreign` knows) into ``trunk``, exactly.
-
-    Raises ``ValueError`` when the weights are of another size than ``size`` or not a ConvNeXt V2 at all.
-    """
-    converted = load_foreign(state_dict)
+def load_backbone(detector: MaskRCNN, state_dict: Mapping[str, object], size: str) -> None:
+    """Load pretrained ConvNeXt V2 weights (any layout :func:`load_foreign` knows) into the detector's trunk,
+    exactly. Raises ``ValueError`` when the weights are of another size than ``size`` or not a ConvNeXt V2."""
+    backbone = detector.backbone
+    if not isinstance(backbone, ConvNeXtV2FPN):
+        raise TypeError(f"detector has a {type(backbone).__name__} backbone, not ConvNeXtV2FPN")
     try:
+        converted = load_foreign(state_dict)
         found = infer_size(converted)
     except (KeyError, ValueError) as exc:
         raise ValueError(f"the pretrained weights are not a ConvNeXt V2 backbone: {exc}") from exc
@@ -91,7 +110,7 @@ def load_backbone(trunk: ConvNeXtV2Encoder, state_dict: Mapping[str, object], si
         )
     # The classifier's norm and head (and an FCMAE export's untrained norm) have no place in the detector.
     trunk_state = {k: v for k, v in converted.items() if k.startswith(("stem.", "stages."))}
-    trunk.load_state_dict(trunk_state, strict=True)
+    backbone.body.trunk.load_state_dict(trunk_state, strict=True)
 
 
 def build_mask_rcnn(
@@ -120,17 +139,15 @@ def build_mask_rcnn(
     if len(anchor_sizes) != levels:
         raise ValueError(f"anchor_sizes needs one size per pyramid level P2..P6 ({levels}), got {list(anchor_sizes)}")
     backbone = ConvNeXtV2FPN(size, drop_path, fpn_channels)
-    if pretrained_backbone_state is not None:
-        load_backbone(backbone.body.trunk, pretrained_backbone_state, size)
     representation = 4 * fpn_channels  # torchvision's 1024 at the standard 256-channel pyramid
-    return MaskRCNN(
+    detector = MaskRCNN(
         backbone,
         num_classes=None,  # given by the predictors below
         min_size=min_size,
         max_size=max_size,
         image_mean=list(IMAGENET_DEFAULT_MEAN),
         image_std=list(IMAGENET_DEFAULT_STD),
-        rpn_anchor_generator=AnchorGenerator(
+        rpn_anchor_generator=Float32AnchorGenerator(
             tuple((int(s),) for s in anchor_sizes), (ASPECT_RATIOS,) * len(anchor_sizes)
         ),
         rpn_head=RPNHead(fpn_channels, len(ASPECT_RATIOS)),
@@ -143,6 +160,12 @@ def build_mask_rcnn(
         mask_head=MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, dilation=1),
         mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1),
     )
+    # Box coordinates stay float32 in bf16 runs (anchors above, decoded proposals and detections here).
+    detector.rpn.box_coder = Float32BoxCoder(detector.rpn.box_coder.weights)
+    detector.roi_heads.box_coder = Float32BoxCoder(detector.roi_heads.box_coder.weights)
+    if pretrained_backbone_state is not None:
+        load_backbone(detector, pretrained_backbone_state, size)
+    return detector
 
 
 def trunk_parameter(name: str) -> str | None:

@@ -98,3 +98,15 @@ def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     source = build_source("fashion-mnist", None, image_size=64, split="train")
     write_shards(source, WriterConfig(output=str(out), samples_per_shard=128, limit=768, progress=False))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def fmnist_test_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """500 real Fashion-MNIST test-split images at 64 px in 2 shards (validation data for fine-tuning; 500 is no
+    multiple of common batch sizes, so evaluation pads its last batch)."""
+    if not Path(FASHION_MNIST_DIR).exists():
+        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist")
+    out = tmp_path_factory.mktemp("fmnist") / "test"
+    source = build_source("fashion-mnist", None, image_size=64, split="test")
+    write_shards(source, WriterConfig(output=str(out), samples_per_shard=250, limit=500, progress=False))
+    return str(out)

@@ -1,4 +1,4 @@
-"""The training stream of a run: the shard loader (or ``synthetic://N``) with the stage's transform."""
+"""The data streams of a run: the shard loader (or ``synthetic://N``) with the stage's transform."""
 
 from __future__ import annotations
 
@@ -6,17 +6,32 @@ from typing import Any
 
 from data.loader import build_loader
 from data.synthetic import SyntheticLoader, parse_synthetic_url
-from data.transforms import pretrain_transform
+from data.transforms import ImageTransform, pretrain_transform
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
 from trainer.preemption import PREEMPTION_SIGNALS
 
 
-def build_train_loader(cfg: TrainConfig, env: DistEnv) -> Any:
-    """This rank's pretraining loader: RandomResizedCrop + flip + normalize, seeded from the run seed."""
+def build_train_loader(cfg: TrainConfig, env: DistEnv, transform: ImageTransform | None = None) -> Any:
+    """This rank's training loader, seeded from the run seed; ``transform`` defaults to the pretraining one
+    (RandomResizedCrop + flip + normalize)."""
     url = cfg.data.train_url
     if not url:
         raise ValueError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
+    if transform is None:
+        transform = pretrain_transform(cfg.data.image_size, scale=(cfg.data.min_scale, 1.0))
+    return _build(cfg, env, url, transform, shuffle=True, remainder="drop")
+
+
+def build_eval_loader(cfg: TrainConfig, env: DistEnv, transform: ImageTransform) -> Any:
+    """This rank's slice of ``data.val_url`` in a fixed order. Every sample is served once over all ranks; the
+    slots that pad the last batches carry the label :data:`data.loader.IGNORE_LABEL` and must not be counted."""
+    if not cfg.data.val_url:
+        raise ValueError("data.val_url is empty: set it to the validation shard set (path or s3:// URL)")
+    return _build(cfg, env, cfg.data.val_url, transform, shuffle=False, remainder="pad")
+
+
+def _build(cfg: TrainConfig, env: DistEnv, url: str, transform: ImageTransform, shuffle: bool, remainder: str) -> Any:
     synthetic = parse_synthetic_url(url)
     if synthetic is not None:
         return SyntheticLoader(
@@ -34,7 +49,9 @@ def build_train_loader(cfg: TrainConfig, env: DistEnv) -> Any:
         world_size=env.world_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
-        transform=pretrain_transform(cfg.data.image_size, scale=(cfg.data.min_scale, 1.0)),
+        transform=transform,
+        shuffle=shuffle,
+        remainder=remainder,
         pin_memory=env.device.type == "cuda",
         worker_ignored_signals=PREEMPTION_SIGNALS,
     )

@@ -31,7 +31,11 @@ def setup_logging(rank: int) -> None:
 
 
 # Stage name -> its class, imported on demand (detection pulls in torchvision's detection models).
-STAGES = {"pretrain": "trainer.pretrain:PretrainStage"}
+STAGES = {
+    "pretrain": "trainer.pretrain:PretrainStage",
+    "finetune": "trainer.finetune:FinetuneStage",
+    "detection": "trainer.detection:DetectionStage",
+}
 
 
 def run_run_dir(run_dir: Path) -> int:

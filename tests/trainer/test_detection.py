@@ -1,0 +1,180 @@
+"""Detection stage: layer-decay groups, COCO scoring, and real Mask R-CNN runs through cluster/launch.py --local on
+Fashion-MNIST canvases (train, evaluate with COCOeval, export, resume)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from data.detection_transforms import EvalImage
+from data.fmnist_detection import CanvasConfig, generate
+from data.sources import FASHION_MNIST_DIR, CocoSource
+from data.writer import WriterConfig, write_shards
+from models.convnextv2 import SIZES, build
+from models.detection import build_mask_rcnn
+from tests.trainer.conftest import launch, logged
+from trainer.config import load_config
+from trainer.detection import COCO_STATS, DetectionStage, coco_detections, coco_metrics, lr_scales
+from trainer.distributed import DistEnv
+from trainer.finetune import PretrainedWeightsError
+from trainer.optim import param_groups
+
+LD = 0.9
+METRICS = [f"{kind}_{stat}" for kind in ("box", "mask") for stat in COCO_STATS]
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def test_layer_decay_follows_the_official_detection_groups() -> None:
+    depths = SIZES["atto"].depths  # stage 3 has 6 blocks: groups 3, 4; stage 4 is layer 5; the rest is 6
+    detector = build_mask_rcnn("atto", 3, fpn_channels=16)
+    groups = param_groups(detector, weight_decay=0.05, lr_scale=lr_scales(depths, LD))
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale.keys() == {n for n, _ in detector.named_parameters()}
+    trunk = "backbone.body.trunk."
+    expected_power = {
+        f"{trunk}stem.conv.weight": 6,
+        f"{trunk}stages.0.blocks.1.pwconv1.weight": 5,
+        f"{trunk}stages.1.downsample.conv.weight": 4,
+        f"{trunk}stages.2.blocks.2.grn.gamma": 3,
+        f"{trunk}stages.2.blocks.3.dwconv.weight": 2,
+        f"{trunk}stages.3.blocks.1.pwconv2.weight": 1,
+        "backbone.body.norms.0.weight": 0,  # new per-level norms train at the full lr, like the FPN and heads
+        "backbone.fpn.layer_blocks.0.0.weight": 0,
+        "rpn.head.conv.0.0.weight": 0,
+        "roi_heads.mask_predictor.mask_fcn_logits.weight": 0,
+    }
+    for name, power in expected_power.items():
+        assert scale[name] == pytest.approx(LD**power), name
+
+
+def _square_image(image_id: int, scale: float = 1.0) -> tuple[EvalImage, np.ndarray]:
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[10:30, 20:50] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    annotation = {
+        "bbox": [20.0, 10.0, 30.0, 20.0],
+        "category_id": 7,
+        "area": 600.0,
+        "iscrowd": 0,
+        "segmentation": {"size": [40, 60], "counts": rle["counts"].decode("ascii")},
+    }
+    resized = (round(40 * scale), round(60 * scale))
+    return EvalImage(image_id, 40, 60, scale, resized, [annotation]), mask
+
+
+def test_predictions_map_back_to_stored_pixels_and_score_ap_one() -> None:
+    image, mask = _square_image(3, scale=2.0)
+    # The detector saw the image at twice its size, padded to 128 x 128.
+    input_mask = torch.zeros(1, 1, 128, 128)
+    input_mask[0, 0, 20:60, 40:100] = 0.9
+    output = {
+        "boxes": torch.tensor([[40.0, 20, 100, 60]]),
+        "labels": torch.tensor([2]),
+        "scores": torch.tensor([0.8]),
+        "masks": input_mask,
+    }
+    detections = coco_detections(output, image, category_ids=[5, 7, 9])
+    assert len(detections) == 1
+    assert detections[0]["bbox"] == [20.0, 10.0, 30.0, 20.0] and detections[0]["category_id"] == 7
+    assert np.array_equal(mask_utils.decode(detections[0]["segmentation"]), mask)
+    categories = [{"id": c, "name": str(c)} for c in (5, 7, 9)]
+    metrics = coco_metrics([image, image], detections, categories)  # a repeated (padded) image counts once
+    assert set(metrics) == set(METRICS)
+    assert metrics["box_ap"] == pytest.approx(1.0) and metrics["mask_ap"] == pytest.approx(1.0)
+    assert metrics["box_ap_large"] == -1.0  # COCO's "no ground truth in this range"
+    empty = coco_metrics([image], [], categories)
+    assert empty["box_ap"] == 0.0 and empty["mask_ap50"] == 0.0
+
+
+# ----- real runs on Fashion-MNIST canvases ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def det_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """32 training and 8 validation canvases of 64 px with 1-3 real Fashion-MNIST items each, as shards."""
+    if not Path(FASHION_MNIST_DIR).exists():
+        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist")
+    root = tmp_path_factory.mktemp("fmnist-det")
+    canvas = CanvasConfig(canvas=64, min_item=16, max_item=32, max_items=3)
+    urls = []
+    for split, count in (("train", 32), ("val", 8)):
+        annotations = generate(root / "coco" / split, split, count, seed=0, config=canvas)
+        out = str(root / split)
+        write_shards(CocoSource(annotations), WriterConfig(output=out, samples_per_shard=16, progress=False))
+        urls.append(out)
+    return urls[0], urls[1]
+
+
+@pytest.fixture(scope="module")
+def pretrain_export(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An atto export in the pretraining stage's layout (``build(size, num_classes=0)``, with its norm)."""
+    path = tmp_path_factory.mktemp("fcmae") / "model.safetensors"
+    save_file(build("atto", num_classes=0).state_dict(), str(path), metadata={"size": "atto", "stage": "pretrain"})
+    return str(path)
+
+
+def _overrides(det_shards: tuple[str, str], pretrained: str) -> list[str]:
+    train, val = det_shards
+    return [
+        f"data.train_url={train}", f"data.val_url={val}", "data.image_size=64", "data.batch_size=4",
+        f"model.pretrained={pretrained}", "detection.anchor_sizes=[8,16,32,64,128]", "detection.fpn_channels=32",
+    ]  # fmt: skip
+
+
+def test_stage_refuses_a_class_count_that_does_not_match_the_data(det_shards: tuple[str, str], tmp_path: Path) -> None:
+    cfg = load_config("demo_maskrcnn", [*_overrides(det_shards, "null"), "model.num_classes=80"])
+    with pytest.raises(ValueError, match=re.escape("set model.num_classes=10")):
+        DetectionStage(cfg, CPU, tmp_path)
+
+
+def test_stage_refuses_pretrained_weights_of_another_size(det_shards: tuple[str, str], tmp_path: Path) -> None:
+    femto = tmp_path / "femto.safetensors"
+    save_file(build("femto", num_classes=0).state_dict(), str(femto))
+    cfg = load_config("demo_maskrcnn", _overrides(det_shards, str(femto)))
+    with pytest.raises(PretrainedWeightsError, match=re.escape(f"model.pretrained='{femto}'") + ".*model.size=femto"):
+        DetectionStage(cfg, CPU, tmp_path)
+
+
+@pytest.mark.slow
+def test_two_rank_run_scores_the_whole_val_set_with_coco_and_exports_the_detector(
+    det_shards: tuple[str, str], pretrain_export: str, tmp_path: Path
+) -> None:
+    overrides = [*_overrides(det_shards, pretrain_export), "data.batch_size=3", "schedule.max_steps=2"]
+    assert launch(tmp_path, *overrides, ranks=2, config="demo_maskrcnn") == 0
+    metrics = json.loads((tmp_path / "export" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["stage"] == "detection"
+    # Each rank scored its slice (2 batches of 3: the 8 images and 4 padded slots); rank 0 gathered them all.
+    assert metrics["eval_images"] == 8
+    for key in METRICS:
+        assert 0.0 <= metrics[key] <= 1.0 or metrics[key] == -1.0, (key, metrics[key])
+    export = str(tmp_path / "export" / "model.safetensors")
+    with safe_open(export, "pt") as f:
+        meta = f.metadata()
+    assert meta["stage"] == "detection" and json.loads(meta["categories"])[1]["name"] == "Trouser"
+    detector = build_mask_rcnn(
+        meta["size"], int(meta["num_classes"]), anchor_sizes=json.loads(meta["anchor_sizes"]),
+        fpn_channels=int(meta["fpn_channels"]),
+    )  # fmt: skip
+    detector.load_state_dict(load_file(export))  # strict: the export is the whole detector
+
+
+@pytest.mark.slow
+def test_detection_run_resumes_from_its_checkpoint(
+    det_shards: tuple[str, str], pretrain_export: str, tmp_path: Path
+) -> None:
+    overrides = _overrides(det_shards, pretrain_export)
+    assert launch(tmp_path, *overrides, "schedule.max_steps=2", config="demo_maskrcnn") == 0
+    first = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert launch(tmp_path, *overrides, "schedule.max_steps=4", config="demo_maskrcnn") == 0
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4]  # steps 3, 4 continue from the checkpoint
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() != first
+    metrics = json.loads((tmp_path / "export" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and all(key in metrics for key in METRICS)

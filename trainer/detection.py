@@ -1,0 +1,296 @@
+"""Detection transfer stage: Mask R-CNN + FPN on the pretrained ConvNeXt V2 trunk, COCO box and mask AP.
+
+Training streams COCO-style shards (written by ``data.write_shards --source coco``) through the shard loader with
+a per-sample transform: large-scale jitter to ``data.image_size`` (factor in ``[detection.min_scale,
+detection.max_scale]``) and a flip, drawn from (run seed, epoch, sample position) like the classification crops.
+The step loss is the sum of torchvision's Mask R-CNN losses (RPN objectness and boxes, RoI classes, boxes, masks).
+AdamW uses the official ConvNeXt detection layer-wise lr decay: stem 0, stage 1 -> 1, stage 2 -> 2, stage 3 in
+groups of three blocks, stage 4 last; the per-level norms, FPN and heads train at the full lr.
+
+Evaluation: each rank runs its slice of ``data.val_url`` (fit-and-pad to ``data.image_size``), predictions are
+mapped back to stored-image pixels and gathered to rank 0, which scores them with pycocotools' COCOeval against the
+ground truth rebuilt from the same shards' ``.json`` (so an S3 validation set needs no separate annotation file).
+AP on shards written with ``--image-size`` is measured at that resolution; write the validation shards at full
+size to compare with published COCO numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from safetensors.torch import save_file
+
+from data.detection_transforms import EvalImage, LargeScaleJitter, ResizePad
+from data.loader import SampleTransform, ShardLoader, build_loader
+from data.sampling import Remainder
+from models.convnextv2 import get_size
+from models.detection import build_mask_rcnn, load_backbone, trunk_parameter
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv, barrier
+from trainer.finetune import PretrainedWeightsError, read_checkpoint
+from trainer.layer_decay import layer_id, num_layers
+from trainer.loop import Batch, Evaluation, autocast
+from trainer.optim import build_optimizer
+from trainer.preemption import PREEMPTION_SIGNALS
+from trainer.zero import gathered_parameters
+
+COCO_STATS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+"""Names of the first six ``COCOeval.stats`` (AP at IoU .5:.95, .5, .75; small, medium, large objects)."""
+MASK_THRESHOLD = 0.5
+
+
+def lr_scales(depths: Sequence[int], layer_decay: float) -> Callable[[str], float]:
+    """``lr_scale(name)`` of a detector parameter: ``layer_decay ** (top + 1 - id)`` with the official detection
+    layer ids on the trunk (:func:`trainer.layer_decay.layer_id`, grouping ``stage``) and ``top + 1`` elsewhere."""
+    top = num_layers(depths, "stage")
+
+    def scale(name: str) -> float:
+        trunk_name = trunk_parameter(name)
+        layer = top + 1 if trunk_name is None else layer_id(trunk_name, depths, "stage")
+        return float(layer_decay ** (top + 1 - layer))
+
+    return scale
+
+
+def sampled_rois(image_size: int) -> int:
+    """RoIs sampled per training image for the box and mask heads: torchvision's 512 at the paper's 1024 px, fewer
+    on small canvases, which hold few objects and would otherwise spend most compute on redundant RoIs."""
+    return max(64, min(512, image_size // 2))
+
+
+def coco_detections(output: dict[str, torch.Tensor], image: EvalImage, category_ids: Sequence[int]) -> list[dict]:
+    """COCO results of one image: boxes ``xywh`` and RLE masks in stored-image pixels, scores, category ids."""
+    if len(output["boxes"]) == 0:
+        return []
+    boxes = output["boxes"].float().cpu() / image.scale
+    boxes[:, 2:] -= boxes[:, :2]
+    h, w = image.resized
+    masks = output["masks"][:, :, :h, :w].float()
+    if (h, w) != (image.height, image.width):
+        masks = F.interpolate(masks, size=(image.height, image.width), mode="bilinear", align_corners=False)
+    binary = (masks[:, 0] > MASK_THRESHOLD).to(torch.uint8).cpu().numpy()
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    return [
+        {
+            "image_id": image.image_id,
+            "category_id": int(category_ids[int(label) - 1]),
+            "bbox": [round(float(v), 2) for v in box],
+            "score": float(score),
+            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        }
+        for box, label, score, rle in zip(boxes, output["labels"], output["scores"], rles, strict=True)
+    ]
+
+
+def coco_metrics(
+    images: Sequence[EvalImage], detections: Sequence[dict], categories: Sequence[dict]
+) -> dict[str, float]:
+    """COCOeval box and mask AP (``box_ap``, ``box_ap50``, ..., ``mask_ap_large``); -1 where COCO has no ground
+    truth to score (e.g. no large objects). Images seen twice (padded or replacement slots) count once."""
+    unique: dict[int, EvalImage] = {}
+    for image in images:
+        unique.setdefault(image.image_id, image)
+    annotations: list[dict[str, Any]] = []
+    for image in unique.values():
+        for ann in image.annotations:
+            annotations.append({**ann, "id": len(annotations) + 1, "image_id": image.image_id})
+    dataset = {
+        "images": [{"id": im.image_id, "height": im.height, "width": im.width} for im in unique.values()],
+        "annotations": annotations,
+        "categories": [{"id": int(c["id"]), "name": c.get("name", str(c["id"]))} for c in categories],
+    }
+    metrics: dict[str, float] = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
+        gt = COCO()
+        gt.dataset = dataset
+        gt.createIndex()
+        for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
+            results = copy.deepcopy(list(detections))
+            if iou_type == "segm":
+                for r in results:
+                    r.pop("bbox")  # so that loadRes takes areas from the masks, not the boxes
+            dt = gt.loadRes(results) if results else _no_results(gt)
+            evaluator = COCOeval(gt, dt, iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            metrics.update({f"{prefix}_{name}": float(evaluator.stats[i]) for i, name in enumerate(COCO_STATS)})
+    return metrics
+
+
+def _no_results(gt: COCO) -> COCO:
+    """An empty result set (``loadRes`` cannot take an empty list): every AP with ground truth is then 0."""
+    dt = COCO()
+    dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+    dt.createIndex()
+    return dt
+
+
+def _gather_to_main(items: list[Any], env: DistEnv) -> list[Any]:
+    """Concatenate every rank's list on rank 0 (other ranks get an empty list)."""
+    if not dist.is_initialized() or env.world_size == 1:
+        return items
+    gathered: list[list[Any]] | None = [[] for _ in range(env.world_size)] if env.is_main else None
+    dist.gather_object(items, gathered, dst=0)
+    return [x for part in gathered or [] for x in part]
+
+
+class DetectionStage:
+    """The Mask R-CNN stage of :func:`trainer.loop.run_stage`."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = run_dir
+        det, size = cfg.detection, cfg.data.image_size
+        assert cfg.data.val_url is not None  # TrainConfig requires it for stage detection
+        self.loader = self._shard_loader(
+            cfg.data.train_url, LargeScaleJitter(size, det.min_scale, det.max_scale), shuffle=True, remainder="drop"
+        )
+        # Every validation image once over all ranks; slots that pad the last batches come as None targets.
+        self.val_loader = self._shard_loader(cfg.data.val_url, ResizePad(size), shuffle=False, remainder="pad")
+        self.categories = self._categories()
+        model = build_mask_rcnn(
+            cfg.model.size,
+            cfg.model.num_classes,
+            drop_path=cfg.model.drop_path,
+            anchor_sizes=det.anchor_sizes,
+            fpn_channels=det.fpn_channels,
+            min_size=size,
+            max_size=size,
+            detections_per_image=det.detections_per_image,
+            rois_per_image=sampled_rois(size),
+        )
+        if cfg.model.pretrained:
+            state = read_checkpoint(cfg.model.pretrained)
+            try:
+                load_backbone(model, state, cfg.model.size)
+            except ValueError as exc:
+                raise PretrainedWeightsError(f"model.pretrained={cfg.model.pretrained!r}: {exc}") from exc
+        self.model = model.to(env.device)
+        self.flops = None  # MFU is not reported: RoI counts vary per image
+
+    def _shard_loader(self, url: str, transform: SampleTransform, shuffle: bool, remainder: Remainder) -> ShardLoader:
+        """This rank's loader of a COCO-style shard set with a detection ``transform``."""
+        return build_loader(
+            url,
+            batch_size=self.cfg.data.batch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            num_workers=self.cfg.data.num_workers,
+            seed=self.cfg.seed,
+            sample_transform=transform,
+            shuffle=shuffle,
+            remainder=remainder,
+            pin_memory=self.env.device.type == "cuda",
+            worker_ignored_signals=PREEMPTION_SIGNALS,
+        )
+
+    def _categories(self) -> list[dict[str, Any]]:
+        """The validation set's COCO categories in label order; checked against ``model.num_classes``."""
+        described = self.val_loader.shards.sources[0] if self.val_loader.shards.sources else {}
+        categories = sorted(described.get("categories") or [], key=lambda c: int(c["label"]))
+        if not categories:
+            raise ValueError(
+                f"data.val_url={self.cfg.data.val_url}: the manifest lists no categories; write detection shards "
+                "with python -m data.write_shards --source coco"
+            )
+        if len(categories) != self.cfg.model.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.cfg.model.num_classes} but the validation set has {len(categories)} "
+                f"categories: set model.num_classes={len(categories)}"
+            )
+        return categories
+
+    def describe(self) -> str:
+        """Detector, backbone, input size and where the backbone weights come from."""
+        det = self.cfg.detection
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return (
+            f"Mask R-CNN FPN-{det.fpn_channels} on ConvNeXt V2-{self.cfg.model.size} ({params:.1f}M params, "
+            f"{self.cfg.model.num_classes} classes) | {self.cfg.data.image_size} px LSJ {det.min_scale}-"
+            f"{det.max_scale} | layer decay {det.layer_decay} | backbone from {self.cfg.model.pretrained or 'scratch'}"
+        )
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with layer-wise lr decay over the trunk; no weight decay on biases, norms and GRN."""
+        depths = get_size(self.cfg.model.size).depths
+        return build_optimizer(self.model, self.cfg.optim, lr_scales(depths, self.cfg.detection.layer_decay))
+
+    def loss(self, engine: Any, batch: Batch, step: int, micro: int) -> torch.Tensor:
+        """Sum of the Mask R-CNN losses of one micro-batch."""
+        images, targets, _keys = batch
+        device = self.env.device
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        losses = engine(list(images), targets)
+        return torch.stack(list(losses.values())).sum()
+
+    def after_step(self, engine: Any, step: int, skipped: bool) -> None:
+        """Nothing to do after a detection step."""
+
+    @torch.no_grad()
+    def evaluate(self, engine: Any, step: int) -> Evaluation:
+        """COCO box and mask AP on ``data.val_url`` (rank 0 scores what every rank predicted)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        category_ids = [int(c["id"]) for c in self.categories]
+        images: list[EvalImage] = []
+        detections: list[dict] = []
+        with gathered_parameters(model, engine), autocast(self.cfg, self.env):
+            for batch, infos in self.val_loader:
+                outputs = model(list(batch.to(self.env.device)))
+                for output, info in zip(outputs, infos, strict=True):
+                    if info is None:  # a slot that pads the last batch
+                        continue
+                    images.append(info)
+                    detections.extend(coco_detections(output, info, category_ids))
+        model.train(was_training)
+        all_images = _gather_to_main(images, self.env)
+        all_detections = _gather_to_main(detections, self.env)
+        if not self.env.is_main:
+            return Evaluation()
+        metrics = coco_metrics(all_images, all_detections, self.categories)
+        # Distinct images scored: the whole validation set, whatever the world size and padding.
+        metrics["eval_images"] = float(len({image.image_id for image in all_images}))
+        return Evaluation(metrics)
+
+    def export(self, engine: Any, out_dir: Path, summary: dict[str, Any]) -> None:
+        """``model.safetensors``: the detector (``build_mask_rcnn`` arguments in its metadata); ``metrics.json``."""
+        cfg, det = self.cfg, self.cfg.detection
+        with gathered_parameters(self.model, engine):
+            if self.env.is_main:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
+                meta = {
+                    "stage": "detection",
+                    "size": cfg.model.size,
+                    "num_classes": str(cfg.model.num_classes),
+                    "fpn_channels": str(det.fpn_channels),
+                    "anchor_sizes": json.dumps(list(det.anchor_sizes)),
+                    "image_size": str(cfg.data.image_size),
+                    "categories": json.dumps(self.categories),
+                }
+                save_file(state, str(out_dir / "model.safetensors"), metadata=meta)
+                (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        barrier()
+
+    def state_dict(self) -> dict[str, Any]:
+        """No state beyond the engine and the loader (the validation loader restarts every evaluation)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """No state beyond the engine and the loader."""

@@ -1,0 +1,333 @@
+"""Fine-tuning stage: a pretrained ConvNeXt V2 with a new head, trained as the paper's ImageNet-1K recipe.
+
+Pretrained weights (our FCMAE export, a timm or an official checkpoint, by path or fsspec URL) must fit the
+configured size exactly, except the classifier head, which is always re-initialized (truncated normal, std
+``0.02 * head_init_scale``: 2e-5 at the default 0.001, the official value). Layer-wise lr decay scales each
+parameter group (:mod:`trainer.layer_decay`); Mixup/CutMix draws come from (run seed, micro-step, rank).
+
+EMA: every rank keeps an fp32 copy of the weights (timm's ``ModelEmaV2``), updated after every step that was not
+skipped. ZeRO stages 0-2 hold full parameters on every rank, so the copies stay identical without communication;
+checkpoints store it once (rank 0) and a resume broadcasts it. With ZeRO-3 the EMA is refused: updating it would
+gather every parameter every step. Evaluation reports top-1/top-5 (percent) of the model and of its EMA; the best
+of the two is kept in ``export/best.safetensors``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from timm.layers import trunc_normal_
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV2
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from data.loader import IGNORE_LABEL
+from data.storage import open_url
+from data.transforms import SeededMixup, eval_transform, finetune_transform, mixup_fn
+from models.checkpoints import infer_size, load_foreign
+from models.convnextv2 import ConvNeXtV2, build
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv, barrier
+from trainer.layer_decay import lr_scales
+from trainer.loop import Batch, Evaluation, autocast
+from trainer.metrics import FlopCount
+from trainer.optim import build_optimizer
+from trainer.run_loader import build_eval_loader, build_train_loader
+from trainer.zero import gathered_parameters
+
+log = logging.getLogger(__name__)
+
+HEAD_STD = 0.02  # the trunk's init std; the head starts at HEAD_STD * head_init_scale
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pth", ".pt")
+
+
+class PretrainedWeightsError(ValueError):
+    """``model.pretrained`` cannot be used: missing, unreadable, or not a fit for the configured model."""
+
+
+def read_checkpoint(url: str) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or ``.pth``/``.pt`` file (torch.load with ``weights_only=True``) at a path or
+    fsspec URL, converted to this project's layout from ours, timm's or the official release's."""
+    name = url.split("?", 1)[0].lower()
+    if not name.endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
+        raise PretrainedWeightsError(
+            f"model.pretrained={url!r}: expected a .safetensors (our export, timm) or .pth/.pt (official, timm) file"
+        )
+    try:
+        with open_url(url) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise PretrainedWeightsError(
+            f"model.pretrained={url!r} does not exist: run the pretraining stage first (it writes "
+            "export/model.safetensors) or point model.pretrained at an existing checkpoint"
+        ) from None
+    if name.endswith(SAFETENSORS_SUFFIXES):
+        raw: Any = load_safetensors(data)
+    else:
+        try:
+            raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # the unpickler raises several types for non-tensor objects
+            raise PretrainedWeightsError(
+                f"model.pretrained={url!r} does not load with weights_only=True ({type(exc).__name__}: {exc}); "
+                "re-save only its state dict, e.g. torch.save(ckpt['model'], 'weights.pth')"
+            ) from exc
+    if not isinstance(raw, dict):
+        raise PretrainedWeightsError(f"model.pretrained={url!r} holds a {type(raw).__name__}, not a state dict")
+    try:
+        return load_foreign(raw)
+    except (KeyError, ValueError) as exc:
+        raise PretrainedWeightsError(f"model.pretrained={url!r}: {exc}") from exc
+
+
+def load_pretrained(model: ConvNeXtV2, url: str, size: str) -> None:
+    """Load ``url`` into ``model`` (built as ``size``): every key but ``head.*`` must be present with the
+    model's shape; the file's head, if any, is ignored (the head is re-initialized for the new classes)."""
+    state = {k: v for k, v in read_checkpoint(url).items() if not k.startswith("head.")}
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head.")}
+    problems = []  # in the model's order, so that the first one is the earliest layer that does not fit
+    for key, shape in expected.items():
+        if key not in state:
+            problems.append(f"missing key {key!r}")
+        elif state[key].shape != shape:
+            problems.append(f"{key!r} has shape {tuple(state[key].shape)} in the file but {tuple(shape)} in the model")
+    problems += [f"unexpected key {k!r}" for k in state if k not in expected]
+    if problems:
+        try:
+            found = infer_size(state)
+        except (KeyError, ValueError):
+            found = size
+        hint = f"; the file holds ConvNeXt V2-{found} weights: set model.size={found}" if found != size else ""
+        raise PretrainedWeightsError(
+            f"model.pretrained={url!r} does not fit model.size={size!r}: {problems[0]} "
+            f"({len(problems)} problem{'s' if len(problems) > 1 else ''}){hint}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def init_head(model: ConvNeXtV2, head_init_scale: float) -> None:
+    """Fresh classifier: truncated normal weights (std ``0.02 * head_init_scale``), zero bias."""
+    head = model.head
+    if not isinstance(head, nn.Linear):
+        raise ValueError("model.num_classes must be >= 1 for fine-tuning (the classifier needs a head)")
+    with torch.no_grad():
+        trunc_normal_(head.weight, std=HEAD_STD * head_init_scale)
+        nn.init.zeros_(head.bias)
+
+
+def eval_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[top-1 hits, top-5 hits, real samples]`` of a batch (float64). A padded slot (label
+    :data:`IGNORE_LABEL`) matches no class and is not a real sample, so it changes no count."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return torch.stack([hits[:, :1].any(dim=1).sum(), hits.any(dim=1).sum(), (labels != IGNORE_LABEL).sum()]).to(
+        torch.float64
+    )
+
+
+def count_classifier_flops(model: nn.Module, image_size: int, device: torch.device) -> FlopCount:
+    """Training FLOPs (forward + backward) per image; a dense model does what it counts (masked == dense)."""
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, image_size, image_size, device=device)).sum().backward()
+    model.zero_grad(set_to_none=True)
+    flops = float(counter.get_total_flops())
+    return FlopCount(masked=flops, dense=flops)
+
+
+@dataclass
+class Best:
+    """The best evaluation so far: top-1 (max of model and EMA), which of them, and the step."""
+
+    top1: float = -math.inf
+    source: str = ""
+    step: int = 0
+
+
+class FinetuneStage:
+    """The classification fine-tuning stage of :func:`trainer.loop.run_stage`."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = run_dir
+        ft = cfg.finetune
+        if ft.ema_decay is not None and cfg.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "finetune.ema_decay is set but deepspeed.zero_stage=3 partitions the weights (the EMA would gather "
+                "them every step): use deepspeed.zero_stage=1 or 2, or set finetune.ema_decay=null"
+            )
+        self.mixup: SeededMixup | None = None
+        if ft.mixup > 0 or ft.cutmix > 0:
+            if cfg.data.batch_size % 2:
+                raise ValueError(
+                    f"data.batch_size={cfg.data.batch_size} must be even with Mixup/CutMix (each sample is mixed "
+                    "with its mirror in the batch); change it or set finetune.mixup=0 and finetune.cutmix=0"
+                )
+            self.mixup = mixup_fn(
+                cfg.model.num_classes,
+                mixup_alpha=ft.mixup,
+                cutmix_alpha=ft.cutmix,
+                label_smoothing=ft.label_smoothing,
+                seed=cfg.seed,
+            )
+        self.soft_target_loss = SoftTargetCrossEntropy()
+
+        model = build(cfg.model.size, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path)
+        model = model.to(env.device)
+        if cfg.model.pretrained:
+            load_pretrained(model, cfg.model.pretrained, cfg.model.size)
+        init_head(model, ft.head_init_scale)
+        if cfg.model.channels_last and env.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.flops: FlopCount | None = count_classifier_flops(model, cfg.data.image_size, env.device)
+        # Copied before the engine casts the model to bf16, so the EMA stays fp32 (a bf16 EMA could not hold
+        # updates of (1 - decay) * (w - ema)); timm's update promotes the bf16 weights.
+        self.ema = ModelEmaV2(model, decay=ft.ema_decay) if ft.ema_decay is not None else None
+        self.best = Best()
+
+        self.loader = build_train_loader(
+            cfg, env, finetune_transform(cfg.data.image_size, auto_augment=ft.auto_augment, re_prob=ft.re_prob)
+        )
+        self.val_loader = build_eval_loader(cfg, env, eval_transform(cfg.data.image_size, crop_pct=ft.crop_pct))
+        for url, loader in ((cfg.data.train_url, self.loader), (cfg.data.val_url, self.val_loader)):
+            classes = getattr(getattr(loader, "shards", None), "num_classes", None)
+            if classes is not None and classes > cfg.model.num_classes:
+                raise ValueError(f"{url} has {classes} classes but model.num_classes={cfg.model.num_classes}")
+
+    def describe(self) -> str:
+        """Size, classes, where the weights come from, the recipe's regularizers and the FLOPs per image."""
+        cfg, ft = self.cfg, self.cfg.finetune
+        assert self.flops is not None
+        return (
+            f"ConvNeXt V2-{cfg.model.size} fine-tune ({cfg.model.num_classes} classes) from "
+            f"{cfg.model.pretrained or 'random init'} | layer decay {ft.layer_decay} per {ft.layer_decay_grouping} | "
+            f"EMA {ft.ema_decay or 'off'} | mixup {ft.mixup} cutmix {ft.cutmix} smoothing {ft.label_smoothing} | "
+            f"{self.flops.dense / 1e9:.2f} GFLOPs/img train"
+        )
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over no-decay and layer-decay groups."""
+        ft = self.cfg.finetune
+        scales = lr_scales(self.model.depths, ft.layer_decay, ft.layer_decay_grouping)
+        return build_optimizer(self.model, self.cfg.optim, lr_scale=scales)
+
+    def loss(self, engine: Any, batch: Batch, step: int, micro: int) -> torch.Tensor:
+        """Cross entropy against Mixup/CutMix soft targets, or label-smoothed hard labels when both are off."""
+        images, labels, _keys = batch
+        labels = labels.to(self.env.device, non_blocking=True)
+        if self.cfg.model.channels_last and self.env.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.mixup is None:
+            logits = engine(images)
+            return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.finetune.label_smoothing)
+        # One draw per micro-batch: the micro-step index is unique across steps and accumulation.
+        micro_step = step * self.cfg.deepspeed.grad_accum + micro
+        images, targets = self.mixup(images, labels, step=micro_step, rank=self.env.rank)
+        return self.soft_target_loss(engine(images).float(), targets)
+
+    def after_step(self, engine: Any, step: int, skipped: bool) -> None:
+        """Update the EMA from the new weights (a skipped step changed nothing)."""
+        if self.ema is not None and not skipped:
+            self.ema.update(self.model)
+
+    @torch.no_grad()
+    def evaluate(self, engine: Any, step: int) -> Evaluation:
+        """Top-1/top-5 over the whole validation set (each rank its slice, counts summed); keep the best."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        counts = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # top1, top5, n, ema top1, ema top5
+        self.val_loader.set_epoch(0)  # the same fixed pass every time
+        with gathered_parameters(model, engine):
+            with autocast(self.cfg, self.env):
+                for images, labels in self.val_loader:
+                    images = images.to(self.env.device, non_blocking=True)
+                    labels = labels.to(self.env.device, non_blocking=True)
+                    counts[:3] += eval_counts(model(images), labels)
+                    if self.ema is not None:
+                        counts[3:] += eval_counts(self.ema.module(images), labels)[:2]
+            model.train(was_training)
+            if dist.is_initialized():
+                dist.all_reduce(counts)
+            total = int(counts[2])
+            top1, top5, ema_top1, ema_top5 = (100.0 * counts[[0, 1, 3, 4]] / max(total, 1)).tolist()
+            metrics = {"top1": top1, "top5": top5}
+            if self.ema is not None:
+                metrics.update(ema_top1=ema_top1, ema_top5=ema_top5)
+            metrics["val_images"] = float(total)
+            # Without an EMA its counts stay zero, so the model is the candidate.
+            candidate = Best(top1, "model", step) if top1 >= ema_top1 else Best(ema_top1, "ema", step)
+            if candidate.top1 > self.best.top1:
+                self.best = candidate
+                if self.env.is_main:
+                    self._save_best()
+        return Evaluation(metrics)
+
+    def _save_best(self) -> None:
+        weights = self.ema.module if self.best.source == "ema" and self.ema is not None else self.model
+        path = self.run_dir / "export" / "best.safetensors"
+        extra = {"source": self.best.source, "step": str(self.best.step), "top1": f"{self.best.top1:.4f}"}
+        _save_weights(weights, path, {**self._metadata(), **extra})
+
+    def _metadata(self) -> dict[str, str]:
+        cfg = self.cfg
+        return {"size": cfg.model.size, "num_classes": str(cfg.model.num_classes), "stage": "finetune"}
+
+    def export(self, engine: Any, out_dir: Path, summary: dict[str, Any]) -> None:
+        """``model.safetensors`` (final weights, for ``build(size, num_classes)``), ``ema.safetensors``,
+        ``metrics.json`` (the loop's summary with the last evaluation, plus the best top-1)."""
+        with gathered_parameters(self.model, engine):
+            if self.env.is_main:
+                step = {"step": str(summary.get("steps", ""))}
+                _save_weights(self.model, out_dir / "model.safetensors", {**self._metadata(), **step})
+                if self.ema is not None:
+                    _save_weights(self.ema.module, out_dir / "ema.safetensors", {**self._metadata(), **step})
+                top1 = self.best.top1 if self.best.source else None  # None: never evaluated
+                best = {"best_top1": top1, "best_source": self.best.source, "best_step": self.best.step}
+                (out_dir / "metrics.json").write_text(json.dumps({**summary, **best}, indent=2))
+        barrier()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best evaluation (every rank) and the EMA weights (rank 0 only: they are the same on every rank)."""
+        state: dict[str, Any] = {"best": asdict(self.best)}
+        if self.ema is not None and self.env.is_main:
+            state["ema"] = self.ema.module.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the best evaluation; rank 0 restores the EMA and broadcasts it (every rank must call this)."""
+        self.best = Best(**state.get("best", {}))
+        if self.ema is None:
+            return
+        if self.env.is_main:
+            if "ema" in state:
+                self.ema.module.load_state_dict(state["ema"])
+            else:
+                log.warning("the checkpoint holds no EMA weights: the EMA restarts from the resumed weights")
+                self.ema.set(self.model)
+        if dist.is_initialized() and self.env.world_size > 1:
+            for tensor in self.ema.module.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+
+def _save_weights(module: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """fp32 CPU copy of a module's state dict as safetensors, written atomically (a crash leaves the old file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
