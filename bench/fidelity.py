@@ -37,7 +37,7 @@ def _launch(config: str, run_dir: Path, overrides: list[str]) -> dict:
     return _metrics(run_dir)
 
 
-def run_seed(seed: int, out: Path, pretrain_steps: int, finetune_steps: int) -> dict[str, dict]:
+def run_seed(seed: int, out: Path, pretrain_steps: int, finetune_steps: int, val_url: str | None) -> dict[str, dict]:
     """All runs of one seed; returns metrics per run name."""
     results: dict[str, dict] = {}
     for name, extra in PRETRAIN.items():
@@ -46,6 +46,8 @@ def run_seed(seed: int, out: Path, pretrain_steps: int, finetune_steps: int) -> 
     for name, source in FINETUNE.items():
         weights = "null" if source is None else str(out / f"seed{seed}" / source / "export" / "model.safetensors")
         overrides = [f"seed={seed}", f"schedule.max_steps={finetune_steps}", f"model.pretrained={weights}"]
+        if val_url:
+            overrides.append(f"data.val_url={val_url}")
         results[name] = _launch("demo_finetune", out / f"seed{seed}" / name, overrides)
     return results
 
@@ -62,8 +64,9 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("runs/fidelity"))
+    parser.add_argument("--val-url", help="fine-tune evaluation set (default: the demo's 10k test split)")
     args = parser.parse_args()
-    per_seed = [run_seed(s, args.out, args.pretrain_steps, args.finetune_steps) for s in args.seeds]
+    per_seed = [run_seed(s, args.out, args.pretrain_steps, args.finetune_steps, args.val_url) for s in args.seeds]
 
     def column(run: str, key: str) -> list[float]:
         return [float(r[run][key]) for r in per_seed]
