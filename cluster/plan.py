@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
+from models.convnextv2 import build
 from models.fcmae import FCMAE
 from models.masking import random_mask
 from trainer.config import TrainConfig
 
 IMAGENET_TRAIN = 1_281_167
+COCO_TRAIN2017 = 118_287
 GiB = 2**30
 
 
@@ -53,6 +55,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     num_params: int
+    params_note: str
     memory: MemoryEstimate
     sbatch: list[str]
 
@@ -68,21 +71,37 @@ def dataset_size(cfg: TrainConfig) -> tuple[int, str]:
 
         manifest = read_manifest(str(local))
         return manifest.num_samples, f"from {local}/manifest.json"
+    if cfg.stage == "detection":
+        return COCO_TRAIN2017, f"{url} not contacted by a dry run: assuming COCO train2017"
     return IMAGENET_TRAIN, f"{url} not contacted by a dry run: assuming ImageNet-1k train"
 
 
-def activation_bytes(cfg: TrainConfig, batch: int) -> float:
-    """Bytes saved for backward by one FCMAE forward of ``batch`` images (fp32), measured on the meta device."""
+def _pretrain_model(cfg: TrainConfig) -> FCMAE:
     # MinkowskiEngine cannot run on the meta device; gather saves the same per-cell activations.
     backend = "gather" if cfg.model.backend == "minkowski" else cfg.model.backend
+    return FCMAE(
+        cfg.model.size, mask_ratio=cfg.model.mask_ratio, decoder_dim=cfg.model.decoder_dim,
+        decoder_depth=cfg.model.decoder_depth, backend=backend, block=cfg.model.block,
+    )  # fmt: skip
+
+
+def count_parameters(cfg: TrainConfig) -> tuple[int, str]:
+    """Trainable parameters of the stage's model (counted on the meta device) and what they cover."""
     with torch.device("meta"):
-        model = FCMAE(
-            cfg.model.size, mask_ratio=cfg.model.mask_ratio, decoder_dim=cfg.model.decoder_dim,
-            decoder_depth=cfg.model.decoder_depth, backend=backend,
-        )  # fmt: skip
+        if cfg.stage == "pretrain":
+            return sum(p.numel() for p in _pretrain_model(cfg).parameters()), "encoder + decoder"
+        if cfg.stage == "finetune":
+            return sum(p.numel() for p in build(cfg.model.size, cfg.model.num_classes).parameters()), "classifier"
+    encoder = sum(p.numel() for p in build(cfg.model.size, 0).parameters())
+    return encoder, "backbone only; FPN and Mask R-CNN heads come on top"
+
+
+def activation_bytes(cfg: TrainConfig, batch: int) -> float | None:
+    """Bytes saved for backward by one forward of ``batch`` images (fp32), measured on the meta device; None for
+    detection (torchvision's detector does data-dependent work that the meta device cannot run)."""
+    if cfg.stage == "detection":
+        return None
     size = cfg.data.image_size
-    grid = size // model.patch_size
-    mask = random_mask(batch, grid * grid, cfg.model.mask_ratio, torch.Generator().manual_seed(0))
     images = torch.empty(batch, 3, size, size, device="meta")
     saved = 0.0
 
@@ -91,10 +110,17 @@ def activation_bytes(cfg: TrainConfig, batch: int) -> float:
         saved += t.numel() * t.element_size()
         return t
 
+    with torch.device("meta"):
+        model = _pretrain_model(cfg) if cfg.stage == "pretrain" else build(cfg.model.size, cfg.model.num_classes)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        features = model.forward_encoder(images, mask)
-        meta_mask = mask.to("meta")
-        model.forward_loss(images, model.forward_decoder(features, meta_mask), meta_mask)
+        if isinstance(model, FCMAE):
+            grid = size // model.patch_size
+            mask = random_mask(batch, grid * grid, cfg.model.mask_ratio, torch.Generator().manual_seed(0))
+            features = model.forward_encoder(images, mask)
+            meta_mask = mask.to("meta")
+            model.forward_loss(images, model.forward_decoder(features, meta_mask), meta_mask)
+        else:
+            model(images)
     return saved
 
 
@@ -107,7 +133,9 @@ def memory_estimate(cfg: TrainConfig, num_params: int, world: int) -> MemoryEsti
     p, stage = float(num_params), cfg.deepspeed.zero_stage
     half = cfg.deepspeed.precision in ("bf16", "fp16")
     weight_b, grad_b, optim_b = (2, 2, 12) if half else (4, 4, 8)
-    acts = activation_bytes(cfg, cfg.data.batch_size) * (0.5 if half else 1.0)  # autocast keeps most in bf16
+    measured = activation_bytes(cfg, cfg.data.batch_size)
+    # Autocast keeps most saved tensors in bf16.
+    acts = float("nan") if measured is None else measured * (0.5 if half else 1.0)
     offload = cfg.deepspeed.offload_optimizer
     return MemoryEstimate(
         params=p * weight_b / (world if stage >= 3 else 1),
@@ -140,8 +168,7 @@ def sbatch_options(cfg: TrainConfig, job_name: str) -> list[str]:
 def make_plan(cfg: TrainConfig) -> Plan:
     """The plan of a launch of ``cfg`` on its cluster section."""
     world = cfg.world_size()
-    with torch.device("meta"):
-        num_params = sum(p.numel() for p in FCMAE(cfg.model.size, decoder_dim=cfg.model.decoder_dim).parameters())
+    num_params, params_note = count_parameters(cfg)
     size, note = dataset_size(cfg)
     global_batch = cfg.global_batch(world)
     steps_per_epoch = size // global_batch
@@ -161,6 +188,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         num_params=num_params,
+        params_note=params_note,
         memory=memory_estimate(cfg, num_params, world),
         sbatch=sbatch_options(cfg, cfg.name),
     )
@@ -180,9 +208,12 @@ def format_plan(cfg: TrainConfig, plan: Plan) -> str:
         f"  data              {plan.dataset_size:,} samples ({plan.dataset_note})",
         f"  steps             {plan.steps_per_epoch:,} per epoch x {cfg.schedule.epochs:g} epochs = "
         f"{plan.total_steps:,} total ({cfg.schedule.warmup_epochs:g} warmup epochs)",
-        f"  parameters        {plan.num_params / 1e6:.1f}M (encoder + decoder)",
+        f"  parameters        {plan.num_params / 1e6:.1f}M ({plan.params_note})",
         f"  memory/{device:<8} {m.total / GiB:.1f} GiB = weights {m.params / GiB:.2f} + grads {m.grads / GiB:.2f} "
-        f"+ optimizer {m.optimizer / GiB:.2f} + activations {m.activations / GiB:.1f} (batch {plan.micro_batch})",
+        f"+ optimizer {m.optimizer / GiB:.2f} + activations {m.activations / GiB:.1f} (batch {plan.micro_batch})"
+        if m.activations == m.activations  # not NaN
+        else f"  memory/{device:<8} weights {m.params / GiB:.2f} + grads {m.grads / GiB:.2f} + optimizer "
+        f"{m.optimizer / GiB:.2f} GiB (model states; detection activations are not estimated)",
         f"  sbatch            {' '.join(plan.sbatch)}",
     ]
     return "\n".join(lines)

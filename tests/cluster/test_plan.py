@@ -48,3 +48,12 @@ def test_dry_run_prints_the_plan_without_submitting(capsys: pytest.CaptureFixtur
 def test_dry_run_rejects_a_bad_override(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", "huge_fcmae", "--dry-run", "optim.lr=1"]) == 2
     assert "unknown config key 'optim.lr'" in capsys.readouterr().err
+
+
+def test_fine_tune_and_detection_plans_count_their_own_models() -> None:
+    finetune = make_plan(load_config("base_finetune"))
+    assert finetune.params_note == "classifier"
+    assert 88e6 < finetune.num_params < 90e6  # ConvNeXt V2-B with a 1000-class head (paper: 89M)
+    detection = make_plan(load_config("base_maskrcnn"))
+    assert detection.dataset_size == 118_287
+    assert "backbone" in detection.params_note
