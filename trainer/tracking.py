@@ -84,7 +84,16 @@ class Tracker:
             self._client.update_run(self.run_id, status="RUNNING")
         else:
             experiment = self._client.get_experiment_by_name(self._experiment)
-            experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(self._experiment)
+            if experiment is not None:
+                experiment_id = experiment.experiment_id
+            else:
+                # A sqlite store would put artifacts in ./mlruns of whatever directory the job started in:
+                # keep them beside the database instead.
+                location = None
+                if self.uri.startswith("sqlite:///"):
+                    db = Path(self.uri.removeprefix("sqlite:///"))
+                    location = (db.parent / "mlartifacts").resolve().as_uri()
+                experiment_id = self._client.create_experiment(self._experiment, artifact_location=location)
             self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
             id_file.write_text(self.run_id)
             self._log_params(flatten(params))

@@ -20,6 +20,7 @@ STEPS = 6
 def one_rank(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
     run_dir = tmp_path_factory.mktemp("one_rank")
     assert launch(run_dir, "data.batch_size=8", f"schedule.max_steps={STEPS}", "deepspeed.zero_stage=0") == 0
+    assert (run_dir / "mlartifacts").is_dir()  # the default sqlite store keeps artifacts in the run directory
     return [r["loss"] for r in logged(run_dir)]
 
 
