@@ -89,24 +89,24 @@ def s3_bucket(moto_endpoint: str) -> str:
     return f"s3://{name}"
 
 
+def _fmnist_shards(factory: pytest.TempPathFactory, split: str, limit: int, per_shard: int) -> str:
+    """The first ``limit`` real Fashion-MNIST images of a split at 64 px, as shards of ``per_shard`` samples."""
+    if not Path(FASHION_MNIST_DIR).exists():
+        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist")
+    out = factory.mktemp("fmnist") / split
+    source = build_source("fashion-mnist", None, image_size=64, split=split)
+    write_shards(source, WriterConfig(output=str(out), samples_per_shard=per_shard, limit=limit, progress=False))
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """768 real Fashion-MNIST training images at 64 px in 6 shards (Debian's dataset-fashion-mnist package)."""
-    if not Path(FASHION_MNIST_DIR).exists():
-        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist")
-    out = tmp_path_factory.mktemp("fmnist") / "train"
-    source = build_source("fashion-mnist", None, image_size=64, split="train")
-    write_shards(source, WriterConfig(output=str(out), samples_per_shard=128, limit=768, progress=False))
-    return str(out)
+    return _fmnist_shards(tmp_path_factory, "train", limit=768, per_shard=128)
 
 
 @pytest.fixture(scope="session")
 def fmnist_test_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """500 real Fashion-MNIST test-split images at 64 px in 2 shards (validation data for fine-tuning; 500 is no
     multiple of common batch sizes, so evaluation pads its last batch)."""
-    if not Path(FASHION_MNIST_DIR).exists():
-        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist")
-    out = tmp_path_factory.mktemp("fmnist") / "test"
-    source = build_source("fashion-mnist", None, image_size=64, split="test")
-    write_shards(source, WriterConfig(output=str(out), samples_per_shard=250, limit=500, progress=False))
-    return str(out)
+    return _fmnist_shards(tmp_path_factory, "test", limit=500, per_shard=250)

@@ -273,7 +273,7 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
             result = train_step(engine, stage, group, lr, step, cfg, env)
             step += 1
             stage.after_step(engine, step, result.skipped)
-            meter.add(t1 - t0, time.perf_counter() - t1)
+            meter.add(t1 - t0)
             skip_guard.update(result.skipped, step, checkpointer.root)
             if not math.isnan(result.loss):
                 losses.append(result.loss)

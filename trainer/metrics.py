@@ -80,15 +80,13 @@ class Meter:
     flops: FlopCount | None = None
     peak_flops: float | None = None
     _data_s: float = 0.0
-    _step_s: float = 0.0
     _steps: int = 0
     _started: float = field(default_factory=time.perf_counter)
     _window_start: float = field(default_factory=time.perf_counter)
 
-    def add(self, data_s: float, step_s: float) -> None:
-        """Record one optimizer step: seconds waiting for data and seconds of compute."""
+    def add(self, data_s: float) -> None:
+        """Record one optimizer step and the seconds it waited for data (step time comes from the wall clock)."""
         self._data_s += data_s
-        self._step_s += step_s
         self._steps += 1
 
     def flush(self, step: int, device: torch.device) -> dict[str, float]:
@@ -114,7 +112,7 @@ class Meter:
                 )
         remaining = self.total_steps - step
         metrics["eta_s"] = remaining * wall / steps
-        self._data_s = self._step_s = 0.0
+        self._data_s = 0.0
         self._steps = 0
         self._window_start = now
         return metrics
