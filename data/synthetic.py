@@ -4,6 +4,10 @@ Sample ``i`` of epoch ``e`` is a smooth random image drawn from ``(seed, e, i)``
 gives each rank a contiguous slice of the epoch to read fewer bytes), rank ``r`` takes global batch slot ``r`` of
 every step: the union over ranks of step ``t`` is samples ``[t*W*B, (t+1)*W*B)`` for every world size ``W``, so
 runs on different world sizes with the same global batch see the same samples at every step.
+
+Resume on another layout (world size or per-rank batch): the new run starts at the first global step boundary at
+or after the samples already consumed, so no sample of the epoch is seen twice and fewer than one new global batch
+(``world_size * batch_size - 1`` samples) is skipped.
 """
 
 from __future__ import annotations
@@ -78,9 +82,15 @@ class SyntheticLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch and position (batches consumed in the epoch)."""
-        return {"epoch": self.epoch, "position": self._position, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "position": self._position,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue at the same global sample (the position is rescaled when the world size changed)."""
-        consumed = int(state["position"]) * int(state["world_size"])
-        self.epoch, self._position = int(state["epoch"]), consumed // self.world_size
+        """Continue after the samples already consumed; on another layout, at the next new global batch boundary."""
+        consumed = int(state["position"]) * int(state["world_size"]) * int(state["batch_size"])
+        global_batch = self.world_size * self.batch_size
+        self.epoch, self._position = int(state["epoch"]), -(-consumed // global_batch)

@@ -140,6 +140,9 @@ class TrackingConfig(_Section):
     log_every: int = Field(20, ge=1, description="console + metric logging interval (steps)")
     eval_each_epoch: bool = Field(False, description="also evaluate at the end of every epoch")
     eval_every: int = Field(1000, ge=1, description="reconstruction images and feature statistics interval (steps)")
+    sample_ledger: bool = Field(
+        False, description="write the sample keys of every step to ledger/rank_N.jsonl in the run directory"
+    )
 
 
 class ClusterConfig(_Section):

@@ -28,6 +28,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, any_rank, init_distributed, mean_over_ranks, teardown
 from trainer.engine import deepspeed_config, initialize
+from trainer.ledger import SampleLedger
 from trainer.metrics import FlopCount, Meter, console_line, device_peak_flops
 from trainer.optim import lr_at, set_lr
 from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
@@ -256,6 +257,7 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
         teardown(engine)
         return 0
 
+    ledger = SampleLedger(run_dir / "ledger", env, step) if cfg.tracking.sample_ledger else None
     meter = Meter(global_batch, env.world_size, total, stage.flops, device_peak_flops(env.device))
     groups = micro_batch_groups(stage.loader, accum, env)
     losses: list[float] = []
@@ -272,6 +274,8 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
             lr = lr_at(step, total, warmup, peak_lr, cfg.optim.min_lr)
             result = train_step(engine, stage, group, lr, step, cfg, env)
             step += 1
+            if ledger is not None:
+                ledger.record(step, epoch, [key for _, _, keys in group for key in keys])
             stage.after_step(engine, step, result.skipped)
             meter.add(t1 - t0)
             skip_guard.update(result.skipped, step, checkpointer.root)
@@ -326,6 +330,8 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
         tracker.finish("FAILED")
         raise
     finally:
+        if ledger is not None:
+            ledger.close()
         preemption.uninstall()
         teardown(engine)
     return exit_code

@@ -39,6 +39,22 @@ def sample_masks(keys: list[str], seed: int, epoch: int, num_patches: int, ratio
     return torch.cat(masks)
 
 
+def build_model(cfg: TrainConfig) -> FCMAE:
+    """The FCMAE of a pretraining config, on the CPU, initialized from the current torch RNG state (the run seeds
+    it with ``cfg.seed`` first, so the same call reproduces a run's initial weights)."""
+    return FCMAE(
+        cfg.model.size,
+        mask_ratio=cfg.model.mask_ratio,
+        decoder_dim=cfg.model.decoder_dim,
+        decoder_depth=cfg.model.decoder_depth,
+        norm_pix_loss=cfg.model.norm_pix_loss,
+        backend=cfg.model.backend,
+        drop_path=cfg.model.drop_path,
+        block=cfg.model.block,
+        sparse=cfg.model.sparse,
+    )
+
+
 class PretrainStage:
     """The FCMAE stage of :func:`trainer.loop.run_stage`."""
 
@@ -46,17 +62,7 @@ class PretrainStage:
         self.cfg = cfg
         self.env = env
         self.run_dir = run_dir
-        model = FCMAE(
-            cfg.model.size,
-            mask_ratio=cfg.model.mask_ratio,
-            decoder_dim=cfg.model.decoder_dim,
-            decoder_depth=cfg.model.decoder_depth,
-            norm_pix_loss=cfg.model.norm_pix_loss,
-            backend=cfg.model.backend,
-            drop_path=cfg.model.drop_path,
-            block=cfg.model.block,
-            sparse=cfg.model.sparse,
-        ).to(env.device)
+        model = build_model(cfg).to(env.device)
         if cfg.model.channels_last and env.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model

@@ -10,9 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from tests.trainer.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,11 +61,6 @@ def logged_steps(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The exported FCMAE weights (encoder + decoder) of a finished run."""
-    return load_file(str(run_dir / "export" / "fcmae.safetensors"))
 
 
 def preempt(proc: subprocess.Popen) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -104,23 +106,35 @@ def test_masking_once_after_the_stem_is_not_sparse_convolution() -> None:
 
 
 def test_loss_equals_an_independent_normalized_pixel_mse() -> None:
+    """With a zero prediction the loss is the mean square of the normalized targets, (P-1)/P * var/(var+eps) per
+    patch: sensitive to the unbiased variance and the eps (a biased variance is off by 1/P = 3e-4)."""
     model = _model().eval()
-    imgs = _images(n=2, h=64, w=64)
+    with torch.no_grad():
+        model.pred.weight.zero_()
+        model.pred.bias.zero_()
+    imgs = _images(n=2, h=64, w=64) * 1e-3  # small pixel variance: the 1e-6 eps matters too
     mask = model.random_mask(imgs, torch.Generator().manual_seed(2))
     with torch.no_grad():
         loss, pred, _ = model(imgs, mask)
-    p = 32
-    total, count = 0.0, 0
-    for n in range(2):
-        for idx in range(4):
-            if mask[n, idx] == 0:
-                continue
-            r, c = divmod(idx, 2)
-            patch = imgs[n, :, r * p : (r + 1) * p, c * p : (c + 1) * p].permute(1, 2, 0).reshape(-1).double()
-            target = (patch - patch.mean()) / torch.sqrt(patch.var(unbiased=True) + 1e-6)
-            total += float(((pred[n, idx].double() - target) ** 2).mean())
-            count += 1
-    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert not pred.any()
+
+    def independent(unbiased: bool, eps: float) -> float:
+        p, total, count = 32, 0.0, 0
+        for n in range(2):
+            for idx in range(4):
+                if mask[n, idx] == 0:
+                    continue
+                r, c = divmod(idx, 2)
+                patch = imgs[n, :, r * p : (r + 1) * p, c * p : (c + 1) * p].permute(1, 2, 0).reshape(-1).double()
+                target = (patch - patch.mean()) / torch.sqrt(patch.var(unbiased=unbiased) + eps)
+                total += float((target**2).mean())
+                count += 1
+        return total / count
+
+    assert loss.item() == pytest.approx(independent(unbiased=True, eps=1e-6), rel=1e-6)
+    # Negative controls: the biased variance, or no eps, give another loss.
+    assert loss.item() != pytest.approx(independent(unbiased=False, eps=1e-6), rel=1e-6)
+    assert loss.item() != pytest.approx(independent(unbiased=True, eps=0.0), rel=1e-6)
 
 
 def test_patchify_is_row_major_with_row_column_channel_values() -> None:
@@ -177,8 +191,9 @@ def test_encoder_weights_give_the_dense_model_the_same_features() -> None:
             assert rel_err(model.forward_encoder(imgs, nothing_masked), expected) < TOL, backend
 
 
-@pytest.mark.skipif(minkowski_available(), reason="MinkowskiEngine is installed here")
-def test_minkowski_backend_without_the_library_says_how_to_get_it() -> None:
+def test_minkowski_backend_without_the_library_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "MinkowskiEngine", None)  # as on a machine without it (import fails)
+    assert not minkowski_available()
     with pytest.raises(RuntimeError, match=r"needs MinkowskiEngine.*backend='gather'"):
         FCMAE("atto", backend="minkowski")
 

@@ -21,7 +21,7 @@ from data.loader import IGNORE_LABEL
 from models.checkpoints import to_official, to_timm
 from models.convnextv2 import build
 from models.fcmae import FCMAE
-from tests.trainer.conftest import launch
+from tests.trainer.conftest import launch, logged
 from trainer.config import load_config
 from trainer.distributed import DistEnv, free_port
 from trainer.finetune import FinetuneStage, PretrainedWeightsError, eval_counts, init_head, load_pretrained
@@ -245,7 +245,8 @@ def test_ema_is_restored_on_resume(tmp_path: Path) -> None:
     )
     assert launch(tmp_path, *common, "schedule.max_steps=3", config="demo_finetune") == 0
     first = {name: load_file(str(tmp_path / "export" / f"{name}.safetensors")) for name in ("model", "ema")}
-    assert launch(tmp_path, *common, "schedule.max_steps=4", config="demo_finetune") == 0  # resumes at step 3
+    assert launch(tmp_path, *common, "schedule.max_steps=4", config="demo_finetune") == 0
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4]  # resumed at step 3, not restarted
     model = load_file(str(tmp_path / "export" / "model.safetensors"))
     ema = load_file(str(tmp_path / "export" / "ema.safetensors"))
     for key, value in ema.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -83,13 +84,27 @@ def test_a_run_reaches_the_tracking_server(mlflow_server: str, tmp_path: Path, m
     assert len(run.data.tags["git_commit"]) >= 7
     losses = client.get_metric_history(run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3, 4]
-    for name in ("images_per_s", "data_wait_pct", "step_time_s", "peak_mem_gb", "eta_s", "feature_cosine_distance"):
-        assert name in run.data.metrics, name
+    metrics = run.data.metrics
+    for name in ("lr", "grad_norm", "step_time_s", "peak_mem_gb", "eta_s", "feature_cosine_distance"):
+        assert math.isfinite(metrics[name]), name
+    assert metrics["images_per_s"] > 0 and 0 <= metrics["data_wait_pct"] <= 100
+    assert 0 < metrics["feature_cosine_distance"] <= 2
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "reconstructions", "export"} <= artifacts
     images = [a.path for a in client.list_artifacts(run_id, "reconstructions")]
     assert images and all(p.endswith(".png") for p in images)
     assert "export/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "export")}
+
+    # The same command with a longer schedule resumes the run and continues the same MLflow run.
+    code = launch(
+        tmp_path, "data.batch_size=4", "schedule.max_steps=6", "tracking.eval_every=2", "tracking.experiment=ci",
+        f"data.val_url={secret_url}",
+    )  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "mlflow_run_id").read_text().strip() == run_id
+    resumed = client.get_run(run_id)
+    assert resumed.data.tags["restart_count"] == "1" and resumed.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_secrets_are_redacted_from_params() -> None:
