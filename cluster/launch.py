@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.config import ConfigError, TrainConfig, check_runnable, load_config
 from trainer.run_dir import prepare_run_dir
+from trainer.tracking import default_tracking_uri, redact, redacted_yaml
 
 log = logging.getLogger("launch")
+
+PING_TIMEOUT_S = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,10 +56,18 @@ def cluster_overrides(args: argparse.Namespace) -> list[str]:
     return [f"cluster.{k}={v}" for k, v in flags.items() if v is not None]
 
 
-def slurm_available() -> bool:
-    """SLURM's client is installed and configured (installed packages alone do not make a cluster)."""
-    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
-    return shutil.which("sbatch") is not None and conf.is_file()
+def slurm_status() -> str | None:
+    """None when a SLURM controller answers here (``sbatch`` installed and ``scontrol ping`` succeeds, configless
+    clusters included); otherwise why not."""
+    if shutil.which("sbatch") is None:
+        return "sbatch is not installed on this machine"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=PING_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"`scontrol ping` did not answer ({err})"
+    if ping.returncode != 0 or "UP" not in ping.stdout:
+        return f"`scontrol ping` found no controller: {(ping.stdout + ping.stderr).strip() or ping.returncode}"
+    return None
 
 
 def local_world_size(cfg: TrainConfig) -> int:
@@ -68,8 +79,32 @@ def local_world_size(cfg: TrainConfig) -> int:
     return max(1, min(cfg.cluster.gpus_per_node, torch.cuda.device_count()))
 
 
+def _local_device(cfg: TrainConfig) -> str:
+    if cfg.cluster.gpus_per_node == 0:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _resolve(name: str, args: argparse.Namespace, extra: list[str]) -> TrainConfig:
     return load_config(name, [*cluster_overrides(args), *extra])
+
+
+def _check(cfg: TrainConfig, local: bool) -> None:
+    """Every rule that depends on where the run goes, before anything is built or written."""
+    if not local:
+        check_runnable(cfg, cfg.world_size(), "cuda" if cfg.cluster.gpus_per_node else "cpu")
+        return
+    world, device = local_world_size(cfg), _local_device(cfg)
+    if world != cfg.world_size():
+        c = cfg.cluster
+        asked = (
+            f"{c.nodes} node(s) x {c.gpus_per_node or c.cpu_ranks_per_node} {'GPUs' if c.gpus_per_node else 'ranks'}"
+        )
+        log.warning("--local: %s runs %d %s rank(s) on this machine instead of %d (%s)",
+                    cfg.name, world, device.upper(), cfg.world_size(), asked)  # fmt: skip
+    check_runnable(cfg, world, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra.append(f"model.pretrained={previous / 'export' / 'model.safetensors'}")
             cfg = _resolve(name, args, extra)
             run_dir = ((args.run_dir if i == 0 and args.run_dir else None) or Path("runs") / cfg.name).resolve()
+            _check(cfg, local=args.local)
             configs.append((cfg, run_dir))
             previous = run_dir
     except ConfigError as err:
@@ -95,22 +131,30 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.plan import format_plan, make_plan
 
         for cfg, run_dir in configs:
-            print(f"# resolved config {cfg.name} (run dir {run_dir})\n{cfg.to_yaml()}")
+            print(f"# resolved config {cfg.name} (run dir {run_dir})\n{redacted_yaml(cfg.model_dump(mode='json'))}")
             print(format_plan(cfg, make_plan(cfg)), flush=True)
         return 0
 
-    slurm = not args.local and slurm_available()
-    if not args.local and not slurm:
-        log.info("no SLURM cluster configured on this machine: running locally (pass --local to say so)")
+    if not args.local:
+        why = slurm_status()
+        if why is not None:
+            print(
+                f"no SLURM cluster here: {why}.\n"
+                f"  run on this machine:  python cluster/launch.py --config {args.config} --local ...\n"
+                f"  see the plan only:    python cluster/launch.py --config {args.config} --dry-run ...",
+                file=sys.stderr,
+            )
+            return 2
     for cfg, run_dir in configs:
-        print(f"# resolved config {cfg.name} (run dir {run_dir})\n{cfg.to_yaml()}", flush=True)
+        print(f"# resolved config {cfg.name} (run dir {run_dir})\n{redacted_yaml(cfg.model_dump(mode='json'))}")
         try:
             if prepare_run_dir(cfg, run_dir):
                 log.info("run directory exists: resuming %s", run_dir)
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2
-    if slurm:
+    sys.stdout.flush()
+    if not args.local:
         return _submit_all(configs)
     from trainer.local import run_local
 
@@ -124,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.summary import summary_table
 
     print(f"\n{summary_table(configs, walls)}")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{configs[0][1] / 'mlflow.db'}"
+    uri = redact("uri", default_tracking_uri(configs[0][1], configs[0][0].tracking.tracking_uri))
     print(f"\nMLflow UI: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}", flush=True)
     return 0
 
@@ -147,7 +191,7 @@ def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:
         previous_job = job
         with open(run_dir / "slurm" / "jobs.txt", "a") as f:  # submitted job ids, newest last
             f.write(f"{job.job_id}\n")
-        uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
+        uri = redact("uri", default_tracking_uri(run_dir, cfg.tracking.tracking_uri))
         print(
             f"submitted {cfg.name} as job {job.job_id}\n"
             f"  follow:      squeue -j {job.job_id}   |   tail -f {job.paths.stdout}\n"

@@ -6,11 +6,14 @@ training loop as SIGUSR2/SIGTERM, which only set a flag (trainer.preemption); al
 boundary and exit with REQUEUE_EXIT_CODE; then global rank 0 requeues the job (``scontrol requeue``) with the
 same run directory, so it resumes by itself. A job that finished is not requeued. A job that failed with a real
 error is requeued at most ``cluster.max_failure_retries`` times (transient node or network faults), then the
-failure stands.
+failure stands. The two budgets are counted apart (``slurm/restarts.json``): preemptions never use up failure
+retries, nor failures requeues. One failed task ends the whole job step (``srun --kill-on-bad-exit=1``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import subprocess
@@ -25,8 +28,33 @@ from trainer.preemption import REQUEUE_EXIT_CODE
 log = logging.getLogger(__name__)
 
 
-def _restart_count() -> int:
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+RESTARTS_FILE = "restarts.json"
+"""In ``<run_dir>/slurm/``: the attempts that ended in a requeue, by cause, so each cause has its own budget."""
+
+
+def _attempt() -> str:
+    """This attempt of the job: job id and SLURM's restart count (the same for every task of the attempt)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID", "local")
+    return f"{job}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def count_restarts(run_dir: Path, cause: str, record: bool) -> int:
+    """Attempts of this run that were requeued for ``cause`` (``"preemption"`` or ``"failure"``) before this one;
+    with ``record``, this attempt is added (once, however many ranks report it). Locked: ranks of several nodes
+    may report at once on the shared file system."""
+    path = run_dir / "slurm" / RESTARTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data: dict[str, list[str]] = json.loads(path.read_text()) if path.exists() else {}
+        attempts = data.setdefault(cause, [])
+        before = len([a for a in attempts if a != _attempt()])
+        if record and _attempt() not in attempts:
+            attempts.append(_attempt())
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, path)
+        return before
 
 
 def _requeue(job_id: str) -> None:
@@ -47,34 +75,41 @@ class TrainJob:
     def __call__(self) -> int:
         import submitit
 
+        from trainer.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
         from trainer.worker import run_run_dir, setup_logging
 
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         setup_logging(dist_env.rank)
         job_id = submitit.JobEnvironment().job_id
+        run_dir = Path(self.run_dir)
         try:
-            code = run_run_dir(Path(self.run_dir))
-        except Exception:
-            # Any failing rank may requeue (a second request for the same job is harmless); the others may be
-            # blocked in a collective and cannot tell.
-            if _restart_count() < self.max_failure_retries:
-                log.exception(
-                    "rank %d failed; requeueing job %s (retry %d of %d)",
-                    dist_env.rank, job_id, _restart_count() + 1, self.max_failure_retries,
-                )  # fmt: skip
+            code = run_run_dir(run_dir)
+        except BaseException as err:  # every error ends the task, with or without a retry
+            record_exception(run_dir, dist_env.rank, err)
+            # Any failing rank may requeue (one attempt counts once, a second request is harmless); the others
+            # may be blocked in a collective: srun's --kill-on-bad-exit ends them when this task exits.
+            retries = count_restarts(run_dir, "failure", record=False)
+            if retries < self.max_failure_retries:
+                count_restarts(run_dir, "failure", record=True)
+                log.error("rank %d failed; requeueing job %s (failure retry %d of %d)",
+                          dist_env.rank, job_id, retries + 1, self.max_failure_retries)  # fmt: skip
                 _requeue(job_id)
                 self._wait_for_requeue()
-            log.error("job %s failed after %d retries; not requeueing", job_id, _restart_count())
-            raise
+            log.error("job %s failed after %d failure retries (cluster.max_failure_retries); not requeueing",
+                      job_id, retries)  # fmt: skip
+            hard_exit(FAILURE_EXIT_CODE)
         if code != REQUEUE_EXIT_CODE:
             return code
         if dist_env.rank == 0:
-            if _restart_count() >= self.max_requeues:
+            requeues = count_restarts(run_dir, "preemption", record=False)
+            if requeues >= self.max_requeues:
                 raise RuntimeError(
-                    f"job {job_id} was preempted/timed out {_restart_count()} times (cluster.max_requeues="
+                    f"job {job_id} was preempted/timed out {requeues} times (cluster.max_requeues="
                     f"{self.max_requeues}); not requeueing. Resume by re-running the launch command."
                 )
-            log.warning("checkpoint saved; requeueing job %s (restart %d)", job_id, _restart_count() + 1)
+            count_restarts(run_dir, "preemption", record=True)
+            log.warning("checkpoint saved; requeueing job %s (requeue %d of %d)", job_id, requeues + 1,
+                        self.max_requeues)  # fmt: skip
             _requeue(job_id)
         self._wait_for_requeue()
         return code
@@ -102,6 +137,8 @@ def make_executor(cfg: TrainConfig, run_dir: Path) -> Any:
         "timeout_min": c.time_min,
         "slurm_signal_delay_s": c.signal_delay_s,
         "slurm_additional_parameters": {"requeue": True},
+        # One failed task ends the job step (and so every rank) instead of leaving the others in a collective.
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
     if c.gpus_per_node:
         params["gpus_per_node"] = c.gpus_per_node

@@ -48,6 +48,13 @@ class CheckpointInfo:
     step: int
     world_size: int
     path: Path
+    zero_stage: int | None = None
+    """ZeRO stage of the run that wrote it (None: a checkpoint from before the marker recorded it)."""
+
+
+def _info(tag: str, meta: dict[str, Any], path: Path) -> CheckpointInfo:
+    stage = meta.get("zero_stage")
+    return CheckpointInfo(tag, int(meta["step"]), int(meta["world_size"]), path, None if stage is None else int(stage))
 
 
 def step_tag(step: int) -> str:
@@ -113,7 +120,7 @@ class Checkpointer:
         for directory in self.root.iterdir() if self.root.is_dir() else []:
             meta = _read_marker(directory) if directory.is_dir() else None
             if meta is not None and not directory.name.endswith(UNIVERSAL_SUFFIX):
-                found.append(CheckpointInfo(directory.name, int(meta["step"]), int(meta["world_size"]), directory))
+                found.append(_info(directory.name, meta, directory))
         return sorted(found, key=lambda c: c.step)
 
     def find_latest(self) -> CheckpointInfo | None:
@@ -124,7 +131,7 @@ class Checkpointer:
             tag = pointer.read_text().strip()
             meta = _read_marker(self.root / tag)
             if meta is not None:
-                return CheckpointInfo(tag, int(meta["step"]), int(meta["world_size"]), self.root / tag)
+                return _info(tag, meta, self.root / tag)
             log.warning("checkpoint pointer names %s, which is not complete; using the newest complete one", tag)
         complete = self.complete()
         if complete:
@@ -148,9 +155,10 @@ class Checkpointer:
         torch.save(state, tmp)
         os.replace(tmp, directory / f"rank_{self.env.rank:05d}.pt")
         barrier()
-        info = CheckpointInfo(tag, step, self.env.world_size, directory)
+        zero_stage = int(engine.zero_optimization_stage())
+        info = CheckpointInfo(tag, step, self.env.world_size, directory, zero_stage)
         if self.env.is_main:
-            marker = {"step": step, "world_size": self.env.world_size, "time": time.time()}
+            marker = {"step": step, "world_size": self.env.world_size, "zero_stage": zero_stage, "time": time.time()}
             _atomic_write(directory / MARKER, json.dumps(marker))
             _atomic_write(self.root / LATEST, tag)
             self._retain()
@@ -189,24 +197,49 @@ class Checkpointer:
         # from (seed, step, rank) anyway, so nothing is lost.
         return state
 
-    def prepare_universal(self, info: CheckpointInfo) -> None:
-        """Rank 0 converts a checkpoint written by another world size to DeepSpeed's universal format."""
+    def needs_universal(self, info: CheckpointInfo) -> bool:
+        """Whether ``info`` must be converted to load on this world size. ZeRO-0 keeps whole weights and optimizer
+        state in one file, which loads on any world size as it is."""
+        return info.world_size != self.env.world_size and info.zero_stage != 0
+
+    def prepare_universal(self, info: CheckpointInfo, timeout_s: float) -> None:
+        """Convert a checkpoint written by another world size to DeepSpeed's universal format, once.
+
+        Rank 0 converts into a temporary directory, marks it complete and renames it into place, so a retry reuses
+        a finished conversion and never sees half of one. The other ranks wait for the marker on the file system,
+        not in a collective, so a long conversion cannot run out the process group's timeout.
+        """
         out = self.root / (info.tag + UNIVERSAL_SUFFIX)
-        if self.env.is_main and not (out / MARKER).exists():
+        if (out / MARKER).exists():
+            return
+        if self.env.is_main:
             log.warning(
                 "checkpoint %s was written by %d ranks, this job has %d: converting it to a universal checkpoint",
                 info.tag, info.world_size, self.env.world_size,
             )  # fmt: skip
+            tmp = self.root / f".{out.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
             cmd = [
                 sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(info.path),
-                "--output_folder", str(out), "--inject_missing_state",
+                "--output_folder", str(tmp), "--inject_missing_state",
             ]  # fmt: skip
+            started = time.perf_counter()
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"ds_to_universal failed on {info.path}:\n{result.stderr[-3000:]}")
-            _atomic_write(out / MARKER, json.dumps({"step": info.step, "world_size": info.world_size}))
-        barrier()
+            _atomic_write(tmp / MARKER, json.dumps({"step": info.step, "world_size": info.world_size}))
+            os.replace(tmp, out)
+            log.info("universal checkpoint %s written in %.1fs", out, time.perf_counter() - started)
+            return
+        deadline = time.monotonic() + timeout_s
+        while not (out / MARKER).exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"rank 0 did not finish converting {info.path} to {out} within {timeout_s:.0f}s "
+                    "(watchdog.phase_timeout_s); see rank 0's log"
+                )
+            time.sleep(1.0)
 
     # -- mirror ----------------------------------------------------------------------------------------------
     def _mirror(self, info: CheckpointInfo) -> None:
@@ -245,4 +278,4 @@ class Checkpointer:
         meta = _read_marker(self.root / tag)
         if meta is None:
             raise RuntimeError(f"fetched checkpoint {tag} from {self.cfg.mirror_url} is incomplete")
-        return CheckpointInfo(tag, int(meta["step"]), int(meta["world_size"]), self.root / tag)
+        return _info(tag, meta, self.root / tag)

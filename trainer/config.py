@@ -145,6 +145,15 @@ class TrackingConfig(_Section):
     )
 
 
+class WatchdogConfig(_Section):
+    """The step watchdog: a rank silent for longer than its timeout dumps its stacks and exits non-zero."""
+
+    enabled: bool = Field(True, description="watch every rank for steps that stop")
+    min_timeout_s: float = Field(600, ge=1, description="the least silence allowed between two steps (seconds)")
+    step_factor: float = Field(20, ge=1, description="allowed silence = this x the median recent step time (if more)")
+    phase_timeout_s: float = Field(3600, ge=1, description="allowed time of one evaluation, checkpoint save or export")
+
+
 class ClusterConfig(_Section):
     """SLURM resources (used by cluster/launch.py)."""
 
@@ -176,6 +185,7 @@ class TrainConfig(_Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
@@ -287,12 +297,41 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+# Sections that only the stage of the same name reads: set in another stage's config they are a mistake.
+STAGE_SECTIONS = ("finetune", "detection")
+
+
 def load_config(name: str, overrides: list[str] | None = None) -> TrainConfig:
     """Resolve a named config (or a YAML path) with ``extends`` and ``key=value`` overrides."""
     raw = _load_raw(name)
     raw = _deep_merge(raw, parse_overrides(overrides or []))
     raw.setdefault("name", Path(name).stem)
+    stage = raw.get("stage", "pretrain")
+    for section in STAGE_SECTIONS:
+        if section in raw and section != stage:
+            keys = ", ".join(f"{section}.{k}" for k in raw[section] or {}) or section
+            raise ConfigError(
+                f"{keys}: only stage {section} reads the {section} section; this config's stage is {stage}"
+            )
     return config_from_dict(raw)
+
+
+def check_runnable(cfg: TrainConfig, world_size: int, device_type: str) -> None:
+    """The rules that depend on where the run goes (ranks, CPU or GPU); raises :class:`ConfigError` before
+    anything is built or written."""
+    cfg.global_batch(world_size)
+    if device_type == "cpu" and cfg.deepspeed.precision == "fp16":
+        raise ConfigError(
+            "deepspeed.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU): use bf16 or fp32 on this machine"
+        )
+    if cfg.model.backend == "minkowski" and device_type == "cpu":
+        from models.masked_encoder import minkowski_available
+
+        if not minkowski_available():
+            raise ConfigError(
+                "model.backend=minkowski needs MinkowskiEngine, which does not import here (`make minkowski` builds "
+                "it CPU-only); use model.backend=gather"
+            )
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:

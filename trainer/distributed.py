@@ -41,6 +41,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+NCCL_FAIL_FAST = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    "TORCH_NCCL_ENABLE_MONITORING": "1",
+}
+
+
 def init_distributed(timeout_s: int = 600) -> DistEnv:
     """Initialize torch.distributed (NCCL on GPUs, gloo on CPU) through DeepSpeed, from the environment.
 
@@ -60,6 +68,10 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(local_rank)
+        # A hung or failed NCCL collective raises (and tears the communicator down) instead of blocking forever,
+        # and its flight recorder keeps the last collectives of every rank for the dump on timeout.
+        for key, value in NCCL_FAIL_FAST.items():
+            os.environ.setdefault(key, value)
     import deepspeed
 
     if not dist.is_initialized():
@@ -96,8 +108,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown(engine: object | None = None) -> None:
-    """Explicit shutdown: destroying the engine and the group avoids gloo aborts at interpreter exit."""
+def teardown(engine: object | None = None, clean: bool = True) -> None:
+    """Explicit shutdown: destroying the engine and the group avoids gloo aborts at interpreter exit. After an
+    error (``clean=False``) nothing waits for the other ranks, which may be dead or stuck: the group is only
+    destroyed locally."""
+    if not clean:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
     if engine is not None and hasattr(engine, "destroy"):
         engine.destroy()
     gc.collect()

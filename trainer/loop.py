@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ from trainer.metrics import FlopCount, Meter, console_line, device_peak_flops
 from trainer.optim import lr_at, set_lr
 from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from trainer.tracking import Tracker, git_commit
+from trainer.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,31 @@ class Evaluation:
 
 
 @dataclass
+class LoopState:
+    """What the loop accumulates over the whole run, saved with every checkpoint so that a requeued run reports
+    the whole run (nanochat's single saved loop state)."""
+
+    first_loss: float | None = None
+    train_time_s: float = 0.0
+    """Wall time of the earlier segments (the current one is added when saving or exporting)."""
+    restarts: int = 0
+
+    @classmethod
+    def resumed(cls, saved: dict[str, Any]) -> LoopState:
+        """The state of a checkpoint, one restart later."""
+        first = saved.get("first_loss")
+        return cls(
+            first_loss=None if first is None else float(first),
+            train_time_s=float(saved.get("train_time_s", 0.0)),
+            restarts=int(saved.get("restarts", 0)) + 1,
+        )
+
+    def to_dict(self, segment_s: float) -> dict[str, Any]:
+        """The state as saved (and reported in ``metrics.json``), with the current segment's time added."""
+        return {"first_loss": self.first_loss, "train_time_s": self.train_time_s + segment_s, "restarts": self.restarts}
+
+
+@dataclass
 class StepResult:
     """What one optimizer step produced."""
 
@@ -128,9 +154,10 @@ class SkipGuard:
 
 
 def autocast(cfg: TrainConfig, env: DistEnv) -> Any:
-    """bf16 autocast on CUDA when the run is bf16; a disabled context otherwise."""
-    if cfg.deepspeed.precision == "bf16" and env.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast when the run is bf16 (CUDA or CPU: DeepSpeed holds the weights in bf16, the loader gives fp32
+    images); a disabled context otherwise."""
+    if cfg.deepspeed.precision == "bf16":
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
     return torch.autocast(env.device.type, enabled=False)
 
 
@@ -175,7 +202,7 @@ def _grads_nonfinite(engine: Any, env: DistEnv) -> bool:
     return any_rank(bool(flags) and not bool(torch.stack(flags).all()), env.device)
 
 
-def micro_batch_groups(loader: Any, accum: int, env: DistEnv) -> Iterator[tuple[int, list[Batch]]]:
+def micro_batch_groups(loader: Any, accum: int, env: DistEnv) -> Generator[tuple[int, list[Batch]], None, None]:
     """Endless (epoch, micro-batches of one step); epochs advance as the loader finishes them. A partial group at
     the end of an epoch is dropped (every rank has the same batch count, so all drop it)."""
     while True:
@@ -214,9 +241,9 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
 
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, env)
     resume = checkpointer.find_latest()
-    universal = resume is not None and resume.world_size != env.world_size
+    universal = resume is not None and checkpointer.needs_universal(resume)
     if universal and resume is not None:
-        checkpointer.prepare_universal(resume)
+        checkpointer.prepare_universal(resume, timeout_s=cfg.watchdog.phase_timeout_s)
     ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.data.batch_size, env.world_size)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
@@ -224,10 +251,12 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
 
     step = 0
     skip_guard = SkipGuard(cfg.schedule.max_skipped_steps)
+    loop_state = LoopState()
     if resume is not None:
         state = checkpointer.load(engine, resume, load_universal=universal)
         step = int(state["step"])
         skip_guard.total = int(state.get("skipped_total", 0))
+        loop_state = LoopState.resumed(state.get("loop", {}))
         if int(state.get("global_batch", global_batch)) != global_batch and env.is_main:
             log.warning(
                 "global batch changed from %d to %d on resume: the lr is rescaled and steps per epoch change",
@@ -242,7 +271,7 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
     tracker.start(params=cfg.model_dump(mode="json"), tags=_tags(cfg, env), run_name=f"{cfg.name}-{run_dir.name}")
     if env.is_main:
         if tracker.restart_count == 0:
-            tracker.log_artifact(run_dir / "config.yaml")
+            tracker.log_config(cfg.model_dump(mode="json"))
         log.info(
             "%s | %s | world %d | global batch %d (%d x %d accum x %d ranks) | lr %.3g | %d steps/epoch | %d steps",
             cfg.stage, stage.describe(), env.world_size, global_batch, cfg.data.batch_size, accum, env.world_size,
@@ -257,14 +286,16 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
         teardown(engine)
         return 0
 
+    watchdog = StepWatchdog(cfg.watchdog, run_dir, env.rank).start()
+
     ledger = SampleLedger(run_dir / "ledger", env, step) if cfg.tracking.sample_ledger else None
     meter = Meter(global_batch, env.world_size, total, stage.flops, device_peak_flops(env.device))
     groups = micro_batch_groups(stage.loader, accum, env)
     losses: list[float] = []
-    first_loss: float | None = None
     logged_loss = float("nan")
     eval_metrics: dict[str, float] = {}
     exit_code = 0
+    failed = True
     started = time.perf_counter()
     try:
         while step < total:
@@ -274,6 +305,7 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
             lr = lr_at(step, total, warmup, peak_lr, cfg.optim.min_lr)
             result = train_step(engine, stage, group, lr, step, cfg, env)
             step += 1
+            watchdog.beat(step)
             if ledger is not None:
                 ledger.record(step, epoch, [key for _, _, keys in group for key in keys])
             stage.after_step(engine, step, result.skipped)
@@ -281,7 +313,7 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
             skip_guard.update(result.skipped, step, checkpointer.root)
             if not math.isnan(result.loss):
                 losses.append(result.loss)
-                first_loss = result.loss if first_loss is None else first_loss
+                loop_state.first_loss = result.loss if loop_state.first_loss is None else loop_state.first_loss
             if step % cfg.tracking.log_every == 0 or step == total:
                 progress = epoch + (step % steps_per_epoch) / steps_per_epoch
                 logged_loss = _log_interval(
@@ -290,7 +322,8 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
                 losses = []
             epoch_end = cfg.tracking.eval_each_epoch and step % steps_per_epoch == 0
             if step % cfg.tracking.eval_every == 0 or step == total or epoch_end:
-                evaluation = stage.evaluate(engine, step)
+                with watchdog.phase("evaluation"):
+                    evaluation = stage.evaluate(engine, step)
                 eval_metrics = evaluation.metrics
                 if env.is_main and eval_metrics:
                     tracker.log_metrics(eval_metrics, step)
@@ -304,8 +337,10 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
                     "stage": stage.state_dict(),
                     "skipped_total": skip_guard.total,
                     "global_batch": global_batch,
+                    "loop": loop_state.to_dict(time.perf_counter() - started),
                 }
-                checkpointer.save(engine, step, rank_state)
+                with watchdog.phase("checkpoint save"):
+                    checkpointer.save(engine, step, rank_state)
             if stop:
                 exit_code = REQUEUE_EXIT_CODE
                 break
@@ -313,27 +348,30 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
             summary = {
                 "stage": cfg.stage,
                 "steps": step,
-                "first_loss": first_loss,
                 "final_loss": logged_loss,
                 "skipped_steps": skip_guard.total,
-                "wall_time_s": time.perf_counter() - started,
+                **loop_state.to_dict(time.perf_counter() - started),
                 "loader_samples_skipped": getattr(getattr(stage.loader, "stats", None), "skipped", 0),
                 **eval_metrics,
             }
-            stage.export(engine, run_dir / "export", summary)
+            with watchdog.phase("export"):
+                stage.export(engine, run_dir / "export", summary)
             if env.is_main:
                 tracker.log_artifact(run_dir / "export" / "model.safetensors", "export")
                 tracker.log_artifact(run_dir / "export" / "metrics.json", "export")
                 log.info("done: %d steps, weights and metrics in %s", step, run_dir / "export")
         tracker.finish("FINISHED" if exit_code == 0 else "KILLED")
+        failed = False
     except BaseException:
         tracker.finish("FAILED")
         raise
     finally:
+        watchdog.stop()
+        groups.close()  # shuts the dataloader workers down now (they ignore SIGTERM and would block exit)
         if ledger is not None:
             ledger.close()
         preemption.uninstall()
-        teardown(engine)
+        teardown(engine, clean=not failed)
     return exit_code
 
 

@@ -11,9 +11,12 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = redact(name, str(value))[:500]
     return out
+
+
+def redact_tree(tree: Any, prefix: str = "") -> Any:
+    """A copy of a nested config with the values of secret-looking keys and URL passwords redacted as in
+    :func:`flatten` (what the console, logs and the MLflow config artifact show)."""
+    if isinstance(tree, dict):
+        return {k: redact_tree(v, f"{prefix}{k}.") for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact_tree(v, prefix) for v in tree]
+    if tree is None or isinstance(tree, bool | int | float):
+        return "***" if _SECRET_KEY.search(prefix) and tree is not None else tree
+    return redact(prefix.rstrip("."), str(tree))
+
+
+def redacted_yaml(tree: dict[str, Any]) -> str:
+    """A resolved config as YAML with secrets redacted."""
+    return yaml.safe_dump(redact_tree(tree), sort_keys=False)
 
 
 def git_commit() -> str:
@@ -99,7 +119,7 @@ class Tracker:
             self._log_params(flatten(params))
         for key, value in {**tags, "restart_count": str(self.restart_count)}.items():
             self._client.set_tag(self.run_id, key, value)
-        log.info("MLflow run %s at %s", self.run_id, self.uri)
+        log.info("MLflow run %s at %s", self.run_id, redact("uri", self.uri))
 
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -117,6 +137,16 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_config(self, tree: dict[str, Any]) -> None:
+        """Upload the resolved config as ``config.yaml`` with secrets redacted (the run directory keeps the real
+        one, which the ranks read)."""
+        if not self.enabled or self.run_id is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(redacted_yaml(tree))
+            self._client.log_artifact(self.run_id, str(path))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file (config, image, exported weights)."""

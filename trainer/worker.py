@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from trainer.config import load_run_config
+from trainer.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
 from trainer.loop import run_stage
 
 
@@ -48,12 +49,26 @@ def run_run_dir(run_dir: Path) -> int:
     return run_stage(cfg, run_dir, stage_class)
 
 
+def run_rank(run_dir: Path, rank: int) -> int:
+    """Run this rank; an exception is recorded (``failures/``) and ends the process at once with a non-zero code
+    (:func:`trainer.failure.hard_exit`): a failed rank never waits on its peers."""
+    # Where NCCL's flight recorder dumps the last collectives when one times out.
+    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(run_dir / "hangs" / "nccl_trace_rank_"))
+    try:
+        return run_run_dir(run_dir)
+    except BaseException as err:  # every error ends the rank, KeyboardInterrupt included
+        record_exception(run_dir, rank, err)
+        hard_exit(FAILURE_EXIT_CODE)
+        raise  # unreachable: hard_exit does not return
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
-    setup_logging(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
-    return run_run_dir(args.run_dir)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    setup_logging(rank)
+    return run_rank(args.run_dir, rank)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ is bit-identical. On one node (tests/faults) resume is bit-exact. So weights mus
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -106,5 +109,72 @@ def test_a_failing_job_is_retried_a_bounded_number_of_times(slurm_cluster: Slurm
     log = _job_log(tmp_path / "run", job_id)
     assert state == "FAILED", log
     assert slurm_cluster.job_info(job_id).get("Restarts") == "1"
-    assert "requeueing job" in log and "failed after 1 retries" in log
+    assert "failure retry 1 of 1" in log and "failed after 1 failure retries" in log
     assert str(missing) in log  # the real error names the missing data
+
+
+@pytest.mark.slow
+def test_preemptions_do_not_use_up_failure_retries(
+    slurm_cluster: SlurmCluster, fmnist_shards: str, tmp_path: Path
+) -> None:
+    """Preempted once, then failing mid-run (its shards deleted): the failure still gets its one retry, because
+    requeues and failure retries are separate budgets; then the job ends FAILED, with every rank stopped."""
+    data = tmp_path / "shards"
+    shutil.copytree(fmnist_shards, data)
+    run_dir = tmp_path / "run"
+    args = ["--config", "demo_fcmae", "--run-dir", str(run_dir), *JOB, f"data.train_url={data}",
+            "schedule.max_steps=300", "cluster.max_failure_retries=1", "cluster.max_requeues=5"]  # fmt: skip
+    assert launch(args) == 0
+    job_id = (run_dir / "slurm" / "jobs.txt").read_text().split()[-1]
+
+    def wait_steps(n: int) -> None:
+        deadline = time.monotonic() + 240
+        while len(logged_steps(run_dir)) < n:
+            assert time.monotonic() < deadline, _job_log(run_dir, job_id) + slurm_cluster.log_tails()
+            time.sleep(0.2)
+
+    wait_steps(3)
+    slurm_cluster.run(["scancel", "--signal=USR2", job_id], check=True)  # preempted once: requeue 1 of 5
+    restarts = run_dir / "slurm" / "restarts.json"
+    deadline = time.monotonic() + 240
+    while not (restarts.exists() and json.loads(restarts.read_text()).get("preemption")):
+        assert time.monotonic() < deadline, _job_log(run_dir, job_id)
+        time.sleep(0.2)
+    resumed_from = len(logged_steps(run_dir))
+    wait_steps(resumed_from + 2)  # the requeued job trains again ...
+    for shard in data.glob("*.tar"):
+        shard.unlink()  # ... until its data disappears
+    state = slurm_cluster.wait_state(job_id, ["FAILED", "COMPLETED", "CANCELLED"], timeout=300)
+    log = _job_log(run_dir, job_id)
+    assert state == "FAILED", log + slurm_cluster.log_tails()
+    counts = json.loads(restarts.read_text())
+    assert len(counts["preemption"]) == 1 and len(counts["failure"]) == 1, counts
+    assert "failure retry 1 of 1" in log and "failed after 1 failure retries" in log
+    assert int(slurm_cluster.job_info(job_id).get("Restarts", "0")) == 2
+
+
+def test_without_slurm_the_launcher_says_so_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, no scontrol
+    started = time.monotonic()
+    code = launch(["--config", "huge_fcmae", "--nodes", "16", "--run-dir", str(tmp_path / "run")])
+    assert code == 2 and time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert "no SLURM cluster here: sbatch is not installed" in err and "--local" in err and "--dry-run" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sbatch_without_a_controller_is_no_cluster(
+    slurm_cluster: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SLURM's commands installed but no controller answering (a login node with a broken config, or a laptop
+    with the package): the launcher asks ``scontrol ping`` and refuses instead of submitting into the void."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(re.sub(r"SlurmctldPort=\d+", "SlurmctldPort=1", slurm_cluster.slurm_conf.read_text()))
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    code = launch(["--config", "demo_fcmae", "--run-dir", str(tmp_path / "run"), *JOB])
+    assert code == 2
+    assert "scontrol ping" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

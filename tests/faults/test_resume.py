@@ -7,6 +7,7 @@ negative control in the same test: the same resume with the loader one batch ahe
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -74,7 +75,14 @@ def test_preempted_run_resumes_to_identical_weights(uninterrupted: Path, tmp_pat
     stopped_at = int((run_dir / "checkpoints" / LATEST).read_text().strip().removeprefix("step_"))
     assert at <= stopped_at < STEPS
     _copy_with_loader_ahead(run_dir, tmp_path / "wrong")
+    saved = torch.load(run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "rank_00000.pt", weights_only=True)
+    first_segment_s = saved["loop"]["train_time_s"]
     assert run(cmd) == 0  # the same command resumes
+    # metrics.json describes the whole run, not the last segment: the loop state travels in the checkpoint.
+    whole, reference_run = (json.loads((d / "export" / "metrics.json").read_text()) for d in (run_dir, uninterrupted))
+    assert whole["first_loss"] == reference_run["first_loss"]
+    assert (whole["restarts"], reference_run["restarts"]) == (1, 0)
+    assert whole["train_time_s"] > first_segment_s > 0
     steps = [r["step"] for r in logged_steps(run_dir)]
     assert steps == list(range(1, STEPS + 1))  # no step repeated or skipped across the restart
     losses = {r["step"]: r["loss"] for r in logged_steps(run_dir)}
@@ -103,7 +111,32 @@ def test_checkpoint_from_two_ranks_resumes_on_one(uninterrupted_synthetic: Path,
     assert [r["step"] for r in logged_steps(run_dir)] == list(range(1, STEPS + 1))
     reference, init = exported_weights(uninterrupted_synthetic), initial_weights(uninterrupted_synthetic)
     distance = relative_distance(reference, exported_weights(run_dir), init)
-    # Negative control: the same world-size change resumed one batch ahead in the data.
+    # Negative control: the same world-size change resumed one batch ahead in the data. Its checkpoint directory
+    # gets the finished conversion, which a retry reuses (marked complete) instead of converting again.
+    universal = "step_00000006_universal"
+    shutil.copytree(run_dir / "checkpoints" / universal, tmp_path / "wrong" / "checkpoints" / universal)
+    wrong_log = tmp_path / "wrong.log"
+    assert start(launch_cmd(tmp_path / "wrong", *more, ranks=1), wrong_log).wait(timeout=300) == 0
+    assert "converting" not in wrong_log.read_text()
+    control = relative_distance(reference, exported_weights(tmp_path / "wrong"), init)
+    assert distance < 1e-3 < control, f"resumed on 1 rank: {distance:.2e}, loader one batch ahead: {control:.2e}"
+
+
+@pytest.mark.slow
+def test_zero0_checkpoint_loads_on_another_world_size_as_it_is(uninterrupted_synthetic: Path, tmp_path: Path) -> None:
+    """ZeRO-0 writes whole weights and optimizer state: 2 ranks -> 1 rank loads them directly (no universal
+    conversion, which would fail for want of ZeRO's optimizer shards) and trains the same weights."""
+    run_dir = tmp_path / "run"
+    zero0 = ("deepspeed.zero_stage=0", "checkpoint.every_steps=3")
+    assert run(launch_cmd(run_dir, *zero0, "data.batch_size=4", "schedule.max_steps=6", ranks=2)) == 0
+    _copy_with_loader_ahead(run_dir, tmp_path / "wrong")
+    more = (*zero0, "data.batch_size=8", f"schedule.max_steps={STEPS}")
+    log = tmp_path / "resume.log"
+    assert start(launch_cmd(run_dir, *more, ranks=1), log).wait(timeout=300) == 0
+    assert "resumed from" in log.read_text() and "converting" not in log.read_text()
+    assert [r["step"] for r in logged_steps(run_dir)] == list(range(1, STEPS + 1))
+    reference, init = exported_weights(uninterrupted_synthetic), initial_weights(uninterrupted_synthetic)
+    distance = relative_distance(reference, exported_weights(run_dir), init)  # ZeRO-0 and ZeRO-1: the same math
     assert run(launch_cmd(tmp_path / "wrong", *more, ranks=1)) == 0
     control = relative_distance(reference, exported_weights(tmp_path / "wrong"), init)
     assert distance < 1e-3 < control, f"resumed on 1 rank: {distance:.2e}, loader one batch ahead: {control:.2e}"

@@ -192,10 +192,14 @@ def test_encoder_weights_give_the_dense_model_the_same_features() -> None:
 
 
 def test_minkowski_backend_without_the_library_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    minkowski_available.cache_clear()
     monkeypatch.setitem(sys.modules, "MinkowskiEngine", None)  # as on a machine without it (import fails)
-    assert not minkowski_available()
-    with pytest.raises(RuntimeError, match=r"needs MinkowskiEngine.*backend='gather'"):
-        FCMAE("atto", backend="minkowski")
+    try:
+        assert not minkowski_available()
+        with pytest.raises(RuntimeError, match=r"needs MinkowskiEngine.*backend='gather'"):
+            FCMAE("atto", backend="minkowski")
+    finally:
+        minkowski_available.cache_clear()  # the next test sees this machine as it is
 
 
 def test_ablation_models_v1_blocks_and_dense_convolutions() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import ConfigError, available_configs, load_config
+from trainer.config import ConfigError, available_configs, check_runnable, load_config
 from trainer.run_dir import prepare_run_dir
 
 SIZES = ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"]
@@ -64,3 +64,20 @@ def test_a_run_dir_refuses_a_different_training_config(tmp_path) -> None:  # typ
     assert prepare_run_dir(load_config("demo_fcmae", ["cluster.nodes=2"]), tmp_path) is True
     with pytest.raises(ConfigError, match=r"optim.base_lr: 0.0015 -> 0.01"):
         prepare_run_dir(load_config("demo_fcmae", ["optim.base_lr=0.01"]), tmp_path)
+
+
+def test_a_section_of_another_stage_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"finetune.layer_decay: only stage finetune reads the finetune section"):
+        load_config("demo_fcmae", ["finetune.layer_decay=0.8"])
+    with pytest.raises(ConfigError, match=r"detection.fpn_channels: only stage detection reads"):
+        load_config("demo_finetune", ["detection.fpn_channels=64"])
+
+
+def test_rules_of_where_the_run_goes_are_checked_before_it_starts() -> None:
+    cfg = load_config("huge_fcmae")
+    check_runnable(cfg, 128, "cuda")  # 16 nodes x 8 GPUs x 32 = 4096
+    with pytest.raises(ConfigError, match=r"deepspeed.global_batch=4096 .* world size 1"):
+        check_runnable(cfg, 1, "cpu")
+    with pytest.raises(ConfigError, match=r"deepspeed.precision=fp16 needs a GPU"):
+        check_runnable(load_config("demo_fcmae", ["deepspeed.precision=fp16"]), 1, "cpu")
+    check_runnable(load_config("demo_fcmae", ["deepspeed.precision=bf16"]), 1, "cpu")  # bf16 trains on CPU

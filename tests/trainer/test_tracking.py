@@ -19,8 +19,14 @@ from trainer.distributed import free_port
 from trainer.tracking import flatten, redact
 
 
+class ServerUrl(str):
+    """The server's URL, with the directory that holds its whole store."""
+
+    root: Path
+
+
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerUrl]:
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
@@ -44,7 +50,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = ServerUrl(f"http://127.0.0.1:{port}")
+    url.root = root
     deadline = time.monotonic() + 90
     while True:
         try:
@@ -61,17 +68,26 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.wait(timeout=30)
 
 
+SECRETS = ("hunter2", "sekrit42", "pa55word")
+
+
 @pytest.mark.slow
-def test_a_run_reaches_the_tracking_server(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_reaches_the_tracking_server(
+    mlflow_server: ServerUrl, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    # Secrets where users put them: a password in a data URL and in the tracking URI, a token in DeepSpeed's keys.
     secret_url = "s3://alice:hunter2@bucket/val"
+    secret_uri = mlflow_server.replace("http://", "http://bob:pa55word@")
     code = launch(
         tmp_path, "data.batch_size=4", "schedule.max_steps=4", "tracking.eval_every=2", "tracking.experiment=ci",
-        f"data.val_url={secret_url}",
+        f"data.val_url={secret_url}", f"tracking.tracking_uri={secret_uri}", "deepspeed.overrides.api_token=sekrit42",
     )  # fmt: skip
     assert code == 0
+    console = "".join(capfd.readouterr())
+    assert "# resolved config" in console and "MLflow run" in console
+    _assert_no_secret("the console", console)
     client = MlflowClient(tracking_uri=mlflow_server)
     run_id = (tmp_path / "mlflow_run_id").read_text().strip()
     run = client.get_run(run_id)
@@ -98,13 +114,28 @@ def test_a_run_reaches_the_tracking_server(mlflow_server: str, tmp_path: Path, m
     # The same command with a longer schedule resumes the run and continues the same MLflow run.
     code = launch(
         tmp_path, "data.batch_size=4", "schedule.max_steps=6", "tracking.eval_every=2", "tracking.experiment=ci",
-        f"data.val_url={secret_url}",
+        f"data.val_url={secret_url}", f"tracking.tracking_uri={secret_uri}", "deepspeed.overrides.api_token=sekrit42",
     )  # fmt: skip
     assert code == 0
     assert (tmp_path / "mlflow_run_id").read_text().strip() == run_id
     resumed = client.get_run(run_id)
     assert resumed.data.tags["restart_count"] == "1" and resumed.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    _assert_no_secret("the console", "".join(capfd.readouterr()))
+
+    # Nothing in the whole MLflow store (database, artifacts, server log) or in the run directory's files, but
+    # the resolved config.yaml and DeepSpeed's binary checkpoint shards.
+    store = mlflow_server.root
+    files = [*store.rglob("*"), *(p for p in tmp_path.rglob("*") if p != tmp_path / "config.yaml")]
+    for path in files:
+        if path.is_file() and path.suffix not in (".pt", ".safetensors"):
+            _assert_no_secret(str(path), path.read_bytes().decode("utf-8", "replace"))
+    assert "hunter2" in (tmp_path / "config.yaml").read_text()  # the ranks read the real values from the run dir
+
+
+def _assert_no_secret(where: str, text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"{secret!r} leaked into {where}"
 
 
 def test_secrets_are_redacted_from_params() -> None:
