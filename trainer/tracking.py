@@ -84,6 +84,8 @@ class Tracker:
         self.run_dir = run_dir
         self.enabled = enabled
         self.uri = default_tracking_uri(run_dir, uri)
+        # MLflow prints run links with the raw server URI (credentials included) to stdout; we log a redacted one.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.run_id: str | None = None
         self.restart_count = 0
         self._client: Any = None

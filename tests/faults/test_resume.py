@@ -100,11 +100,11 @@ def test_checkpoint_from_two_ranks_resumes_on_one(uninterrupted_synthetic: Path,
     """2 ranks x 4 for 6 steps, then 1 rank x 8 to 12 steps, ends with the weights of 2 ranks x 4 for 12 steps
     (universal checkpoint; the synthetic loader serves the same global batches on both layouts)."""
     run_dir = tmp_path / "run"
-    half = ("data.batch_size=4", "schedule.max_steps=6", "checkpoint.every_steps=3")
+    half = ("data.batch_size=4", "schedule.max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep=5")
     assert run(launch_cmd(run_dir, *half, ranks=2)) == 0
     _copy_with_loader_ahead(run_dir, tmp_path / "wrong")
     # Continue the same run to 12 steps on one rank with the same global batch (8): universal checkpoint.
-    more = ("data.batch_size=8", f"schedule.max_steps={STEPS}", "checkpoint.every_steps=3")
+    more = ("data.batch_size=8", f"schedule.max_steps={STEPS}", "checkpoint.every_steps=3", "checkpoint.keep=5")
     log = tmp_path / "resume.log"
     assert start(launch_cmd(run_dir, *more, ranks=1), log).wait(timeout=300) == 0
     assert "written by 2 ranks, this job has 1: converting it to a universal checkpoint" in log.read_text()

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.checkpoints import from_timm, to_timm
-from models.convnextv2 import GRN, SIZES, build, no_weight_decay
+from models.convnextv2 import GRN, SIZES, build
 from tests.models.conftest import randomize_, rel_err
 
 # The paper's table (SPEC section 1): parameters (M) and GFLOPs (multiply-adds) at 224.
@@ -22,6 +22,8 @@ PAPER = {
     "large": (198.0, 34.4),
     "huge": (660.0, 115.0),
 }
+# SPEC: "within 1%" of the table for both; measured, the worst is femto's parameters at +0.64%.
+TABLE_TOLERANCE = 0.01
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -34,8 +36,8 @@ def test_params_and_flops_match_the_paper(size: str) -> None:
     # torch counts a multiply-add as 2 FLOPs; the paper (fvcore) counts it as 1.
     gflops = counter.get_total_flops() / 2e9
     paper_params, paper_gflops = PAPER[size]
-    assert abs(params - paper_params) / paper_params < 0.01, f"{size}: {params:.2f}M vs {paper_params}M"
-    assert abs(gflops - paper_gflops) / paper_gflops < 0.03, f"{size}: {gflops:.3f} vs {paper_gflops} GFLOPs"
+    assert abs(params - paper_params) / paper_params < TABLE_TOLERANCE, f"{size}: {params:.3f}M vs {paper_params}M"
+    assert abs(gflops - paper_gflops) / paper_gflops < TABLE_TOLERANCE, f"{size}: {gflops:.4f} vs {paper_gflops} GFLOPs"
 
 
 @pytest.mark.parametrize("size", ["atto", "tiny"])
@@ -96,16 +98,3 @@ def test_drop_path_grows_linearly_to_the_last_block() -> None:
     assert rates[0] == 0.0
     assert rates[-1] == pytest.approx(0.3)
     assert rates == pytest.approx([0.3 * i / (len(rates) - 1) for i in range(len(rates))])
-
-
-def test_no_weight_decay_covers_biases_norms_and_grn() -> None:
-    model = build("atto")
-    no_decay = {name for name, p in model.named_parameters() if no_weight_decay(name, p)}
-    assert "stages.0.blocks.0.grn.gamma" in no_decay
-    assert "stages.0.blocks.0.grn.beta" in no_decay
-    assert "stages.0.blocks.0.norm.weight" in no_decay
-    assert "stages.0.blocks.0.pwconv1.bias" in no_decay
-    assert "stem.norm.weight" in no_decay
-    assert "stages.0.blocks.0.pwconv1.weight" not in no_decay
-    assert "stages.0.blocks.0.dwconv.weight" not in no_decay
-    assert "head.weight" not in no_decay
