@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
         for cfg, run_dir in configs:
             print(f"# resolved config {cfg.name} (run dir {run_dir})\n{redacted_yaml(cfg.model_dump(mode='json'))}")
-            print(format_plan(cfg, make_plan(cfg)), flush=True)
+            try:
+                plan = make_plan(cfg)
+            except ConfigError as err:
+                print(f"config error: {err}", file=sys.stderr)
+                return 2
+            print(format_plan(cfg, plan), flush=True)
         return 0
 
     if not args.local:

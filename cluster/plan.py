@@ -17,7 +17,7 @@ import torch
 from models.convnextv2 import build
 from models.fcmae import FCMAE
 from models.masking import random_mask
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 
 IMAGENET_TRAIN = 1_281_167
 COCO_TRAIN2017 = 118_287
@@ -65,10 +65,17 @@ def dataset_size(cfg: TrainConfig) -> tuple[int, str]:
     url = cfg.data.train_url
     if url.startswith("synthetic://"):
         return int(url.removeprefix("synthetic://")), "synthetic"
+    if not url:
+        raise ConfigError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
     local = Path(url.removeprefix("file://"))
     if "://" not in url or url.startswith("file://"):
         from data.manifest import read_manifest
 
+        if not (local / "manifest.json").is_file():
+            raise ConfigError(
+                f"data.train_url={url}: no manifest.json there; write the shards first "
+                "(python -m data.write_shards ... --output DIR) or point data.train_url at a shard set"
+            )
         manifest = read_manifest(str(local))
         return manifest.num_samples, f"from {local}/manifest.json"
     if cfg.stage == "detection":

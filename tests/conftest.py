@@ -23,10 +23,11 @@ REQUIRE_ALL = "TESTS_REQUIRE_ALL"
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """With ``TESTS_REQUIRE_ALL=1`` (CI), a skipped test fails: everything the README calls tested must run there
-    (tests marked ``cuda`` excepted on machines without a GPU)."""
+    (tests marked ``cuda`` or ``bigmem`` excepted on machines without a GPU or the RAM)."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    if report.skipped and os.environ.get(REQUIRE_ALL) == "1" and item.get_closest_marker("cuda") is None:
+    exempt = any(item.get_closest_marker(m) is not None for m in ("cuda", "bigmem"))
+    if report.skipped and os.environ.get(REQUIRE_ALL) == "1" and not exempt:
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped, but {REQUIRE_ALL}=1 requires every test to run: {reason}"
