@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from data.transforms import (
     ImageTransform,
@@ -72,3 +73,24 @@ def test_mixup_is_a_function_of_seed_step_and_rank() -> None:
     same, soft = smooth_only(images.clone(), labels, step=0)
     assert torch.equal(same, images)
     assert soft.max().item() == pytest.approx(0.92) and soft.min().item() == pytest.approx(0.02)
+
+
+def test_eval_transform_is_resize_center_crop_normalize(image: PIL.Image.Image) -> None:
+    """crop_pct 0.875 at 64 px: shorter side to int(64 / 0.875) = 73 (bicubic), center crop 64, ImageNet normalize,
+    computed independently with PIL and numpy."""
+    short = int(64 / 0.875)
+    w, h = image.size
+    resized = image.resize((int(w * short / h), short) if h < w else (short, int(h * short / w)), PIL.Image.BICUBIC)
+    left, top = (resized.width - 64) // 2, (resized.height - 64) // 2
+    crop = np.asarray(resized.crop((left, top, left + 64, top + 64)), dtype=np.float32) / 255.0
+    expected = (crop - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    got = eval_transform(64)(image)
+    torch.testing.assert_close(got, torch.from_numpy(expected).permute(2, 0, 1).float(), atol=1e-5, rtol=0)
+    # Negative control: crop_pct 1.0 (resize straight to 64) is another image.
+    assert not torch.allclose(eval_transform(64, crop_pct=1.0)(image), got, atol=1e-2)
+
+
+def test_pretrain_crop_follows_the_paper() -> None:
+    crop = pretrain_transform(224).transforms[0]  # type: ignore[attr-defined]
+    assert isinstance(crop, v2.RandomResizedCrop)
+    assert (tuple(crop.size), crop.scale, crop.interpolation) == ((224, 224), (0.2, 1.0), v2.InterpolationMode.BICUBIC)

@@ -81,3 +81,10 @@ def test_rules_of_where_the_run_goes_are_checked_before_it_starts() -> None:
     with pytest.raises(ConfigError, match=r"deepspeed.precision=fp16 needs a GPU"):
         check_runnable(load_config("demo_fcmae", ["deepspeed.precision=fp16"]), 1, "cpu")
     check_runnable(load_config("demo_fcmae", ["deepspeed.precision=bf16"]), 1, "cpu")  # bf16 trains on CPU
+
+
+def test_huge_finetune_has_the_papers_recipe() -> None:
+    cfg = load_config("huge_finetune")
+    assert (cfg.stage, cfg.model.size, cfg.model.drop_path) == ("finetune", "huge", 0.3)
+    assert (cfg.optim.base_lr, cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (1.25e-3, 50, 10)
+    assert cfg.finetune.layer_decay == 0.75
