@@ -5,6 +5,7 @@ with a clear ``config error``), and each size's pretraining, fine-tuning and det
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,21 @@ def test_every_size_and_stage_trains_two_steps_on_cpu(
     name = f"{size}_{kind}"
     args = ["--config", name, "--run-dir", str(tmp_path), *TINY_RUN, *_stage_overrides(kind, det_shards),
             f"tracking.tracking_uri=sqlite:///{store}"]  # fmt: skip
-    assert launch(args) == 0
-    weights = load_file(str(tmp_path / "export" / "model.safetensors"))
-    assert weights and all(t.isfinite().all() for t in weights.values())
+    try:
+        assert launch(args) == 0
+        weights = load_file(str(tmp_path / "export" / "model.safetensors"))
+        assert weights and all(t.isfinite().all() for t in weights.values())
+    finally:  # checkpoints and exports of large reach GBs: 21 runs would fill a CI disk
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        shutil.rmtree(store.parent / "mlartifacts", ignore_errors=True)
+
+
+def test_local_says_what_it_runs_instead_of_the_cluster(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with caplog.at_level("WARNING", logger="launch"):
+        code = launch(["--config", "huge_fcmae", "--nodes", "16", "--local", "--run-dir", str(tmp_path / "run")])
+    assert "--local: huge_fcmae runs 1 CPU rank(s) on this machine instead of 128 (16 node(s) x 8 GPUs)" in caplog.text
+    # ... and refuses until the smaller global batch is accepted, before anything is written.
+    assert code == 2 and "deepspeed.global_batch=4096" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
