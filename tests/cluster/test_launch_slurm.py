@@ -122,7 +122,8 @@ def test_preemptions_do_not_use_up_failure_retries(
     data = tmp_path / "shards"
     shutil.copytree(fmnist_shards, data)
     run_dir = tmp_path / "run"
-    args = ["--config", "demo_fcmae", "--run-dir", str(run_dir), *JOB, f"data.train_url={data}",
+    # Several epochs: the next epoch reopens the shards (this one's readers may hold them open).
+    args = ["--config", "demo_fcmae", "--run-dir", str(run_dir), *JOB, f"data.train_url={data}", "schedule.epochs=5",
             "schedule.max_steps=300", "cluster.max_failure_retries=1", "cluster.max_requeues=5"]  # fmt: skip
     assert launch(args) == 0
     job_id = (run_dir / "slurm" / "jobs.txt").read_text().split()[-1]

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from models.convnextv2 import build
+from models.convnextv2 import GRN, build
 from models.fcmae import FCMAE, patchify, unpatchify
 from models.masked_encoder import minkowski_available
 from models.masking import mask_grid, random_mask
@@ -60,6 +60,26 @@ def test_backend_equals_dense_masked_forward_and_every_gradient(backend: str, si
     assert grads.keys() == ref_grads.keys() == {n for n, _ in model.named_parameters()}
     for name, grad in grads.items():
         assert rel_err(grad, ref_grads[name]) < TOL, name
+
+
+def test_a_batch_wide_grn_is_outside_the_backend_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control of the backend equality above: the official sparse GRN's batch-wide statistics (instead of
+    per sample) move the prediction far beyond TOL, so that tolerance does tell the two apart."""
+    imgs = _images()
+    model = _model().eval()
+    mask = model.random_mask(imgs, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, reference, _ = model(imgs, mask)
+
+    def batch_wide(self: GRN, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        stats = x if visible is None else x * visible
+        gx = torch.linalg.vector_norm(stats, ord=2, dim=tuple(range(0, x.ndim - 1)), keepdim=True)
+        return x + torch.addcmul(self.beta, self.gamma, x * gx / (gx.mean(dim=-1, keepdim=True) + self.eps))
+
+    monkeypatch.setattr(GRN, "forward", batch_wide)
+    with torch.no_grad():
+        _, pred, _ = model(imgs, mask)
+    assert rel_err(pred, reference) > 100 * TOL
 
 
 def _mask_once_after_stem(model: FCMAE, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
