@@ -32,7 +32,6 @@ from timm.layers import trunc_normal_
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV2
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from data.loader import IGNORE_LABEL
 from data.storage import open_url
@@ -43,7 +42,7 @@ from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.layer_decay import lr_scales
 from trainer.loop import Batch, Evaluation, autocast
-from trainer.metrics import FlopCount
+from trainer.metrics import FlopCount, flop_counter
 from trainer.optim import build_optimizer
 from trainer.run_loader import build_eval_loader, build_train_loader
 from trainer.zero import gathered_parameters
@@ -140,7 +139,7 @@ def eval_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def count_classifier_flops(model: nn.Module, image_size: int, device: torch.device) -> FlopCount:
     """Training FLOPs (forward + backward) per image; a dense model does what it counts (masked == dense)."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         model(torch.zeros(1, 3, image_size, image_size, device=device)).sum().backward()
     model.zero_grad(set_to_none=True)
     flops = float(counter.get_total_flops())
