@@ -289,7 +289,9 @@ def run_stage(cfg: TrainConfig, run_dir: Path, build: Callable[[TrainConfig, Dis
     watchdog = StepWatchdog(cfg.watchdog, run_dir, env.rank).start()
 
     ledger = SampleLedger(run_dir / "ledger", env, step) if cfg.tracking.sample_ledger else None
-    meter = Meter(global_batch, env.world_size, total, stage.flops, device_peak_flops(env.device))
+    meter = Meter(
+        global_batch, env.world_size, total, stage.flops, device_peak_flops(env.device, cfg.deepspeed.precision)
+    )
     groups = micro_batch_groups(stage.loader, accum, env)
     losses: list[float] = []
     logged_loss = float("nan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -12,16 +13,38 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from models.fcmae import FCMAE
 
-# Dense bf16 tensor-core peaks (FLOP/s) of accelerators we run on; MFU is reported against these.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+log = logging.getLogger(__name__)
+
+# Dense peak FLOP/s by exact CUDA device name (``torch.cuda.get_device_name``) and precision: bf16 tensor cores,
+# and TF32 for fp32 runs (cuDNN convolutions use TF32 by default). A substring match would give an H100 PCIe the
+# SXM peak (756 vs 989 TFLOP/s). Unknown devices report no MFU rather than a wrong one.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "NVIDIA H100 80GB HBM3": {"bf16": 989e12, "fp32": 494.5e12},  # H100 SXM
+    "NVIDIA H200": {"bf16": 989e12, "fp32": 494.5e12},
+    "NVIDIA H100 NVL": {"bf16": 835e12, "fp32": 417.5e12},
+    "NVIDIA H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
+    "NVIDIA A100-SXM4-80GB": {"bf16": 312e12, "fp32": 156e12},
+    "NVIDIA A100-SXM4-40GB": {"bf16": 312e12, "fp32": 156e12},
+    "NVIDIA A100 80GB PCIe": {"bf16": 312e12, "fp32": 156e12},
+    "NVIDIA A100-PCIE-40GB": {"bf16": 312e12, "fp32": 156e12},
+}
 
 
-def device_peak_flops(device: torch.device) -> float | None:
-    """Peak bf16 FLOP/s of a CUDA device from its name, or None (CPU, unknown GPU): MFU is then not reported."""
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of a device for a run's precision (fp16 runs on the bf16 tensor-core peak), or None."""
+    peaks = PEAK_FLOPS.get(device_name.strip())
+    return None if peaks is None else peaks["fp32" if precision == "fp32" else "bf16"]
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of this CUDA device for ``precision``; None on CPUs and unknown GPUs (MFU is then not shown)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+    peak = peak_flops(name, precision)
+    if peak is None:
+        log.warning("no peak FLOP/s known for %r: MFU is not reported (add it to trainer.metrics.PEAK_FLOPS)", name)
+    return peak
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.convnextv2 import build
 from models.fcmae import FCMAE
-from trainer.metrics import count_fcmae_flops, flop_counter
+from trainer.metrics import count_fcmae_flops, flop_counter, peak_flops
 
 
 def _train_flops(counter: FlopCounterMode, module: nn.Module, x: torch.Tensor) -> int:
@@ -46,3 +46,11 @@ def test_fcmae_masked_flops_are_below_dense() -> None:
     flops = count_fcmae_flops(model, 224, torch.device("cpu"))
     dense_train = 3 * 2 * 0.55e9  # the dense trunk's training FLOPs at 224 px, from the paper's GFLOPs
     assert flops.masked < flops.dense < 1.2 * dense_train
+
+
+def test_mfu_peak_is_the_exact_device_for_the_precision() -> None:
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12  # a substring match on "H100" gave 989
+    assert peak_flops("NVIDIA H200", "fp32") == 494.5e12  # TF32 under fp32
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "fp16") == 312e12
+    assert peak_flops("NVIDIA GeForce RTX 4090", "bf16") is None  # unknown: no MFU rather than a wrong one
