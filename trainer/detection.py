@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from safetensors.torch import save_file
 
 from data.detection_transforms import EvalImage, LargeScaleJitter, ResizePad
 from data.loader import SampleTransform, ShardLoader, build_loader
@@ -40,6 +39,7 @@ from models.convnextv2 import get_size
 from models.detection import build_mask_rcnn, load_backbone, trunk_parameter
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, barrier
+from trainer.export import write_metrics, write_weights
 from trainer.finetune import PretrainedWeightsError, read_checkpoint
 from trainer.layer_decay import layer_id, num_layers
 from trainer.loop import Batch, Evaluation, autocast
@@ -273,8 +273,6 @@ class DetectionStage:
         cfg, det = self.cfg, self.cfg.detection
         with gathered_parameters(self.model, engine):
             if self.env.is_main:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
                 meta = {
                     "stage": "detection",
                     "size": cfg.model.size,
@@ -284,8 +282,8 @@ class DetectionStage:
                     "image_size": str(cfg.data.image_size),
                     "categories": json.dumps(self.categories),
                 }
-                save_file(state, str(out_dir / "model.safetensors"), metadata=meta)
-                (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+                write_weights(out_dir / "model.safetensors", self.model.state_dict(), meta)
+                write_metrics(out_dir, summary)
         barrier()
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,10 +15,8 @@ of the two is kept in ``export/best.safetensors``.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 from timm.layers import trunc_normal_
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV2
@@ -40,6 +37,7 @@ from models.checkpoints import infer_size, load_foreign
 from models.convnextv2 import ConvNeXtV2, build
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, barrier
+from trainer.export import write_metrics, write_weights
 from trainer.layer_decay import lr_scales
 from trainer.loop import Batch, Evaluation, autocast
 from trainer.metrics import FlopCount, flop_counter
@@ -280,7 +278,7 @@ class FinetuneStage:
         weights = self.ema.module if self.best.source == "ema" and self.ema is not None else self.model
         path = self.run_dir / "export" / "best.safetensors"
         extra = {"source": self.best.source, "step": str(self.best.step), "top1": f"{self.best.top1:.4f}"}
-        _save_weights(weights, path, {**self._metadata(), **extra})
+        write_weights(path, weights.state_dict(), {**self._metadata(), **extra})
 
     def _metadata(self) -> dict[str, str]:
         cfg = self.cfg
@@ -292,12 +290,14 @@ class FinetuneStage:
         with gathered_parameters(self.model, engine):
             if self.env.is_main:
                 step = {"step": str(summary.get("steps", ""))}
-                _save_weights(self.model, out_dir / "model.safetensors", {**self._metadata(), **step})
+                write_weights(out_dir / "model.safetensors", self.model.state_dict(), {**self._metadata(), **step})
                 if self.ema is not None:
-                    _save_weights(self.ema.module, out_dir / "ema.safetensors", {**self._metadata(), **step})
+                    write_weights(
+                        out_dir / "ema.safetensors", self.ema.module.state_dict(), {**self._metadata(), **step}
+                    )
                 top1 = self.best.top1 if self.best.source else None  # None: never evaluated
                 best = {"best_top1": top1, "best_source": self.best.source, "best_step": self.best.step}
-                (out_dir / "metrics.json").write_text(json.dumps({**summary, **best}, indent=2))
+                write_metrics(out_dir, {**summary, **best})
         barrier()
 
     def state_dict(self) -> dict[str, Any]:
@@ -321,12 +321,3 @@ class FinetuneStage:
         if dist.is_initialized() and self.env.world_size > 1:
             for tensor in self.ema.module.state_dict().values():
                 dist.broadcast(tensor, src=0)
-
-
-def _save_weights(module: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """fp32 CPU copy of a module's state dict as safetensors, written atomically (a crash leaves the old file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)

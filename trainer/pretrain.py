@@ -7,19 +7,18 @@ the export is the encoder in the layout ``build(size, num_classes=0)`` loads, pl
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from data.sampling import derive_seed
 from models.fcmae import FCMAE
 from models.masking import random_mask
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, barrier
+from trainer.export import write_metrics, write_weights
 from trainer.fcmae_eval import feature_cosine_distance, save_reconstructions
 from trainer.loop import Batch, Evaluation, autocast
 from trainer.metrics import count_fcmae_flops
@@ -122,16 +121,13 @@ class PretrainStage:
         model = self.model
         with gathered_parameters(model, engine):
             if self.env.is_main:
-                out_dir.mkdir(parents=True, exist_ok=True)
                 meta = {"size": model.size, "stage": "pretrain"}
-                encoder = {k: v.detach().float().cpu().contiguous() for k, v in model.encoder_state_dict().items()}
-                full = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-                save_file(encoder, str(out_dir / "model.safetensors"), metadata=meta)
-                save_file(full, str(out_dir / "fcmae.safetensors"), metadata=meta)
-                (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+                write_weights(out_dir / "model.safetensors", model.encoder_state_dict(), meta)
+                write_weights(out_dir / "fcmae.safetensors", model.state_dict(), meta)
                 images = sorted((self.run_dir / "images").glob("recon_*.png"))
                 if images:
                     (out_dir / "reconstructions.png").write_bytes(images[-1].read_bytes())
+                write_metrics(out_dir, summary)
         barrier()
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+"""Stage exports: consolidated fp32 weights and ``metrics.json``, each written atomically.
+
+The next stage, users and the "run already complete" check read these files, so a crash in the middle of an export
+must leave the previous file or none, never half of one: every file is written beside its target and renamed into
+place. ``metrics.json`` is written last by every stage; its presence means the export is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+def write_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """An fp32 CPU copy of ``state`` as safetensors at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_metrics(out_dir: Path, summary: dict[str, Any]) -> None:
+    """``out_dir/metrics.json`` (the stage's final metrics; written after its weights)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
