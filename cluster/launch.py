@@ -107,6 +107,11 @@ def _check(cfg: TrainConfig, local: bool) -> None:
     check_runnable(cfg, world, device)
 
 
+def _print_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """The resolved config, secrets redacted (it reaches consoles and SLURM logs)."""
+    print(f"# resolved config {cfg.name} (run dir {run_dir})\n{redacted_yaml(cfg.model_dump(mode='json'))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.plan import format_plan, make_plan
 
         for cfg, run_dir in configs:
-            print(f"# resolved config {cfg.name} (run dir {run_dir})\n{redacted_yaml(cfg.model_dump(mode='json'))}")
+            _print_config(cfg, run_dir)
             try:
                 plan = make_plan(cfg)
             except ConfigError as err:
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     for cfg, run_dir in configs:
-        print(f"# resolved config {cfg.name} (run dir {run_dir})\n{redacted_yaml(cfg.model_dump(mode='json'))}")
+        _print_config(cfg, run_dir)
         try:
             if prepare_run_dir(cfg, run_dir):
                 log.info("run directory exists: resuming %s", run_dir)

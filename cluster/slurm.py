@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig
+from trainer.export import atomic_write_text
 from trainer.preemption import REQUEUE_EXIT_CODE
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,7 @@ def count_restarts(run_dir: Path, cause: str, record: bool) -> int:
         before = len([a for a in attempts if a != _attempt()])
         if record and _attempt() not in attempts:
             attempts.append(_attempt())
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(data, indent=1))
         return before
 
 

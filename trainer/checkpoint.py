@@ -32,6 +32,7 @@ import torch
 
 from trainer.config import CheckpointConfig
 from trainer.distributed import DistEnv, barrier
+from trainer.export import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,6 @@ def _info(tag: str, meta: dict[str, Any], path: Path) -> CheckpointInfo:
 def step_tag(step: int) -> str:
     """Directory name of the checkpoint after optimizer step ``step``."""
     return f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -159,8 +151,8 @@ class Checkpointer:
         info = CheckpointInfo(tag, step, self.env.world_size, directory, zero_stage)
         if self.env.is_main:
             marker = {"step": step, "world_size": self.env.world_size, "zero_stage": zero_stage, "time": time.time()}
-            _atomic_write(directory / MARKER, json.dumps(marker))
-            _atomic_write(self.root / LATEST, tag)
+            atomic_write_text(directory / MARKER, json.dumps(marker))
+            atomic_write_text(self.root / LATEST, tag)
             self._retain()
             if self.cfg.mirror_url:
                 self._mirror(info)
@@ -228,7 +220,7 @@ class Checkpointer:
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"ds_to_universal failed on {info.path}:\n{result.stderr[-3000:]}")
-            _atomic_write(tmp / MARKER, json.dumps({"step": info.step, "world_size": info.world_size}))
+            atomic_write_text(tmp / MARKER, json.dumps({"step": info.step, "world_size": info.world_size}))
             os.replace(tmp, out)
             log.info("universal checkpoint %s written in %.1fs", out, time.perf_counter() - started)
             return
@@ -272,7 +264,7 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
             fs.get(f"{base}/{tag}/", str(staging) + "/", recursive=True)
             os.replace(staging, self.root / tag)
-            _atomic_write(self.root / LATEST, tag)
+            atomic_write_text(self.root / LATEST, tag)
             log.warning("resuming from the mirror: fetched %s from %s", tag, self.cfg.mirror_url)
         barrier()
         meta = _read_marker(self.root / tag)

@@ -1,4 +1,5 @@
-"""Stage exports: consolidated fp32 weights and ``metrics.json``, each written atomically.
+"""Files others read while we may crash: stage exports (fp32 weights, ``metrics.json``) and small state files
+(checkpoint markers, the ``latest`` pointer, the run's ``config.yaml``), each written atomically.
 
 The next stage, users and the "run already complete" check read these files, so a crash in the middle of an export
 must leave the previous file or none, never half of one: every file is written beside its target and renamed into
@@ -17,6 +18,16 @@ import torch
 from safetensors.torch import save_file
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path``, flush it to disk, then rename it into place (the one atomic text writer)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """An fp32 CPU copy of ``state`` as safetensors at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,7 +40,4 @@ def write_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[
 def write_metrics(out_dir: Path, summary: dict[str, Any]) -> None:
     """``out_dir/metrics.json`` (the stage's final metrics; written after its weights)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "metrics.json"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from trainer.config import ConfigError, TrainConfig
+from trainer.export import atomic_write_text
 
 # Keys that may change between restarts of one run: where and how it runs, not what it trains. Per-device batch
 # and accumulation may change with the world size (the trainer warns if the global batch changes).
@@ -56,7 +56,5 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
                 f"{run_dir} holds a run with a different config ({details}). Re-run with the original settings to "
                 "resume it, or pass another --run-dir to start a new run."
             )
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(cfg.to_yaml())
-    os.replace(tmp, path)
+    atomic_write_text(path, cfg.to_yaml())
     return resumed
