@@ -99,9 +99,7 @@ def _check(cfg: TrainConfig, local: bool) -> None:
     world, device = local_world_size(cfg), _local_device(cfg)
     if world != cfg.world_size():
         c = cfg.cluster
-        asked = (
-            f"{c.nodes} node(s) x {c.gpus_per_node or c.cpu_ranks_per_node} {'GPUs' if c.gpus_per_node else 'ranks'}"
-        )
+        asked = f"{c.nodes} node(s) x {c.ranks_per_node} {'GPUs' if c.gpus_per_node else 'ranks'}"
         log.warning("--local: %s runs %d %s rank(s) on this machine instead of %d (%s)",
                     cfg.name, world, device.upper(), cfg.world_size(), asked)  # fmt: skip
     check_runnable(cfg, world, device)

@@ -8,16 +8,16 @@ encoder backend (an upper bound: tensors saved by several ops are counted each t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from models.convnextv2 import build
 from models.fcmae import FCMAE
 from models.masking import random_mask
 from trainer.config import ConfigError, TrainConfig
+from trainer.stage import build_model
 
 IMAGENET_TRAIN = 1_281_167
 COCO_TRAIN2017 = 118_287
@@ -83,29 +83,27 @@ def dataset_size(cfg: TrainConfig) -> tuple[int, str]:
     return IMAGENET_TRAIN, f"{url} not contacted by a dry run: assuming ImageNet-1k train"
 
 
-def _pretrain_model(cfg: TrainConfig) -> FCMAE:
-    # MinkowskiEngine cannot run on the meta device; gather saves the same per-cell activations.
-    backend = "gather" if cfg.model.backend == "minkowski" else cfg.model.backend
-    return FCMAE(
-        cfg.model.size, mask_ratio=cfg.model.mask_ratio, decoder_dim=cfg.model.decoder_dim,
-        decoder_depth=cfg.model.decoder_depth, backend=backend, block=cfg.model.block,
-    )  # fmt: skip
+def planned_model(cfg: TrainConfig) -> nn.Module:
+    """The stage's own model (:func:`trainer.stage.build_model`), on the meta device: nothing is allocated.
+    MinkowskiEngine cannot run on the meta device; the gather backend saves the same per-cell activations."""
+    if cfg.stage == "pretrain" and cfg.model.backend == "minkowski":
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backend": "gather"})})
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+PARAMS_NOTE = {"pretrain": "encoder + decoder", "finetune": "classifier", "detection": "backbone, FPN and heads"}
 
 
 def count_parameters(cfg: TrainConfig) -> tuple[int, str]:
     """Trainable parameters of the stage's model (counted on the meta device) and what they cover."""
-    with torch.device("meta"):
-        if cfg.stage == "pretrain":
-            return sum(p.numel() for p in _pretrain_model(cfg).parameters()), "encoder + decoder"
-        if cfg.stage == "finetune":
-            return sum(p.numel() for p in build(cfg.model.size, cfg.model.num_classes).parameters()), "classifier"
-    encoder = sum(p.numel() for p in build(cfg.model.size, 0).parameters())
-    return encoder, "backbone only; FPN and Mask R-CNN heads come on top"
+    return sum(p.numel() for p in planned_model(cfg).parameters()), PARAMS_NOTE[cfg.stage]
 
 
 def activation_bytes(cfg: TrainConfig, batch: int) -> float | None:
-    """Bytes saved for backward by one forward of ``batch`` images (fp32), measured on the meta device; None for
-    detection (torchvision's detector does data-dependent work that the meta device cannot run)."""
+    """Bytes saved for backward by one forward of ``batch`` images (fp32), measured on the meta device with the
+    run's model (activation checkpointing included: a checkpointed stage keeps only its blocks' inputs); None
+    for detection (torchvision's detector does data-dependent work that the meta device cannot run)."""
     if cfg.stage == "detection":
         return None
     size = cfg.data.image_size
@@ -117,15 +115,12 @@ def activation_bytes(cfg: TrainConfig, batch: int) -> float | None:
         saved += t.numel() * t.element_size()
         return t
 
-    with torch.device("meta"):
-        model = _pretrain_model(cfg) if cfg.stage == "pretrain" else build(cfg.model.size, cfg.model.num_classes)
+    model = planned_model(cfg)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if isinstance(model, FCMAE):
             grid = size // model.patch_size
             mask = random_mask(batch, grid * grid, cfg.model.mask_ratio, torch.Generator().manual_seed(0))
-            features = model.forward_encoder(images, mask)
-            meta_mask = mask.to("meta")
-            model.forward_loss(images, model.forward_decoder(features, meta_mask), meta_mask)
+            model(images, mask.to("meta"), visible=model.visible_patches(grid, grid))
         else:
             model(images)
     return saved
@@ -155,7 +150,7 @@ def memory_estimate(cfg: TrainConfig, num_params: int, world: int) -> MemoryEsti
 def sbatch_options(cfg: TrainConfig, job_name: str) -> list[str]:
     """The sbatch options the launcher's submitit executor sets."""
     c = cfg.cluster
-    per_node = c.gpus_per_node or c.cpu_ranks_per_node
+    per_node = c.ranks_per_node
     options = [
         f"--job-name={job_name}", f"--nodes={c.nodes}", f"--ntasks-per-node={per_node}",
         f"--cpus-per-task={c.cpus_per_task}", f"--time={c.time_min}", f"--signal=USR2@{c.signal_delay_s}",
@@ -179,13 +174,11 @@ def make_plan(cfg: TrainConfig) -> Plan:
     size, note = dataset_size(cfg)
     global_batch = cfg.global_batch(world)
     steps_per_epoch = size // global_batch
-    total = math.ceil(cfg.schedule.epochs * steps_per_epoch)
-    if cfg.schedule.max_steps:
-        total = min(total, cfg.schedule.max_steps)
+    total = cfg.total_steps(steps_per_epoch)
     return Plan(
         world_size=world,
         nodes=cfg.cluster.nodes,
-        ranks_per_node=cfg.cluster.gpus_per_node or cfg.cluster.cpu_ranks_per_node,
+        ranks_per_node=cfg.cluster.ranks_per_node,
         micro_batch=cfg.data.batch_size,
         grad_accum=cfg.deepspeed.grad_accum,
         global_batch=global_batch,

@@ -127,7 +127,7 @@ def make_executor(cfg: TrainConfig, run_dir: Path) -> Any:
 
     c = cfg.cluster
     executor = submitit.AutoExecutor(folder=run_dir / "slurm" / "%j", cluster="slurm")
-    per_node = c.gpus_per_node or c.cpu_ranks_per_node
+    per_node = c.ranks_per_node
     params: dict[str, Any] = {
         "name": cfg.name,
         "nodes": c.nodes,

@@ -10,7 +10,7 @@ tensor is free), so the model is friendly to ``torch.channels_last`` inputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 LN_EPS = 1e-6
 GRN_EPS = 1e-6
@@ -151,6 +152,15 @@ class Stage(nn.Module):
         super().__init__()
         self.downsample: Downsample | None = Downsample(in_dim, dim) if in_dim != dim else None
         self.blocks = nn.Sequential(*[Block(dim, dp, block) for dp in drop_paths[:depth]])
+        self.grad_checkpointing = False
+
+    def run(self, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+        """``fn(*args)`` for one block of this stage; with ``grad_checkpointing`` (and autograd on) its
+        activations are not kept but recomputed in backward (non-reentrant: the RNG state of drop path is
+        replayed, so the gradients are those of the plain call)."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return cast(torch.Tensor, checkpoint(fn, *args, use_reentrant=False))
+        return fn(*args)
 
     def iter_blocks(self) -> Iterator[Block]:
         """The blocks, typed."""
@@ -160,7 +170,9 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
-        return self.blocks(x)
+        for block in self.iter_blocks():
+            x = self.run(block, x)
+        return x
 
 
 def init_weights(module: nn.Module) -> None:
@@ -204,6 +216,15 @@ class ConvNeXtV2Encoder(nn.Module):
     def num_features(self) -> int:
         """Channels of the last stage."""
         return self.dims[-1]
+
+    def set_grad_checkpointing(self, enabled: bool | Sequence[bool]) -> None:
+        """Activation checkpointing for all stages (a bool) or per stage (four bools): a checkpointed stage keeps
+        only each block's input for backward and recomputes the rest."""
+        flags = [enabled] * len(self.stages) if isinstance(enabled, bool) else list(enabled)
+        if len(flags) != len(self.stages):
+            raise ValueError(f"grad_checkpointing needs one flag per stage ({len(self.stages)}), got {flags}")
+        for stage, flag in zip(self.iter_stages(), flags, strict=True):
+            stage.grad_checkpointing = bool(flag)
 
     def iter_stages(self) -> Iterator[Stage]:
         """The four stages, typed."""

@@ -7,12 +7,14 @@ patch's pixels. The loss is the MSE on per-patch normalized pixels, over masked 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from models.convnextv2 import Block, BlockKind, build_encoder, get_size, init_weights
 from models.masked_encoder import BACKENDS, check_backend
-from models.masking import random_mask
+from models.masking import check_visible, count_visible, num_visible, random_mask
 
 ENCODER_STRIDE = 32
 NORM_PIX_EPS = 1e-6
@@ -45,7 +47,7 @@ def normalized_pixel_target(imgs: torch.Tensor, patch_size: int) -> torch.Tensor
 
 
 class FCMAE(nn.Module):
-    """ConvNeXt V2 FCMAE: ``forward(imgs, mask=None) -> (loss, pred, mask)``.
+    """ConvNeXt V2 FCMAE: ``forward(imgs, mask=None, generator=None, visible=None) -> (loss, pred, mask)``.
 
     ``mask`` is ``(N, L)`` with 1 = masked over the row-major patch grid; a given mask is used as is, otherwise
     one is drawn with ``mask_ratio`` (from ``generator`` when given). ``pred`` is ``(N, L, patch_size**2 * 3)``.
@@ -65,6 +67,7 @@ class FCMAE(nn.Module):
         drop_path: float = 0.0,
         block: BlockKind = "v2",
         sparse: bool = True,
+        grad_checkpointing: bool | Sequence[bool] = False,
     ) -> None:
         super().__init__()
         get_size(size)
@@ -85,6 +88,7 @@ class FCMAE(nn.Module):
         self.sparse = sparse
         self._backend = backend
         self.encoder = build_encoder(size, drop_path=drop_path, block=block)
+        self.encoder.set_grad_checkpointing(grad_checkpointing)
         self.proj = nn.Conv2d(self.encoder.num_features, decoder_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
         self.decoder = nn.Sequential(*[Block(decoder_dim) for _ in range(decoder_depth)])
@@ -116,26 +120,39 @@ class FCMAE(nn.Module):
             )
         return h // p, w // p
 
+    def visible_patches(self, grid_h: int, grid_w: int) -> int:
+        """Visible patches per sample of the masks this model draws on a ``grid_h x grid_w`` grid."""
+        return num_visible(grid_h * grid_w, self.mask_ratio)
+
     def random_mask(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw a ``(N, L)`` mask for a batch with this model's ratio."""
         grid_h, grid_w = self.grid_size(imgs)
         return random_mask(imgs.shape[0], grid_h * grid_w, self.mask_ratio, generator, device=imgs.device)
 
-    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Sparse encoder: last-stage features ``(N, C, h, w)``, zero on masked cells."""
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor, visible: int | None = None) -> torch.Tensor:
+        """Sparse encoder: last-stage features ``(N, C, h, w)``, zero on masked cells.
+
+        ``visible`` is the number of visible patches of every sample. The training step passes it (it knows how
+        its masks were drawn) and the count is then only asserted on the device; without it the mask is read
+        to find it, a wait for the device that a training step must not make.
+        """
         grid_h, grid_w = self.grid_size(imgs)
         if mask.shape != (imgs.shape[0], grid_h * grid_w):
             raise ValueError(
                 f"mask must have shape (N, L) = {(imgs.shape[0], grid_h * grid_w)} for images "
                 f"{tuple(imgs.shape)}, got {tuple(mask.shape)}"
             )
+        if visible is None:
+            visible = count_visible(mask)
+        else:
+            check_visible(mask, visible)
         if not self.sparse:
             # The paper's ablation: dense convolutions over the image with masked patches zeroed. Features of
             # visible cells then see the zeros (and, after a few 7x7 convs, their neighbours' biases).
             pixels = 1.0 - mask.to(imgs.dtype).reshape(-1, 1, grid_h, grid_w)
             pixels = pixels.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
             return self.encoder.forward_features(imgs * pixels)
-        return BACKENDS[self._backend](self.encoder, imgs, mask.to(imgs.dtype), grid_h, grid_w)
+        return BACKENDS[self._backend](self.encoder, imgs, mask.to(imgs.dtype), grid_h, grid_w, visible)
 
     def forward_decoder(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Decode features to per-patch pixel predictions ``(N, L, p*p*3)``."""
@@ -161,10 +178,12 @@ class FCMAE(nn.Module):
         imgs: torch.Tensor,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        visible: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if mask is None:
             mask = self.random_mask(imgs, generator)
-        features = self.forward_encoder(imgs, mask)
+            visible = self.visible_patches(*self.grid_size(imgs))
+        features = self.forward_encoder(imgs, mask, visible)
         pred = self.forward_decoder(features, mask)
         return self.forward_loss(imgs, pred, mask), pred, mask
 

@@ -26,14 +26,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from models.convnextv2 import ConvNeXtV2Encoder
+from models.convnextv2 import Block, ConvNeXtV2Encoder
 from models.masking import mask_grid, visible_rows
 
-EncoderFn = Callable[[ConvNeXtV2Encoder, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+EncoderFn = Callable[[ConvNeXtV2Encoder, torch.Tensor, torch.Tensor, int, int, int], torch.Tensor]
+"""``(encoder, imgs, mask, grid_h, grid_w, keep) -> features``; ``keep``: visible patches per sample."""
 
 
 def encode_dense_masked(
-    encoder: ConvNeXtV2Encoder, imgs: torch.Tensor, mask: torch.Tensor, grid_h: int, grid_w: int
+    encoder: ConvNeXtV2Encoder, imgs: torch.Tensor, mask: torch.Tensor, grid_h: int, grid_w: int, keep: int
 ) -> torch.Tensor:
     """Reference masked encoder: dense ops, mask re-applied wherever information could cross cells."""
     x = encoder.stem(imgs)
@@ -48,10 +49,16 @@ def encode_dense_masked(
         visible_nhwc = visible.permute(0, 2, 3, 1)
         x = x * visible
         for block in stage.iter_blocks():
-            y = block.dwconv(x) * visible
-            y = block.mlp(y.permute(0, 2, 3, 1), visible=visible_nhwc).permute(0, 3, 1, 2)
-            x = (x + block.drop_path(y)) * visible
+            x = stage.run(functools.partial(_dense_masked_block, block), x, visible, visible_nhwc)
     return x
+
+
+def _dense_masked_block(
+    block: Block, x: torch.Tensor, visible: torch.Tensor, visible_nhwc: torch.Tensor
+) -> torch.Tensor:
+    y = block.dwconv(x) * visible
+    y = block.mlp(y.permute(0, 2, 3, 1), visible=visible_nhwc).permute(0, 3, 1, 2)
+    return (x + block.drop_path(y)) * visible
 
 
 def _scatter(tokens: torch.Tensor, rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
@@ -69,22 +76,18 @@ def _gather(x: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def encode_gather(
-    encoder: ConvNeXtV2Encoder, imgs: torch.Tensor, mask: torch.Tensor, grid_h: int, grid_w: int
+    encoder: ConvNeXtV2Encoder, imgs: torch.Tensor, mask: torch.Tensor, grid_h: int, grid_w: int, keep: int
 ) -> torch.Tensor:
-    """Masked encoder that runs LayerNorm, MLP and GRN on the visible cells only."""
-    counts = (mask < 0.5).sum(dim=1)
-    if bool((counts != counts[0]).any()):
-        raise ValueError(
-            "the gather backend needs the same number of visible patches in every sample; "
-            f"got {sorted(set(counts.tolist()))}. Use backend='dense_masked' for ragged masks."
-        )
+    """Masked encoder that runs LayerNorm, MLP and GRN on the visible cells only. Every index has a size fixed
+    by ``keep`` (no ``nonzero``): the step never waits for the device and the shapes stay static for
+    ``torch.compile``."""
     n = imgs.shape[0]
     stem = encoder.stem
     x = stem.conv(imgs)
     h, w = x.shape[-2:]
     scale = h // grid_h
     # The mask may live elsewhere than the features (a CPU mask for meta-device memory planning).
-    rows = visible_rows(mask, grid_h, grid_w, scale).to(x.device)
+    rows = visible_rows(mask.to(x.device), grid_h, grid_w, scale, keep)
     tokens = _gather(x, rows, n)
     tokens = F.layer_norm(tokens, stem.norm.normalized_shape, stem.norm.weight, stem.norm.bias, stem.norm.eps)
     for stage in encoder.iter_stages():
@@ -94,12 +97,16 @@ def encode_gather(
             x = stage.downsample.conv(_scatter(tokens, rows, n, h, w))
             h, w = x.shape[-2:]
             scale //= 2
-            rows = visible_rows(mask, grid_h, grid_w, scale).to(x.device)
+            rows = visible_rows(mask.to(x.device), grid_h, grid_w, scale, keep)
             tokens = _gather(x, rows, n)
         for block in stage.iter_blocks():
-            y = _gather(block.dwconv(_scatter(tokens, rows, n, h, w)), rows, n)
-            tokens = tokens + block.drop_path(block.mlp(y))
+            tokens = stage.run(functools.partial(_gather_block, block, n=n, h=h, w=w), tokens, rows)
     return _scatter(tokens, rows, n, h, w)
+
+
+def _gather_block(block: Block, tokens: torch.Tensor, rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    y = _gather(block.dwconv(_scatter(tokens, rows, n, h, w)), rows, n)
+    return tokens + block.drop_path(block.mlp(y))
 
 
 @functools.cache
@@ -117,12 +124,12 @@ def minkowski_available() -> bool:
 
 
 def encode_minkowski(
-    encoder: ConvNeXtV2Encoder, imgs: torch.Tensor, mask: torch.Tensor, grid_h: int, grid_w: int
+    encoder: ConvNeXtV2Encoder, imgs: torch.Tensor, mask: torch.Tensor, grid_h: int, grid_w: int, keep: int
 ) -> torch.Tensor:
     """MinkowskiEngine sparse encoder (GRN per sample, unlike the official code's batch-wide sparse GRN)."""
     from models.minkowski_encoder import encode_minkowski as _encode
 
-    return _encode(encoder, imgs, mask, grid_h, grid_w)
+    return _encode(encoder, imgs, mask, grid_h, grid_w, keep)
 
 
 BACKENDS: dict[str, EncoderFn] = {

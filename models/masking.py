@@ -48,15 +48,38 @@ def mask_grid(mask: torch.Tensor, grid_h: int, grid_w: int, scale: int) -> torch
     return grid.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
 
-def visible_rows(mask: torch.Tensor, grid_h: int, grid_w: int, scale: int) -> torch.Tensor:
+def visible_rows(mask: torch.Tensor, grid_h: int, grid_w: int, scale: int, keep: int) -> torch.Tensor:
     """Row indices of the visible cells at one stage, into the ``(N * H * W)`` rows of a flattened NHWC map.
 
-    Cells are sorted per sample in row-major order; every sample contributes the same number of rows, so the
-    result reshapes to ``(N, visible_cells)``.
+    ``keep`` is the number of visible patches per sample (every sample keeps the same number); the result holds
+    ``N * keep * scale**2`` rows, sorted per sample in row-major order, so it reshapes to ``(N, cells)``. Its size
+    comes from ``keep``, not from the mask's values: no device-to-host wait (a stable sort puts each sample's
+    visible cells first, in order).
     """
-    visible = mask_grid(mask, grid_h, grid_w, scale).flatten() < 0.5
-    rows = visible.nonzero().squeeze(1)
     n = mask.shape[0]
-    if rows.numel() % n != 0:
-        raise ValueError("every sample must keep the same number of visible patches for the gather backend")
-    return rows
+    masked = mask_grid(mask, grid_h, grid_w, scale).flatten(1)  # N, HW; 1 = masked
+    cells = masked.shape[1]
+    order = torch.sort(masked, dim=1, stable=True).indices[:, : keep * scale * scale]
+    offsets = torch.arange(n, device=mask.device).unsqueeze(1) * cells
+    return (order + offsets).flatten()
+
+
+def check_visible(mask: torch.Tensor, keep: int) -> None:
+    """Assert, on the mask's device and without waiting for it, that every sample keeps ``keep`` patches (a
+    wrong count would gather masked cells). On a GPU a failure is a device-side assert that ends the run."""
+    torch._assert_async(
+        (mask.shape[1] - mask.sum(dim=1) == keep).all(),
+        f"every sample must keep exactly {keep} visible patches; pass masks drawn by random_mask",
+    )
+
+
+def count_visible(mask: torch.Tensor) -> int:
+    """Visible patches per sample of a mask whose samples all keep the same number (reads the mask: use it on
+    masks built by hand, not in the training step). Raises ``ValueError`` for ragged masks."""
+    counts = (mask < 0.5).sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(
+            "the masked encoder needs the same number of visible patches in every sample; "
+            f"got {sorted(set(counts.tolist()))}"
+        )
+    return int(counts[0])

@@ -59,13 +59,13 @@ def _strided_conv(
 
 
 def encode_minkowski(
-    encoder: ConvNeXtV2Encoder, imgs: torch.Tensor, mask: torch.Tensor, grid_h: int, grid_w: int
+    encoder: ConvNeXtV2Encoder, imgs: torch.Tensor, mask: torch.Tensor, grid_h: int, grid_w: int, keep: int
 ) -> torch.Tensor:
     """Sparse encoder: stem dense (as the official code), then every stage on MinkowskiEngine sparse tensors."""
     n = imgs.shape[0]
     x = encoder.stem(imgs)
     c, h, w = x.shape[1:]
-    rows = visible_rows(mask, grid_h, grid_w, h // grid_h)
+    rows = visible_rows(mask, grid_h, grid_w, h // grid_h, keep)
     tokens = x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, rows)
     for stage in encoder.iter_stages():
         if stage.downsample is not None:

@@ -8,6 +8,7 @@ Unknown keys and bad values raise :class:`ConfigError` naming the key and what i
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,10 @@ class ModelConfig(_Section):
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     block: Literal["v2", "v1"] = Field("v2", description="v1: ConvNeXt V1 blocks (LayerScale, no GRN), an ablation")
     sparse: bool = Field(True, description="false: dense convs on the masked image, the paper's ablation")
+    grad_checkpointing: bool | tuple[bool, bool, bool, bool] = Field(
+        False, description="activation checkpointing of the encoder: all stages, or one flag per stage"
+    )
+    compile: bool = Field(False, description="torch.compile the model (gather and dense backends)")
     num_classes: int = Field(1000, ge=1, description="classes of the fine-tune head / detector (without background)")
     pretrained: str | None = Field(
         None,
@@ -169,6 +174,11 @@ class ClusterConfig(_Section):
     max_requeues: int = Field(20, ge=0, description="requeues after preemption / time limit")
     max_failure_retries: int = Field(2, ge=0, description="requeues after a real error (then the failure stands)")
 
+    @property
+    def ranks_per_node(self) -> int:
+        """Tasks per node: one per GPU, or ``cpu_ranks_per_node`` CPU ranks when ``gpus_per_node`` is 0."""
+        return self.gpus_per_node or self.cpu_ranks_per_node
+
 
 class TrainConfig(_Section):
     """A whole run: the stage and every component's settings."""
@@ -196,6 +206,16 @@ class TrainConfig(_Section):
             )
         if self.stage in ("finetune", "detection") and not self.data.val_url:
             raise ValueError(f"stage {self.stage} evaluates on data.val_url: set it to the validation shard set")
+        uses_encoder_flags = self.model.grad_checkpointing is not False or self.model.compile
+        if self.stage == "pretrain" and self.model.backend == "minkowski" and uses_encoder_flags:
+            raise ValueError(
+                "model.grad_checkpointing and model.compile work with the gather and dense_masked backends, not "
+                "minkowski (MinkowskiEngine's sparse tensors): use model.backend=gather"
+            )
+        if self.stage == "detection" and self.model.compile:
+            raise ValueError(
+                "model.compile is for pretraining and fine-tuning: Mask R-CNN's data-dependent shapes would recompile"
+            )
         if self.schedule.warmup_epochs > self.schedule.epochs:
             raise ValueError(
                 f"schedule.warmup_epochs={self.schedule.warmup_epochs} exceeds schedule.epochs={self.schedule.epochs}"
@@ -204,8 +224,12 @@ class TrainConfig(_Section):
 
     def world_size(self) -> int:
         """Ranks the cluster section asks for."""
-        per_node = self.cluster.gpus_per_node or self.cluster.cpu_ranks_per_node
-        return self.cluster.nodes * per_node
+        return self.cluster.nodes * self.cluster.ranks_per_node
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the run: the epochs, capped by ``schedule.max_steps``."""
+        steps = math.ceil(self.schedule.epochs * steps_per_epoch)
+        return min(steps, self.schedule.max_steps) if self.schedule.max_steps else steps
 
     def global_batch(self, world_size: int) -> int:
         """Samples per optimizer step for a world size; checked against ``deepspeed.global_batch`` if set."""

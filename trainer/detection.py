@@ -31,20 +31,19 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection import MaskRCNN
 
 from data.detection_transforms import EvalImage, LargeScaleJitter, ResizePad
-from data.loader import SampleTransform, ShardLoader, build_loader
-from data.sampling import Remainder
 from models.convnextv2 import get_size
-from models.detection import build_mask_rcnn, load_backbone, trunk_parameter
+from models.detection import ConvNeXtV2FPN, build_mask_rcnn, load_backbone, trunk_parameter
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
 from trainer.finetune import PretrainedWeightsError, read_checkpoint
 from trainer.layer_decay import layer_id, num_layers
-from trainer.loop import Batch, Evaluation, autocast
 from trainer.optim import build_optimizer
-from trainer.preemption import PREEMPTION_SIGNALS
+from trainer.run_loader import build_eval_loader, build_train_loader
+from trainer.stage import Batch, Evaluation, autocast
 from trainer.zero import gathered_parameters
 
 COCO_STATS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
@@ -148,32 +147,42 @@ def _gather_to_main(items: list[Any], env: DistEnv) -> list[Any]:
     return [x for part in gathered or [] for x in part]
 
 
+def build_model(cfg: TrainConfig) -> MaskRCNN:
+    """The detector of a detection config (the stage contract's ``build_model``, :mod:`trainer.stage`), before the
+    pretrained backbone is loaded."""
+    det, size = cfg.detection, cfg.data.image_size
+    model = build_mask_rcnn(
+        cfg.model.size,
+        cfg.model.num_classes,
+        drop_path=cfg.model.drop_path,
+        anchor_sizes=det.anchor_sizes,
+        fpn_channels=det.fpn_channels,
+        min_size=size,
+        max_size=size,
+        detections_per_image=det.detections_per_image,
+        rois_per_image=sampled_rois(size),
+    )
+    backbone = model.backbone
+    assert isinstance(backbone, ConvNeXtV2FPN)
+    backbone.body.trunk.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
+
+
 class DetectionStage:
-    """The Mask R-CNN stage of :func:`trainer.loop.run_stage`."""
+    """The Mask R-CNN stage (:class:`trainer.stage.Stage`)."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg = cfg
         self.env = env
         self.run_dir = run_dir
         det, size = cfg.detection, cfg.data.image_size
-        assert cfg.data.val_url is not None  # TrainConfig requires it for stage detection
-        self.loader = self._shard_loader(
-            cfg.data.train_url, LargeScaleJitter(size, det.min_scale, det.max_scale), shuffle=True, remainder="drop"
+        self.loader = build_train_loader(
+            cfg, env, sample_transform=LargeScaleJitter(size, det.min_scale, det.max_scale)
         )
         # Every validation image once over all ranks; slots that pad the last batches come as None targets.
-        self.val_loader = self._shard_loader(cfg.data.val_url, ResizePad(size), shuffle=False, remainder="pad")
+        self.val_loader = build_eval_loader(cfg, env, sample_transform=ResizePad(size))
         self.categories = self._categories()
-        model = build_mask_rcnn(
-            cfg.model.size,
-            cfg.model.num_classes,
-            drop_path=cfg.model.drop_path,
-            anchor_sizes=det.anchor_sizes,
-            fpn_channels=det.fpn_channels,
-            min_size=size,
-            max_size=size,
-            detections_per_image=det.detections_per_image,
-            rois_per_image=sampled_rois(size),
-        )
+        model = build_model(cfg)
         if cfg.model.pretrained:
             state = read_checkpoint(cfg.model.pretrained)
             try:
@@ -182,22 +191,6 @@ class DetectionStage:
                 raise PretrainedWeightsError(f"model.pretrained={cfg.model.pretrained!r}: {exc}") from exc
         self.model = model.to(env.device)
         self.flops = None  # MFU is not reported: RoI counts vary per image
-
-    def _shard_loader(self, url: str, transform: SampleTransform, shuffle: bool, remainder: Remainder) -> ShardLoader:
-        """This rank's loader of a COCO-style shard set with a detection ``transform``."""
-        return build_loader(
-            url,
-            batch_size=self.cfg.data.batch_size,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            num_workers=self.cfg.data.num_workers,
-            seed=self.cfg.seed,
-            sample_transform=transform,
-            shuffle=shuffle,
-            remainder=remainder,
-            pin_memory=self.env.device.type == "cuda",
-            worker_ignored_signals=PREEMPTION_SIGNALS,
-        )
 
     def _categories(self) -> list[dict[str, Any]]:
         """The validation set's COCO categories in label order; checked against ``model.num_classes``."""
@@ -250,7 +243,7 @@ class DetectionStage:
         category_ids = [int(c["id"]) for c in self.categories]
         images: list[EvalImage] = []
         detections: list[dict] = []
-        with gathered_parameters(model, engine), autocast(self.cfg, self.env):
+        with gathered_parameters(model, engine), autocast(self.cfg.deepspeed.precision, self.env.device):
             for batch, infos in self.val_loader:
                 outputs = model(list(batch.to(self.env.device)))
                 for output, info in zip(outputs, infos, strict=True):

@@ -39,10 +39,10 @@ from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
 from trainer.layer_decay import lr_scales
-from trainer.loop import Batch, Evaluation, autocast
 from trainer.metrics import FlopCount, flop_counter
 from trainer.optim import build_optimizer
 from trainer.run_loader import build_eval_loader, build_train_loader
+from trainer.stage import Batch, Evaluation, autocast
 from trainer.zero import gathered_parameters
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,14 @@ def count_classifier_flops(model: nn.Module, image_size: int, device: torch.devi
     return FlopCount(masked=flops, dense=flops)
 
 
+def build_model(cfg: TrainConfig) -> ConvNeXtV2:
+    """The classifier of a fine-tuning config (the stage contract's ``build_model``, :mod:`trainer.stage`), before
+    pretrained weights and the new head's initialization."""
+    model = build(cfg.model.size, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
+
+
 @dataclass
 class Best:
     """The best evaluation so far: top-1 (max of model and EMA), which of them, and the step."""
@@ -154,7 +162,7 @@ class Best:
 
 
 class FinetuneStage:
-    """The classification fine-tuning stage of :func:`trainer.loop.run_stage`."""
+    """The classification fine-tuning stage (:class:`trainer.stage.Stage`)."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg = cfg
@@ -182,8 +190,7 @@ class FinetuneStage:
             )
         self.soft_target_loss = SoftTargetCrossEntropy()
 
-        model = build(cfg.model.size, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path)
-        model = model.to(env.device)
+        model = build_model(cfg).to(env.device)
         if cfg.model.pretrained:
             load_pretrained(model, cfg.model.pretrained, cfg.model.size)
         init_head(model, ft.head_init_scale)
@@ -250,7 +257,7 @@ class FinetuneStage:
         counts = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # top1, top5, n, ema top1, ema top5
         self.val_loader.set_epoch(0)  # the same fixed pass every time
         with gathered_parameters(model, engine):
-            with autocast(self.cfg, self.env):
+            with autocast(self.cfg.deepspeed.precision, self.env.device):
                 for images, labels in self.val_loader:
                     images = images.to(self.env.device, non_blocking=True)
                     labels = labels.to(self.env.device, non_blocking=True)

@@ -144,6 +144,10 @@ class Meter:
         self._data_s += data_s
         self._steps += 1
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation, reported apart) out of the current interval's wall time."""
+        self._window_start += seconds
+
     def flush(self, step: int, device: torch.device) -> dict[str, float]:
         """Metrics over the steps since the last flush (global throughput assumes ranks run in lockstep)."""
         now = time.perf_counter()

@@ -20,10 +20,10 @@ from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
 from trainer.fcmae_eval import feature_cosine_distance, save_reconstructions
-from trainer.loop import Batch, Evaluation, autocast
 from trainer.metrics import count_fcmae_flops
 from trainer.optim import build_optimizer
 from trainer.run_loader import build_train_loader
+from trainer.stage import Batch, Evaluation, autocast
 from trainer.zero import gathered_parameters
 
 TAG_MASK = 21
@@ -39,8 +39,9 @@ def sample_masks(keys: list[str], seed: int, epoch: int, num_patches: int, ratio
 
 
 def build_model(cfg: TrainConfig) -> FCMAE:
-    """The FCMAE of a pretraining config, on the CPU, initialized from the current torch RNG state (the run seeds
-    it with ``cfg.seed`` first, so the same call reproduces a run's initial weights)."""
+    """The FCMAE of a pretraining config (the stage contract's ``build_model``, :mod:`trainer.stage`), initialized
+    from the current torch RNG state (the run seeds it with ``cfg.seed`` first, so the same call reproduces a
+    run's initial weights)."""
     return FCMAE(
         cfg.model.size,
         mask_ratio=cfg.model.mask_ratio,
@@ -51,11 +52,12 @@ def build_model(cfg: TrainConfig) -> FCMAE:
         drop_path=cfg.model.drop_path,
         block=cfg.model.block,
         sparse=cfg.model.sparse,
+        grad_checkpointing=cfg.model.grad_checkpointing,
     )
 
 
 class PretrainStage:
-    """The FCMAE stage of :func:`trainer.loop.run_stage`."""
+    """The FCMAE stage (:class:`trainer.stage.Stage`)."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg = cfg
@@ -67,7 +69,9 @@ class PretrainStage:
         self.model = model
         self.flops = count_fcmae_flops(model, cfg.data.image_size, env.device)
         self.loader = build_train_loader(cfg, env)
-        self.num_patches = (cfg.data.image_size // model.patch_size) ** 2
+        grid = cfg.data.image_size // model.patch_size
+        self.num_patches = grid * grid
+        self.visible = model.visible_patches(grid, grid)
         self._eval_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def describe(self) -> str:
@@ -91,7 +95,7 @@ class PretrainStage:
         masks = masks.to(self.env.device)
         if self._eval_batch is None:
             self._eval_batch = (images[:8].detach().clone(), masks[:8].clone())
-        loss, _, _ = engine(images, masks)
+        loss, _, _ = engine(images, masks, visible=self.visible)
         return loss
 
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
@@ -106,8 +110,8 @@ class PretrainStage:
         model = self.model
         was_training = model.training
         model.eval()
-        with gathered_parameters(model, engine), autocast(self.cfg, self.env):
-            _, pred, _ = model(images, masks)
+        with gathered_parameters(model, engine), autocast(self.cfg.deepspeed.precision, self.env.device):
+            _, pred, _ = model(images, masks, visible=self.visible)
             features = model.encoder.forward_features(images)
         model.train(was_training)
         if not self.env.is_main:

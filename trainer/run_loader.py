@@ -1,10 +1,10 @@
-"""The data streams of a run: the shard loader (or ``synthetic://N``) with the stage's transform."""
+"""The one place that builds a run's loaders: the shard loader (or ``synthetic://N``) with the stage's transform."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from data.loader import build_loader
+from data.loader import SampleTransform, build_loader
 from data.synthetic import SyntheticLoader, parse_synthetic_url
 from data.transforms import ImageTransform, pretrain_transform
 from trainer.config import TrainConfig
@@ -12,28 +12,51 @@ from trainer.distributed import DistEnv
 from trainer.preemption import PREEMPTION_SIGNALS
 
 
-def build_train_loader(cfg: TrainConfig, env: DistEnv, transform: ImageTransform | None = None) -> Any:
-    """This rank's training loader, seeded from the run seed; ``transform`` defaults to the pretraining one
-    (RandomResizedCrop + flip + normalize)."""
+def build_train_loader(
+    cfg: TrainConfig,
+    env: DistEnv,
+    transform: ImageTransform | None = None,
+    sample_transform: SampleTransform | None = None,
+) -> Any:
+    """This rank's training loader, seeded from the run seed. ``transform`` maps an image (classification,
+    pretraining; default: RandomResizedCrop + flip + normalize), ``sample_transform`` a whole sample (detection)."""
     url = cfg.data.train_url
     if not url:
         raise ValueError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
-    if transform is None:
+    if transform is None and sample_transform is None:
         transform = pretrain_transform(cfg.data.image_size, scale=(cfg.data.min_scale, 1.0))
-    return _build(cfg, env, url, transform, shuffle=True, remainder="drop")
+    return _build(cfg, env, url, transform, sample_transform, shuffle=True, remainder="drop")
 
 
-def build_eval_loader(cfg: TrainConfig, env: DistEnv, transform: ImageTransform) -> Any:
+def build_eval_loader(
+    cfg: TrainConfig,
+    env: DistEnv,
+    transform: ImageTransform | None = None,
+    sample_transform: SampleTransform | None = None,
+) -> Any:
     """This rank's slice of ``data.val_url`` in a fixed order. Every sample is served once over all ranks; the
-    slots that pad the last batches carry the label :data:`data.loader.IGNORE_LABEL` and must not be counted."""
+    slots that pad the last batches carry the label :data:`data.loader.IGNORE_LABEL` (``None`` targets with a
+    ``sample_transform``) and must not be counted."""
     if not cfg.data.val_url:
         raise ValueError("data.val_url is empty: set it to the validation shard set (path or s3:// URL)")
-    return _build(cfg, env, cfg.data.val_url, transform, shuffle=False, remainder="pad")
+    return _build(cfg, env, cfg.data.val_url, transform, sample_transform, shuffle=False, remainder="pad")
 
 
-def _build(cfg: TrainConfig, env: DistEnv, url: str, transform: ImageTransform, shuffle: bool, remainder: str) -> Any:
+def _build(
+    cfg: TrainConfig,
+    env: DistEnv,
+    url: str,
+    transform: ImageTransform | None,
+    sample_transform: SampleTransform | None,
+    shuffle: bool,
+    remainder: str,
+) -> Any:
     synthetic = parse_synthetic_url(url)
     if synthetic is not None:
+        if sample_transform is not None:
+            raise ValueError(
+                f"{url}: synthetic data has no detection targets; point the detection stage at COCO shards"
+            )
         return SyntheticLoader(
             synthetic,
             batch_size=cfg.data.batch_size,
@@ -50,6 +73,7 @@ def _build(cfg: TrainConfig, env: DistEnv, url: str, transform: ImageTransform, 
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         transform=transform,
+        sample_transform=sample_transform,
         shuffle=shuffle,
         remainder=remainder,
         pin_memory=env.device.type == "cuda",

@@ -7,7 +7,6 @@ launcher (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) or from SL
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from trainer.config import load_run_config
 from trainer.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
-from trainer.loop import run_stage
+from trainer.trainer import train
 
 
 def setup_logging(rank: int) -> None:
@@ -31,22 +30,9 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-# Stage name -> its class, imported on demand (detection pulls in torchvision's detection models).
-STAGES = {
-    "pretrain": "trainer.pretrain:PretrainStage",
-    "finetune": "trainer.finetune:FinetuneStage",
-    "detection": "trainer.detection:DetectionStage",
-}
-
-
 def run_run_dir(run_dir: Path) -> int:
     """Run the stage of the run directory's config; returns the exit code."""
-    cfg = load_run_config(run_dir / "config.yaml")
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage {cfg.stage!r} has no implementation yet; available: {', '.join(STAGES)}")
-    module_name, _, class_name = STAGES[cfg.stage].partition(":")
-    stage_class = getattr(importlib.import_module(module_name), class_name)
-    return run_stage(cfg, run_dir, stage_class)
+    return train(load_run_config(run_dir / "config.yaml"), run_dir)
 
 
 def run_rank(run_dir: Path, rank: int) -> int:

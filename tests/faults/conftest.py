@@ -56,11 +56,12 @@ def wait_for(predicate, timeout: float = 240, what: str = "condition", proc: sub
 
 
 def logged_steps(run_dir: Path) -> list[dict]:
-    """Metric records written so far."""
+    """Training-interval metric records written so far."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["kind"] == "train"]
 
 
 def preempt(proc: subprocess.Popen) -> int:

@@ -88,6 +88,6 @@ def test_a_rank_that_stops_stepping_is_caught_by_the_watchdog(tmp_path: Path) ->
     assert took < BOUND_S, f"the run took {took:.0f}s to end after rank 1 stopped"
     assert "run failed: rank 0 exited with code 124: watchdog: no progress" in text, text[-3000:]
     dump = (run_dir / "hangs" / "rank_00000.txt").read_text()
-    assert "Thread" in dump and "trainer/loop.py" in dump  # every thread's stack, down to where it waited
+    assert "Thread" in dump and "trainer/trainer.py" in dump  # every thread's stack, down to where it waited
     time.sleep(1)
     assert _alive_in_groups(groups) == []

@@ -55,7 +55,8 @@ def launch(run_dir: Path, *overrides: str, ranks: int = 1, config: str = "demo_f
 
 def logged(run_dir: Path) -> list[dict]:
     """The rank-0 metric records of a run (one per log interval)."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"]
 
 
 def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:

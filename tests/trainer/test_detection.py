@@ -257,7 +257,7 @@ def test_training_raises_ap_above_the_untrained_detector(
         "detection.max_scale=1.0", "optim.base_lr=0.1", "schedule.epochs=100", "schedule.max_steps=60",
     ]  # fmt: skip
     cfg = load_config("demo_maskrcnn", [*overrides, "data.num_workers=0"])
-    torch.manual_seed(cfg.seed)  # the initial weights of the run below (trainer.loop.run_stage seeds the same way)
+    torch.manual_seed(cfg.seed)  # the initial weights of the run below (the Trainer seeds the same way)
     untrained = DetectionStage(cfg, CPU, tmp_path / "untrained").evaluate(_Engine(), step=0).metrics
     assert launch(tmp_path / "run", *overrides, config="demo_maskrcnn") == 0
     trained = json.loads((tmp_path / "run" / "export" / "metrics.json").read_text())

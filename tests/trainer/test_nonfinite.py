@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trainer.loop import SkipGuard, TrainingError
+from trainer.trainer import SkipGuard, TrainingError
 
 
 def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
@@ -23,14 +23,14 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
     from trainer.config import load_config
     from trainer.distributed import init_distributed, teardown
     from trainer.engine import deepspeed_config, initialize
-    from trainer.loop import train_step
     from trainer.optim import build_optimizer
     from trainer.pretrain import PretrainStage
+    from trainer.trainer import Trainer
 
     env = init_distributed()
     cfg = load_config("demo_fcmae", [*TINY, f"deepspeed.zero_stage={stage}", "data.batch_size=2"])
     stage_ = PretrainStage.__new__(PretrainStage)  # only its loss(): no loader needed
-    stage_.cfg, stage_.env, stage_.num_patches, stage_._eval_batch = cfg, env, 4, None
+    stage_.cfg, stage_.env, stage_.num_patches, stage_.visible, stage_._eval_batch = cfg, env, 4, 1, None
     stage_.loader = type("Epoch0", (), {"epoch": 0})()
     gen = torch.Generator().manual_seed(rank)
     good = [
@@ -47,12 +47,15 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
         model = FCMAE("atto", decoder_dim=64)
         optimizer = build_optimizer(model, cfg.optim)
         engine = initialize(model, optimizer, deepspeed_config(cfg.deepspeed, cfg.optim, 2, 2))
+        trainer = Trainer.__new__(Trainer)  # only its train_step: the engine and stage are made here
+        trainer.cfg, trainer.env, trainer.engine, trainer.stage = cfg, env, engine, stage_
         skipped = []
         for step, images in enumerate(batches):
             if images is None:
                 continue
             batch = (images, torch.zeros(2), [f"k{rank}{step}", f"k{rank}{step}b"])
-            skipped.append(train_step(engine, stage_, [batch], 1e-3, step, cfg, env).skipped)
+            trainer.step = step
+            skipped.append(trainer.train_step([batch], 1e-3).skipped)
         weights = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         engine.destroy()
         return skipped, weights

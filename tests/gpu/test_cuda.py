@@ -1,0 +1,87 @@
+"""What only a GPU can show: bf16 autocast and channels_last on CUDA, the gather backend on CUDA, one step of every
+size, single-GPU DeepSpeed on NCCL through the launcher, and huge's measured peak memory against the dry-run plan
+with and without activation checkpointing. Marked ``cuda``: skipped on machines without one (``bench/gpu_check.sh``
+runs them where a GPU is lent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.plan import make_plan
+from models.convnextv2 import SIZES
+from models.fcmae import FCMAE
+from tests.models.conftest import randomize_, rel_err
+from trainer.config import load_config
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gather_equals_dense_masked_on_cuda_in_bf16() -> None:
+    model = randomize_(FCMAE("tiny", decoder_dim=128, backend="dense_masked"), seed=3).cuda()
+    assert isinstance(model, FCMAE)
+    imgs = torch.randn(8, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    mask = model.random_mask(imgs, torch.Generator().manual_seed(0))
+    visible = model.visible_patches(7, 7)
+    out = {}
+    for backend in ("dense_masked", "gather"):
+        model.backend = backend
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, pred, _ = model(imgs, mask, visible=visible)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        out[backend] = (pred.float(), grads)
+    assert rel_err(out["gather"][0], out["dense_masked"][0]) < 2e-2  # bf16: ~3 significant digits per op
+    assert rel_err(out["gather"][1], out["dense_masked"][1]) < 5e-2
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_one_bf16_channels_last_step_of_every_size(size: str) -> None:
+    torch.manual_seed(0)
+    model = FCMAE(size, grad_checkpointing=size in ("large", "huge")).cuda().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    imgs = torch.randn(4, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _, _ = model(imgs)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss).item()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _launch(run_dir: Path, *overrides: str) -> list[dict]:
+    cmd = [sys.executable, "cluster/launch.py", "--local", "--config", "huge_fcmae", "--run-dir", str(run_dir)]
+    cmd += ["cluster.nodes=1", "cluster.gpus_per_node=1", "data.train_url=synthetic://4096", "data.num_workers=2"]
+    cmd += ["schedule.max_steps=4", "tracking.log_every=2", "tracking.eval_every=1000", "checkpoint.every_steps=1000"]
+    cmd += ["deepspeed.global_batch=null", *overrides]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{run_dir.parent}/mlflow-{run_dir.name}.db"}
+    subprocess.run(cmd, check=True, cwd=REPO, env=env, timeout=600)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_huge_on_one_gpu_through_deepspeed_nccl_fits_the_plan(checkpointing: bool, tmp_path: Path) -> None:
+    """huge_fcmae (bf16, ZeRO-2) for 4 steps on one GPU through the launcher: the measured peak (allocator) must be
+    within 20% of the plan's estimate for a world of one."""
+    batch = 32
+    overrides = [f"data.batch_size={batch}", f"model.grad_checkpointing={str(checkpointing).lower()}"]
+    records = _launch(tmp_path / f"ckpt-{checkpointing}", *overrides)
+    assert all(r["loss"] == r["loss"] for r in records)
+    cfg = load_config("huge_fcmae", ["cluster.nodes=1", "cluster.gpus_per_node=1", "deepspeed.global_batch=null",
+                                      "data.train_url=synthetic://4096", *overrides])  # fmt: skip
+    planned = make_plan(cfg).memory.total / 2**30
+    measured = max(r["peak_mem_gb"] for r in records)
+    print(f"huge bf16 batch {batch} checkpointing={checkpointing}: measured {measured:.2f} GiB, plan {planned:.2f} GiB")
+    assert measured == pytest.approx(planned, rel=0.2)

@@ -1,0 +1,407 @@
+"""The trainer every stage shares: resume, steps, logging, evaluation, checkpoints, preemption, export.
+
+A stage (FCMAE pretraining, fine-tuning, detection; :mod:`trainer.stage`) supplies its model, loaders, loss,
+evaluation and export. :class:`Trainer` does the rest the same way for all of them:
+
+    __init__: preemption flag -> distributed -> stage -> newest checkpoint -> DeepSpeed engine
+    resume:   engine, loader, stage and loop state from that checkpoint
+    train:    micro-batches -> train_step -> log -> evaluate -> checkpoint (or save and exit on preemption) -> export
+    close:    watchdog, loader workers, ledger, signal handlers, process group
+
+The step does not wait for the device: losses and the finiteness of each micro-batch stay on the device, and the
+host reads them once per log interval (see :meth:`Trainer.train_step` for the syncs that remain, and why).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data.sampling import derive_seed
+from trainer.checkpoint import Checkpointer
+from trainer.config import TrainConfig
+from trainer.distributed import init_distributed, teardown
+from trainer.engine import deepspeed_config, initialize
+from trainer.ledger import SampleLedger
+from trainer.logger import MetricsLogger
+from trainer.metrics import Meter, device_peak_flops
+from trainer.optim import lr_at, set_lr
+from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from trainer.stage import Batch, autocast, stage_class
+from trainer.tracking import Tracker, git_commit
+from trainer.watchdog import StepWatchdog
+
+log = logging.getLogger(__name__)
+
+TAG_DROP_PATH = 22
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite steps in a row); the message says why."""
+
+
+@dataclass
+class LoopState:
+    """What the loop accumulates over the whole run, saved with every checkpoint so that a requeued run reports
+    the whole run (nanochat's single saved loop state)."""
+
+    first_loss: float | None = None
+    train_time_s: float = 0.0
+    """Wall time of the earlier segments (the current one is added when saving or exporting)."""
+    restarts: int = 0
+
+    @classmethod
+    def resumed(cls, saved: dict[str, Any]) -> LoopState:
+        """The state of a checkpoint, one restart later."""
+        first = saved.get("first_loss")
+        return cls(
+            first_loss=None if first is None else float(first),
+            train_time_s=float(saved.get("train_time_s", 0.0)),
+            restarts=int(saved.get("restarts", 0)) + 1,
+        )
+
+    def to_dict(self, segment_s: float) -> dict[str, Any]:
+        """The state as saved (and reported in ``metrics.json``), with the current segment's time added."""
+        return {"first_loss": self.first_loss, "train_time_s": self.train_time_s + segment_s, "restarts": self.restarts}
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced. ``loss_sum``/``loss_count`` (finite micro-batch losses of this rank)
+    stay on the device; ``grad_norm`` is whatever DeepSpeed holds (read at log time)."""
+
+    loss_sum: torch.Tensor
+    loss_count: torch.Tensor
+    grad_norm: Any
+    skipped: bool
+
+
+class SkipGuard:
+    """Counts skipped (non-finite) steps and stops the run after too many in a row."""
+
+    def __init__(self, max_in_row: int) -> None:
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.total = 0
+
+    def update(self, skipped: bool, step: int, checkpoint_dir: Path) -> None:
+        """Record one step; raise :class:`TrainingError` when ``max_in_row`` steps in a row were skipped."""
+        self.in_row = self.in_row + 1 if skipped else 0
+        self.total += int(skipped)
+        if skipped:
+            log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, self.in_row)
+        if self.in_row >= self.max_in_row:
+            raise TrainingError(
+                f"{self.in_row} steps in a row had a non-finite loss or gradient (last: step {step}); lower "
+                "optim.base_lr, set optim.grad_clip, or use deepspeed.precision=fp32. The last complete "
+                f"checkpoint is in {checkpoint_dir}"
+            )
+
+
+class Interval:
+    """Losses since the last log point, summed on the device; read (and reduced over ranks) once per interval."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, finite micro-batches
+        self.grad_norm: Any = None
+        self.skipped = False
+
+    def add(self, result: StepResult) -> None:
+        """Accumulate one step (no host read)."""
+        self.totals[0] += result.loss_sum
+        self.totals[1] += result.loss_count
+        self.grad_norm, self.skipped = result.grad_norm, result.skipped
+
+    def mean_loss(self) -> float:
+        """Mean finite micro-batch loss over all ranks (one all-reduce, one host read); resets the sums."""
+        totals = self.totals.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        self.totals.zero_()
+        loss_sum, count = totals.tolist()  # sync: the log interval's one read of the losses
+        return loss_sum / count if count else float("nan")
+
+    def grad_norm_value(self) -> float:
+        """The last step's global gradient norm (NaN when that step was skipped)."""
+        if self.grad_norm is None or self.skipped:
+            return float("nan")
+        return float(self.grad_norm)  # sync (when DeepSpeed holds a tensor): at log intervals only
+
+
+def micro_batch_groups(loader: Any, accum: int, device: torch.device) -> Generator[tuple[int, list[Batch]], None, None]:
+    """Endless (epoch, micro-batches of one step); epochs advance as the loader finishes them. A partial group at
+    the end of an epoch is dropped (every rank has the same batch count, so all drop it)."""
+    while True:
+        epoch = loader.epoch
+        group: list[Batch] = []
+        for images, labels in loader:
+            group.append((images.to(device, non_blocking=True), labels, list(loader.last_keys)))
+            if len(group) == accum:
+                yield epoch, group
+                group = []
+
+
+class Trainer:
+    """Trains (or resumes) one stage in a run directory; :meth:`run` returns the process's exit code."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.preemption = PreemptionHandler().install()  # first: a signal during start-up must not kill the rank
+        self.env = env = init_distributed()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.stage = stage_class(cfg.stage)(cfg, env, run_dir)  # type: ignore[call-arg]
+        if cfg.model.compile:
+            self.stage.model.compile()  # in place: the engine calls the compiled forward
+        self.accum = cfg.deepspeed.grad_accum
+        self.steps_per_epoch = len(self.stage.loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise TrainingError(
+                f"{len(self.stage.loader)} batches per epoch cannot fill one step of deepspeed.grad_accum="
+                f"{self.accum}: lower data.batch_size or deepspeed.grad_accum"
+            )
+        self.total = cfg.total_steps(self.steps_per_epoch)
+        self.warmup = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        self.global_batch = cfg.global_batch(env.world_size)
+        self.peak_lr = cfg.lr(env.world_size)
+
+        self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, env)
+        self.resume_from = self.checkpointer.find_latest()
+        self.universal = self.resume_from is not None and self.checkpointer.needs_universal(self.resume_from)
+        if self.universal and self.resume_from is not None:
+            self.checkpointer.prepare_universal(self.resume_from, timeout_s=cfg.watchdog.phase_timeout_s)
+        ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.data.batch_size, env.world_size)
+        if self.universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+        self.engine = initialize(self.stage.model, self.stage.optimizer(), ds_config)
+
+        self.step = 0
+        self.skip_guard = SkipGuard(cfg.schedule.max_skipped_steps)
+        self.loop_state = LoopState()
+        self.tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, enabled=env.is_main)
+        self.logger = MetricsLogger(run_dir, self.tracker, self.total, enabled=env.is_main)
+        self.watchdog = StepWatchdog(cfg.watchdog, run_dir, env.rank)
+        self.ledger: SampleLedger | None = None
+        self.groups: Generator[tuple[int, list[Batch]], None, None] | None = None
+        self.eval_metrics: dict[str, float] = {}
+        self.last_loss = float("nan")
+        self.started = time.perf_counter()
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint, if any: engine, loader position, stage and loop state."""
+        if self.resume_from is None:
+            return
+        state = self.checkpointer.load(self.engine, self.resume_from, load_universal=self.universal)
+        self.step = int(state["step"])
+        self.skip_guard.total = int(state.get("skipped_total", 0))
+        self.loop_state = LoopState.resumed(state.get("loop", {}))
+        if int(state.get("global_batch", self.global_batch)) != self.global_batch and self.env.is_main:
+            log.warning(
+                "global batch changed from %d to %d on resume: the lr is rescaled and steps per epoch change",
+                int(state["global_batch"]), self.global_batch,
+            )  # fmt: skip
+        self.stage.loader.load_state_dict(state["loader"])
+        self.stage.load_state_dict(state.get("stage", {}))
+        if self.env.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", self.resume_from.path, self.step, self.stage.loader.epoch)
+
+    def run(self) -> int:
+        """Resume, start tracking, train and close; returns 0 or :data:`REQUEUE_EXIT_CODE`."""
+        failed = True
+        try:
+            self.resume()
+            self._start_tracking()
+            code = self.train()
+            self.tracker.finish("FINISHED" if code == 0 else "KILLED")
+            failed = False
+            return code
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        finally:
+            self.close(failed)
+
+    def train(self) -> int:
+        """The loop: steps until the total, then the export; a preemption saves and returns the requeue code."""
+        if self.step >= self.total and (self.run_dir / "export" / "metrics.json").exists():
+            if self.env.is_main:
+                log.info("run already complete (%d steps); exports are in %s", self.step, self.run_dir / "export")
+            return 0
+        cfg, env = self.cfg, self.env
+        self.watchdog.start()
+        if cfg.tracking.sample_ledger:
+            self.ledger = SampleLedger(self.run_dir / "ledger", env, self.step)
+        peak = device_peak_flops(env.device, cfg.deepspeed.precision)
+        meter = Meter(self.global_batch, env.world_size, self.total, self.stage.flops, peak)
+        interval = Interval(env.device)
+        self.groups = micro_batch_groups(self.stage.loader, self.accum, env.device)
+        while self.step < self.total:
+            t0 = time.perf_counter()
+            epoch, group = next(self.groups)
+            meter.add(data_s=time.perf_counter() - t0)
+            lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, cfg.optim.min_lr)
+            result = self.train_step(group, lr)
+            self._after_step(epoch, group, result, interval)
+            if self.step % cfg.tracking.log_every == 0 or self.step == self.total:
+                self._log(epoch, lr, interval, meter)
+            epoch_end = cfg.tracking.eval_each_epoch and self.step % self.steps_per_epoch == 0
+            if self.step % cfg.tracking.eval_every == 0 or self.step == self.total or epoch_end:
+                meter.exclude(self.evaluate())
+            stop = self.preemption.should_stop(env.device)
+            if stop or self.step % cfg.checkpoint.every_steps == 0 or self.step == self.total:
+                self.save()
+            if stop:
+                return REQUEUE_EXIT_CODE
+        self.export()
+        return 0
+
+    def train_step(self, group: list[Batch], lr: float) -> StepResult:
+        """One optimizer step over ``grad_accum`` micro-batches, without waiting for the device.
+
+        A non-finite loss multiplies this rank's loss by NaN, so its gradients are NaN; DeepSpeed's gradient
+        all-reduce carries the NaN to every rank, and every rank skips the update (DeepSpeed's overflow check)
+        without a collective of ours. Drop path draws come from (seed, step, rank, micro-batch), so a resumed run
+        draws what the uninterrupted one drew. Host reads that remain, once per optimizer step: DeepSpeed's own
+        overflow check and gradient norm inside ``engine.step()``, and under ZeRO-0 our finiteness check of the
+        gradients (ZeRO-0 runs the client optimizer, which would apply NaN gradients).
+        """
+        cfg, env, engine = self.cfg, self.env, self.engine
+        set_lr(engine.optimizer, lr)
+        skipped_before = engine.skipped_steps
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        loss_count = torch.zeros((), dtype=torch.float64, device=env.device)
+        dropped = False
+        for micro, batch in enumerate(group):
+            torch.manual_seed(derive_seed(cfg.seed, TAG_DROP_PATH, self.step, env.rank, micro))
+            with autocast(cfg.deepspeed.precision, env.device):
+                loss = self.stage.loss(engine, batch, self.step, micro)
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+            loss_count += finite.double()
+            engine.backward(loss * torch.where(finite, 1.0, float("nan")))
+            if micro == len(group) - 1 and cfg.deepspeed.zero_stage == 0 and self._grads_nonfinite():
+                dropped = True  # AdamW skips parameters without gradients
+                for param in engine.module.parameters():
+                    param.grad = None
+            engine.step()
+        skipped = dropped or engine.skipped_steps > skipped_before
+        return StepResult(loss_sum, loss_count, engine.get_global_grad_norm(), skipped)
+
+    def _grads_nonfinite(self) -> bool:
+        """Whether any gradient holds NaN/Inf after the all-reduce (the same answer on every rank)."""
+        flags = [torch.isfinite(p.grad).all() for p in self.engine.module.parameters() if p.grad is not None]
+        return bool(flags) and not bool(torch.stack(flags).all())  # sync: ZeRO-0 only, see train_step
+
+    def _after_step(self, epoch: int, group: list[Batch], result: StepResult, interval: Interval) -> None:
+        self.step += 1
+        self.watchdog.beat(self.step)
+        if self.ledger is not None:
+            self.ledger.record(self.step, epoch, [key for _, _, keys in group for key in keys])
+        self.stage.after_step(self.engine, self.step, result.skipped)
+        self.skip_guard.update(result.skipped, self.step, self.checkpointer.root)
+        if self.loop_state.first_loss is None and not result.skipped:
+            # sync: once per run, the first step's loss (the summary's "first_loss")
+            self.loop_state.first_loss = float(result.loss_sum / result.loss_count)
+        interval.add(result)
+
+    def _log(self, epoch: int, lr: float, interval: Interval, meter: Meter) -> None:
+        self.last_loss = interval.mean_loss()
+        perf = meter.flush(self.step, self.env.device)
+        progress = epoch + (self.step % self.steps_per_epoch) / self.steps_per_epoch
+        scalars = {
+            "loss": self.last_loss,
+            "lr": lr,
+            "grad_norm": interval.grad_norm_value(),
+            "skipped_steps": float(self.skip_guard.total),
+        }
+        self.logger.train(self.step, progress, scalars, perf)
+
+    def evaluate(self) -> float:
+        """The stage's evaluation, logged with its duration; returns the seconds it took."""
+        t0 = time.perf_counter()
+        with self.watchdog.phase("evaluation"):
+            evaluation = self.stage.evaluate(self.engine, self.step)
+        seconds = time.perf_counter() - t0
+        self.eval_metrics = evaluation.metrics
+        self.logger.eval(self.step, evaluation.metrics, seconds, evaluation.artifacts)
+        return seconds
+
+    def save(self) -> None:
+        """A checkpoint of the engine, this rank's loader and stage state, and the loop state."""
+        rank_state = {
+            "loader": self.stage.loader.state_dict(),
+            "stage": self.stage.state_dict(),
+            "skipped_total": self.skip_guard.total,
+            "global_batch": self.global_batch,
+            "loop": self.loop_state.to_dict(time.perf_counter() - self.started),
+        }
+        with self.watchdog.phase("checkpoint save"):
+            self.checkpointer.save(self.engine, self.step, rank_state)
+
+    def export(self) -> None:
+        """The stage's weights and ``metrics.json`` (the run's summary) for the next stage."""
+        summary = {
+            "stage": self.cfg.stage,
+            "steps": self.step,
+            "final_loss": self.last_loss,
+            "skipped_steps": self.skip_guard.total,
+            **self.loop_state.to_dict(time.perf_counter() - self.started),
+            "loader_samples_skipped": getattr(getattr(self.stage.loader, "stats", None), "skipped", 0),
+            **self.eval_metrics,
+        }
+        out = self.run_dir / "export"
+        with self.watchdog.phase("export"):
+            self.stage.export(self.engine, out, summary)
+        if self.env.is_main:
+            self.tracker.log_artifact(out / "model.safetensors", "export")
+            self.tracker.log_artifact(out / "metrics.json", "export")
+            log.info("done: %d steps, weights and metrics in %s", self.step, out)
+
+    def close(self, failed: bool) -> None:
+        """Stop the watchdog, the loader workers (they ignore SIGTERM and would block exit), the ledger and the
+        signal handlers; tear the process group down (locally only after a failure)."""
+        self.watchdog.stop()
+        if self.groups is not None:
+            self.groups.close()
+        if self.ledger is not None:
+            self.ledger.close()
+        self.preemption.uninstall()
+        teardown(self.engine, clean=not failed)
+
+    def _start_tracking(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.tracker.start(
+            params=cfg.model_dump(mode="json"), tags=self._tags(), run_name=f"{cfg.name}-{self.run_dir.name}"
+        )
+        if not env.is_main:
+            return
+        if self.tracker.restart_count == 0:
+            self.tracker.log_config(cfg.model_dump(mode="json"))
+        log.info(
+            "%s | %s | world %d | global batch %d (%d x %d accum x %d ranks) | lr %.3g | %d steps/epoch | %d steps",
+            cfg.stage, self.stage.describe(), env.world_size, self.global_batch, cfg.data.batch_size, self.accum,
+            env.world_size, self.peak_lr, self.steps_per_epoch, self.total,
+        )  # fmt: skip
+
+    def _tags(self) -> dict[str, str]:
+        env = self.env
+        per_node = torch.cuda.device_count() if env.device.type == "cuda" else self.cfg.cluster.cpu_ranks_per_node
+        return {
+            "git_commit": git_commit(),
+            "world_size": str(env.world_size),
+            "hosts": str(int(os.environ.get("SLURM_JOB_NUM_NODES", max(1, env.world_size // max(1, per_node))))),
+            "slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or "none",
+            "stage": self.cfg.stage,
+        }
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> int:
+    """Train (or resume) ``cfg``'s stage in ``run_dir``; returns the exit code (0, or :data:`REQUEUE_EXIT_CODE`)."""
+    return Trainer(cfg, run_dir).run()
