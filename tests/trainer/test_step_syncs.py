@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +31,7 @@ def count_host_reads() -> Iterator[Counter[str]]:
     counts: Counter[str] = Counter()
     originals = {name: getattr(torch.Tensor, name) for name in READS}
 
-    def wrap(name: str):  # noqa: ANN202
+    def wrap(name: str) -> Callable[..., object]:
         original = originals[name]
 
         def read(self: torch.Tensor, *args: object, **kwargs: object) -> object:
