@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.config import load_config  # noqa: E402
+from trainer.config import PretrainConfig, load_config  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 from trainer.pretrain import build_model  # noqa: E402
 
@@ -50,7 +50,7 @@ def overrides(args: argparse.Namespace, train_url: str, workers: int) -> list[st
         "deepspeed.precision=fp32",
         f"schedule.max_steps={args.warmup + args.steps}",
         f"tracking.log_every={args.log_every}",
-        "tracking.eval_every=1000000",
+        "eval.every_steps=1000000",
         "checkpoint.every_steps=1000000",
     ]
 
@@ -59,6 +59,7 @@ def bare(args: argparse.Namespace, threads: int) -> float:
     """images/s of a plain loop over in-memory tensors."""
     torch.set_num_threads(threads)
     cfg = load_config("demo_fcmae", overrides(args, "synthetic://1024", 0))
+    assert isinstance(cfg, PretrainConfig)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     optimizer = build_optimizer(model, cfg.optim)

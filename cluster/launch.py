@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     if not args.local:
         return _submit_all(configs)
-    from trainer.local import run_local
+    from cluster.local import run_local
 
     walls: list[float] = []
     for cfg, run_dir in configs:

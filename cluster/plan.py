@@ -16,7 +16,7 @@ from torch import nn
 
 from models.fcmae import FCMAE
 from models.masking import random_mask
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, PretrainConfig, TrainConfig
 from trainer.stage import build_model
 
 IMAGENET_TRAIN = 1_281_167
@@ -86,7 +86,7 @@ def dataset_size(cfg: TrainConfig) -> tuple[int, str]:
 def planned_model(cfg: TrainConfig) -> nn.Module:
     """The stage's own model (:func:`trainer.stage.build_model`), on the meta device: nothing is allocated.
     MinkowskiEngine cannot run on the meta device; the gather backend saves the same per-cell activations."""
-    if cfg.stage == "pretrain" and cfg.model.backend == "minkowski":
+    if isinstance(cfg, PretrainConfig) and cfg.model.backend == "minkowski":
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backend": "gather"})})
     with torch.device("meta"):
         return build_model(cfg)
@@ -119,7 +119,7 @@ def activation_bytes(cfg: TrainConfig, batch: int) -> float | None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if isinstance(model, FCMAE):
             grid = size // model.patch_size
-            mask = random_mask(batch, grid * grid, cfg.model.mask_ratio, torch.Generator().manual_seed(0))
+            mask = random_mask(batch, grid * grid, model.mask_ratio, torch.Generator().manual_seed(0))
             model(images, mask.to("meta"), visible=model.visible_patches(grid, grid))
         else:
             model(images)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 LN_EPS = 1e-6
+STEM_STRIDE = 4
 GRN_EPS = 1e-6
 
 
@@ -84,6 +85,9 @@ class GRN(nn.Module):
 
 
 BlockKind = Literal["v2", "v1"]
+Grouping = Literal["block", "stage"]
+"""Layer grouping for layer-wise lr decay: one layer per block, or the paper's groups (base and up)."""
+BLOCKS_PER_GROUP = 3  # the paper groups stage 3 (index 2) of base/large/huge by three blocks
 LAYER_SCALE_INIT = 1e-6
 
 
@@ -126,7 +130,7 @@ class Stem(nn.Module):
 
     def __init__(self, in_chans: int, dim: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_chans, dim, kernel_size=4, stride=4)
+        self.conv = nn.Conv2d(in_chans, dim, kernel_size=STEM_STRIDE, stride=STEM_STRIDE)
         self.norm = LayerNorm2d(dim, eps=LN_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,6 +230,46 @@ class ConvNeXtV2Encoder(nn.Module):
         for stage, flag in zip(self.iter_stages(), flags, strict=True):
             stage.grad_checkpointing = bool(flag)
 
+    @property
+    def feature_levels(self) -> tuple[tuple[int, int], ...]:
+        """``(channels, stride)`` of each stage's output: the levels a detector's feature pyramid is built on."""
+        return tuple((dim, STEM_STRIDE * 2**i) for i, dim in enumerate(self.dims))
+
+    def num_layers(self, grouping: Grouping) -> int:
+        """Layer ids of the trunk for layer-wise lr decay; a head above it is layer ``num_layers + 1``."""
+        if grouping == "block":
+            return sum(self.depths)
+        return 3 + -(-self.depths[2] // BLOCKS_PER_GROUP)
+
+    def layer_ids(self, grouping: Grouping) -> dict[str, int]:
+        """The layer id of every trunk parameter (by its name in this module), as the official code numbers them.
+
+        - ``block`` (the official ``single`` type, atto..tiny): block ``j`` of stage ``i`` is
+          ``sum(depths[:i]) + j + 1``; a downsample shares the id of its stage's first block, the stem id 1 with the
+          first block (the official code leaves 0 unused).
+        - ``stage`` (the official ``group`` type, base/large/huge): stem 0, stage 0 -> 1, stage 1 and its downsample
+          -> 2, stage 2 in groups of three blocks from 3 (its downsample with the first group), stage 3 and its
+          downsample last: for depths (3, 3, 27, 3) the paper's 12 layers.
+        """
+        top = self.num_layers(grouping)
+
+        def block_id(stage: int, block: int) -> int:
+            if grouping == "block":
+                return sum(self.depths[:stage]) + block + 1
+            if stage < 2:
+                return stage + 1
+            return 3 + block // BLOCKS_PER_GROUP if stage == 2 else top
+
+        ids = {f"stem.{name}": 1 if grouping == "block" else 0 for name, _ in self.stem.named_parameters()}
+        for i, stage in enumerate(self.iter_stages()):
+            if stage.downsample is not None:
+                ids.update(
+                    {f"stages.{i}.downsample.{n}": block_id(i, 0) for n, _ in stage.downsample.named_parameters()}
+                )
+            for j, block in enumerate(stage.iter_blocks()):
+                ids.update({f"stages.{i}.blocks.{j}.{n}": block_id(i, j) for n, _ in block.named_parameters()})
+        return ids
+
     def iter_stages(self) -> Iterator[Stage]:
         """The four stages, typed."""
         for stage in self.stages:
@@ -266,6 +310,15 @@ class ConvNeXtV2(ConvNeXtV2Encoder):
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
                 self.head.bias.mul_(head_init_scale)
+
+    def layer_ids(self, grouping: Grouping) -> dict[str, int]:
+        """Trunk layer ids (:meth:`ConvNeXtV2Encoder.layer_ids`), and the classifier (``norm``, ``head``) above them
+        at ``num_layers + 1``: it trains at the full lr."""
+        top = self.num_layers(grouping)
+        ids = super().layer_ids(grouping)
+        for module_name in ("norm", "head"):
+            ids.update({f"{module_name}.{n}": top + 1 for n, _ in getattr(self, module_name).named_parameters()})
+        return ids
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Pool ``(N, C, h, w)`` features, normalize and classify."""

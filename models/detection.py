@@ -51,8 +51,8 @@ class ConvNeXtV2Features(nn.Module):
 
     @property
     def channels(self) -> tuple[int, ...]:
-        """Channels of the four maps."""
-        return self.trunk.dims
+        """Channels of the four maps (the trunk's feature levels)."""
+        return tuple(channels for channels, _stride in self.trunk.feature_levels)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.trunk.stem(x)
@@ -168,6 +168,14 @@ def build_mask_rcnn(
     return detector
 
 
-def trunk_parameter(name: str) -> str | None:
-    """The classifier-layout name (``stem.*``, ``stages.*``) of a detector parameter of the trunk, else None."""
-    return name[len(TRUNK_PREFIX) :] if name.startswith(TRUNK_PREFIX) else None
+def layer_ids(detector: MaskRCNN) -> tuple[dict[str, int], int]:
+    """Layer ids of every detector parameter for layer-wise lr decay, and the trunk's number of layers: the
+    official ConvNeXt detection groups on the trunk (grouping ``stage``: stem 0, stage 1 -> 1, stage 2 -> 2, stage 3
+    in groups of three blocks, stage 4 last); the per-level norms, FPN and heads above them."""
+    backbone = detector.backbone
+    if not isinstance(backbone, ConvNeXtV2FPN):
+        raise TypeError(f"detector has a {type(backbone).__name__} backbone, not ConvNeXtV2FPN")
+    trunk = backbone.body.trunk
+    top = trunk.num_layers("stage")
+    trunk_ids = {TRUNK_PREFIX + name: i for name, i in trunk.layer_ids("stage").items()}
+    return {name: trunk_ids.get(name, top + 1) for name, _ in detector.named_parameters()}, top

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from data.sources import FASHION_MNIST_DIR, build_source
-from data.writer import WriterConfig, write_shards
+from tests.support.env import AWS_ENV, free_port, patched_environ
+from tests.support.shards import detection_shards, fmnist_shards_of
 
 REQUIRE_ALL = "TESTS_REQUIRE_ALL"
 
@@ -33,44 +32,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"skipped, but {REQUIRE_ALL}=1 requires every test to run: {reason}"
 
 
-@contextlib.contextmanager
-def patched_environ(env: dict[str, str]) -> Iterator[None]:
-    """Make os.environ equal to ``env`` for the body, then undo only the keys that changed (so variables other
-    fixtures set meanwhile survive)."""
-    changed = {k for k in os.environ if k not in env} | {k for k, v in env.items() if os.environ.get(k) != v}
-    saved = {k: os.environ.get(k) for k in changed}
-    for key in changed:
-        if key in env:
-            os.environ[key] = env[key]
-        else:
-            del os.environ[key]
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A real S3 API served by ``moto_server`` on a free local port; the AWS environment points at it."""
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
         [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -104,24 +69,20 @@ def s3_bucket(moto_endpoint: str) -> str:
     return f"s3://{name}"
 
 
-def _fmnist_shards(factory: pytest.TempPathFactory, split: str, limit: int, per_shard: int) -> str:
-    """The first ``limit`` real Fashion-MNIST images of a split at 64 px, as shards of ``per_shard`` samples."""
-    if not Path(FASHION_MNIST_DIR).exists():
-        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist")
-    out = factory.mktemp("fmnist") / split
-    source = build_source("fashion-mnist", None, image_size=64, split=split)
-    write_shards(source, WriterConfig(output=str(out), samples_per_shard=per_shard, limit=limit, progress=False))
-    return str(out)
-
-
 @pytest.fixture(scope="session")
 def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """768 real Fashion-MNIST training images at 64 px in 6 shards (Debian's dataset-fashion-mnist package)."""
-    return _fmnist_shards(tmp_path_factory, "train", limit=768, per_shard=128)
+    return fmnist_shards_of(tmp_path_factory, "train", limit=768, per_shard=128)
 
 
 @pytest.fixture(scope="session")
 def fmnist_test_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """500 real Fashion-MNIST test-split images at 64 px in 2 shards (validation data for fine-tuning; 500 is no
     multiple of common batch sizes, so evaluation pads its last batch)."""
-    return _fmnist_shards(tmp_path_factory, "test", limit=500, per_shard=250)
+    return fmnist_shards_of(tmp_path_factory, "test", limit=500, per_shard=250)
+
+
+@pytest.fixture(scope="session")
+def det_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """32 training and 8 validation canvases of 64 px with 1-3 real Fashion-MNIST items each, as shards."""
+    return detection_shards(tmp_path_factory.mktemp("fmnist-det"))

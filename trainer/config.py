@@ -29,28 +29,54 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """What network is trained."""
+    """What network is trained: the settings every stage shares."""
 
     size: ModelSizeName = Field("atto", description="ConvNeXt V2 size")
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block")
+    grad_checkpointing: bool | tuple[bool, bool, bool, bool] = Field(
+        False, description="activation checkpointing of the encoder: all stages, or one flag per stage"
+    )
+
+
+class FCMAEModelConfig(ModelConfig):
+    """The FCMAE (pretraining): ConvNeXt V2 encoder, sparse backend, one-block decoder."""
+
     mask_ratio: float = Field(0.6, ge=0.0, lt=1.0, description="fraction of 32-px patches masked (FCMAE)")
     decoder_dim: int = Field(512, ge=1, description="FCMAE decoder width")
     decoder_depth: int = Field(1, ge=1, description="FCMAE decoder blocks")
     norm_pix_loss: bool = Field(True, description="regress per-patch normalized pixels")
     backend: Literal["gather", "dense_masked", "minkowski"] = Field("gather", description="sparse encoder backend")
-    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    compile: bool = Field(False, description="torch.compile the model (gather and dense_masked backends)")
     block: Literal["v2", "v1"] = Field("v2", description="v1: ConvNeXt V1 blocks (LayerScale, no GRN), an ablation")
     sparse: bool = Field(True, description="false: dense convs on the masked image, the paper's ablation")
-    grad_checkpointing: bool | tuple[bool, bool, bool, bool] = Field(
-        False, description="activation checkpointing of the encoder: all stages, or one flag per stage"
-    )
-    compile: bool = Field(False, description="torch.compile the model (gather and dense backends)")
-    num_classes: int = Field(1000, ge=1, description="classes of the fine-tune head / detector (without background)")
+
+    @model_validator(mode="after")
+    def _backend_rules(self) -> FCMAEModelConfig:
+        if self.backend == "minkowski" and (self.grad_checkpointing is not False or self.compile):
+            raise ValueError(
+                "model.grad_checkpointing and model.compile work with the gather and dense_masked backends, not "
+                "minkowski (MinkowskiEngine's sparse tensors): use model.backend=gather"
+            )
+        return self
+
+
+class TransferModelConfig(ModelConfig):
+    """A network that starts from pretrained weights and predicts ``num_classes`` classes (detection)."""
+
+    num_classes: int = Field(1000, ge=1, description="classes of the classifier / detector (without background)")
     pretrained: str | None = Field(
         None,
-        description="weights to start from (fine-tune, detection): the previous stage's export/model.safetensors "
-        "by path or URL, or an official / timm ConvNeXt V2 checkpoint",
+        description="weights to start from: the previous stage's export/model.safetensors by path or URL, or an "
+        "official / timm ConvNeXt V2 checkpoint",
     )
+
+
+class ClassifierModelConfig(TransferModelConfig):
+    """The classifier (fine-tuning)."""
+
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    compile: bool = Field(False, description="torch.compile the model")
 
 
 class DataConfig(_Section):
@@ -61,10 +87,15 @@ class DataConfig(_Section):
     image_size: int = Field(224, ge=32, description="training crop size; a multiple of 32 for FCMAE")
     batch_size: int = Field(64, ge=1, description="micro-batch per device")
     num_workers: int = Field(4, ge=0, description="dataloader worker processes per rank")
+
+
+class PretrainDataConfig(DataConfig):
+    """Pretraining data: the shards and the RandomResizedCrop of the FCMAE recipe."""
+
     min_scale: float = Field(0.2, gt=0.0, le=1.0, description="RandomResizedCrop lower scale bound")
 
 
-class FinetuneConfig(_Section):
+class FinetuneSection(_Section):
     """Classification fine-tuning recipe (paper, appendix): layer decay, EMA, Mixup/CutMix, RandAugment."""
 
     layer_decay: float = Field(0.8, gt=0.0, le=1.0, description="layer-wise lr decay factor")
@@ -81,7 +112,7 @@ class FinetuneConfig(_Section):
     head_init_scale: float = Field(0.001, gt=0.0, description="scale of the new classifier's initial weights")
 
 
-class DetectionConfig(_Section):
+class DetectionSection(_Section):
     """Mask R-CNN transfer (torchvision) on the ConvNeXt V2 backbone."""
 
     layer_decay: float = Field(0.9, gt=0.0, le=1.0, description="layer-wise lr decay over the backbone")
@@ -143,11 +174,16 @@ class TrackingConfig(_Section):
     experiment: str = Field("fcmae", description="MLflow experiment name")
     tracking_uri: str | None = Field(None, description="MLflow URI; default: env MLFLOW_TRACKING_URI or run dir sqlite")
     log_every: int = Field(20, ge=1, description="console + metric logging interval (steps)")
-    eval_each_epoch: bool = Field(False, description="also evaluate at the end of every epoch")
-    eval_every: int = Field(1000, ge=1, description="reconstruction images and feature statistics interval (steps)")
     sample_ledger: bool = Field(
         False, description="write the sample keys of every step to ledger/rank_N.jsonl in the run directory"
     )
+
+
+class EvalConfig(_Section):
+    """When the stage's evaluation runs (reconstructions and feature statistics, top-1, COCO AP); always at the end."""
+
+    every_steps: int = Field(1000, ge=1, description="evaluate every N optimizer steps")
+    each_epoch: bool = Field(False, description="also evaluate at the end of every epoch")
 
 
 class WatchdogConfig(_Section):
@@ -180,42 +216,23 @@ class ClusterConfig(_Section):
         return self.gpus_per_node or self.cpu_ranks_per_node
 
 
-class TrainConfig(_Section):
-    """A whole run: the stage and every component's settings."""
+class RunConfig(_Section):
+    """What every stage's run has: the sections all stages read. A run's config is one of :data:`TrainConfig`."""
 
     name: str = Field("run", description="config name (set from the file name)")
-    stage: Literal["pretrain", "finetune", "detection"] = Field("pretrain", description="what this run trains")
     seed: int = Field(0, description="run seed: shard order, crops, masks and drop path derive from it")
-    model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    detection: DetectionConfig = Field(default_factory=DetectionConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> TrainConfig:
-        if self.stage == "pretrain" and self.data.image_size % 32:
-            raise ValueError(
-                f"data.image_size={self.data.image_size} must be a multiple of 32 for FCMAE (32-px patches)"
-            )
-        if self.stage in ("finetune", "detection") and not self.data.val_url:
-            raise ValueError(f"stage {self.stage} evaluates on data.val_url: set it to the validation shard set")
-        uses_encoder_flags = self.model.grad_checkpointing is not False or self.model.compile
-        if self.stage == "pretrain" and self.model.backend == "minkowski" and uses_encoder_flags:
-            raise ValueError(
-                "model.grad_checkpointing and model.compile work with the gather and dense_masked backends, not "
-                "minkowski (MinkowskiEngine's sparse tensors): use model.backend=gather"
-            )
-        if self.stage == "detection" and self.model.compile:
-            raise ValueError(
-                "model.compile is for pretraining and fine-tuning: Mask R-CNN's data-dependent shapes would recompile"
-            )
+    def _schedule_rules(self) -> RunConfig:
         if self.schedule.warmup_epochs > self.schedule.epochs:
             raise ValueError(
                 f"schedule.warmup_epochs={self.schedule.warmup_epochs} exceeds schedule.epochs={self.schedule.epochs}"
@@ -250,6 +267,60 @@ class TrainConfig(_Section):
     def to_yaml(self) -> str:
         """The resolved config as YAML (what is stored with the run)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class PretrainConfig(RunConfig):
+    """FCMAE pretraining (``stage: pretrain``)."""
+
+    stage: Literal["pretrain"] = Field("pretrain", description="what this run trains")
+    model: FCMAEModelConfig = Field(default_factory=FCMAEModelConfig)
+    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
+
+    @model_validator(mode="after")
+    def _patch_rules(self) -> PretrainConfig:
+        if self.data.image_size % 32:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} must be a multiple of 32 for FCMAE (32-px patches)"
+            )
+        return self
+
+
+class FinetuneConfig(RunConfig):
+    """Classification fine-tuning (``stage: finetune``)."""
+
+    stage: Literal["finetune"] = Field("finetune", description="what this run trains")
+    model: ClassifierModelConfig = Field(default_factory=ClassifierModelConfig)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+
+    @model_validator(mode="after")
+    def _val_rules(self) -> FinetuneConfig:
+        if not self.data.val_url:
+            raise ValueError("stage finetune evaluates on data.val_url: set it to the validation shard set")
+        return self
+
+
+class DetectionConfig(RunConfig):
+    """Mask R-CNN transfer (``stage: detection``)."""
+
+    stage: Literal["detection"] = Field("detection", description="what this run trains")
+    model: TransferModelConfig = Field(default_factory=TransferModelConfig)
+    detection: DetectionSection = Field(default_factory=DetectionSection)
+
+    @model_validator(mode="after")
+    def _val_rules(self) -> DetectionConfig:
+        if not self.data.val_url:
+            raise ValueError("stage detection evaluates on data.val_url: set it to the validation shard set")
+        return self
+
+
+TrainConfig = PretrainConfig | FinetuneConfig | DetectionConfig
+"""A run's config: one class per stage, chosen by its ``stage`` key (default ``pretrain``)."""
+
+STAGE_CONFIGS: dict[str, type[RunConfig]] = {
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "detection": DetectionConfig,
+}
 
 
 def available_configs() -> list[str]:
@@ -291,19 +362,39 @@ def _load_raw(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return _deep_merge(merged, raw)
 
 
-def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
-    """Unknown keys anywhere in the tree, named with their dotted path and the allowed keys."""
+def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "", stage: str = "") -> None:
+    """Unknown keys anywhere in the tree, named with their dotted path and the allowed keys; a key that another
+    stage reads is named as such."""
+    stage = stage or str(raw.get("stage", "pretrain"))
     for key, value in raw.items():
         field = model.model_fields.get(key)
         where = f"{prefix}{key}"
         if field is None:
+            others = [name for name, cls in STAGE_CONFIGS.items() if _has_key(cls, where)]
+            if others:
+                keys = ", ".join(f"{where}.{k}" for k in value) if isinstance(value, dict) and value else where
+                raise ConfigError(
+                    f"{keys}: only stage {' and '.join(others)} reads it; this config's stage is {stage}: remove it "
+                    "or move it to that stage's config"
+                )
             allowed = ", ".join(model.model_fields)
             raise ConfigError(
                 f"unknown config key {where!r}; allowed keys{' in ' + prefix[:-1] if prefix else ''}: {allowed}"
             )
         sub = field.annotation
         if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
-            _check_keys(value, sub, f"{where}.")
+            _check_keys(value, sub, f"{where}.", stage)
+
+
+def _has_key(model: type[BaseModel], dotted: str) -> bool:
+    """Whether ``dotted`` (``section.key`` or ``section``) is a field path of ``model``."""
+    for part in dotted.split("."):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        sub = field.annotation
+        model = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else BaseModel
+    return True
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -321,22 +412,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-# Sections that only the stage of the same name reads: set in another stage's config they are a mistake.
-STAGE_SECTIONS = ("finetune", "detection")
-
-
 def load_config(name: str, overrides: list[str] | None = None) -> TrainConfig:
     """Resolve a named config (or a YAML path) with ``extends`` and ``key=value`` overrides."""
     raw = _load_raw(name)
     raw = _deep_merge(raw, parse_overrides(overrides or []))
     raw.setdefault("name", Path(name).stem)
-    stage = raw.get("stage", "pretrain")
-    for section in STAGE_SECTIONS:
-        if section in raw and section != stage:
-            keys = ", ".join(f"{section}.{k}" for k in raw[section] or {}) or section
-            raise ConfigError(
-                f"{keys}: only stage {section} reads the {section} section; this config's stage is {stage}"
-            )
     return config_from_dict(raw)
 
 
@@ -348,7 +428,7 @@ def check_runnable(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError(
             "deepspeed.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU): use bf16 or fp32 on this machine"
         )
-    if cfg.model.backend == "minkowski" and device_type == "cpu":
+    if isinstance(cfg, PretrainConfig) and cfg.model.backend == "minkowski" and device_type == "cpu":
         from models.masked_encoder import minkowski_available
 
         if not minkowski_available():
@@ -359,10 +439,14 @@ def check_runnable(cfg: TrainConfig, world_size: int, device_type: str) -> None:
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
-    """Validate a raw config tree, turning pydantic's errors into messages that name the key."""
-    _check_keys(raw, TrainConfig)
+    """Validate a raw config tree as its stage's config, turning pydantic's errors into messages that name the key."""
+    stage = raw.get("stage", "pretrain")
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"stage: unknown stage {stage!r}; choose one of {', '.join(STAGE_CONFIGS)}")
+    cls = STAGE_CONFIGS[stage]
+    _check_keys(raw, cls)
     try:
-        return TrainConfig.model_validate(raw)
+        return cls.model_validate(raw)  # type: ignore[return-value]
     except ValidationError as err:
         problems = []
         for e in err.errors():
@@ -374,6 +458,41 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
 
 
+# Keys of configs stored by earlier versions (one flat schema for all stages): where they live now.
+_MOVED_KEYS = {
+    ("tracking", "eval_every"): ("eval", "every_steps"),
+    ("tracking", "eval_each_epoch"): ("eval", "each_epoch"),
+}
+
+
+def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's ``config.yaml`` written by an earlier version, in today's schema: moved keys moved, and
+    the sections and keys of other stages (which that version stored with every run, at their defaults) dropped.
+    A config that already fits is returned unchanged."""
+    out = copy.deepcopy(raw)
+    for (section, key), (new_section, new_key) in _MOVED_KEYS.items():
+        if key in out.get(section, {}):
+            out.setdefault(new_section, {})[new_key] = out[section].pop(key)
+    cls = STAGE_CONFIGS.get(out.get("stage", "pretrain"))
+    if cls is not None:
+        _drop_foreign(out, cls)
+    return out
+
+
+def _drop_foreign(tree: dict[str, Any], model: type[BaseModel]) -> None:
+    for key in list(tree):
+        field = model.model_fields.get(key)
+        if field is None:
+            del tree[key]
+        elif isinstance(tree[key], dict) and isinstance(sub := field.annotation, type) and issubclass(sub, BaseModel):
+            _drop_foreign(tree[key], sub)
+
+
+def read_stored_config(path: str | Path) -> dict[str, Any]:
+    """The raw tree of a run directory's ``config.yaml``, upgraded to today's schema (:func:`upgrade_stored`)."""
+    return upgrade_stored(yaml.safe_load(Path(path).read_text()) or {})
+
+
 def load_run_config(path: str | Path) -> TrainConfig:
     """Load a resolved ``config.yaml`` stored in a run directory."""
-    return config_from_dict(yaml.safe_load(Path(path).read_text()))
+    return config_from_dict(read_stored_config(path))

@@ -20,7 +20,7 @@ import contextlib
 import copy
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,12 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection import MaskRCNN
 
 from data.detection_transforms import EvalImage, LargeScaleJitter, ResizePad
-from models.convnextv2 import get_size
-from models.detection import ConvNeXtV2FPN, build_mask_rcnn, load_backbone, trunk_parameter
-from trainer.config import TrainConfig
+from models.detection import ConvNeXtV2FPN, build_mask_rcnn, layer_ids, load_backbone
+from trainer.config import DetectionConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
 from trainer.finetune import PretrainedWeightsError, read_checkpoint
-from trainer.layer_decay import layer_id, num_layers
+from trainer.layer_decay import lr_scales
 from trainer.optim import build_optimizer
 from trainer.run_loader import build_eval_loader, build_train_loader
 from trainer.stage import Batch, Evaluation, autocast
@@ -49,19 +48,6 @@ from trainer.zero import gathered_parameters
 COCO_STATS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 """Names of the first six ``COCOeval.stats`` (AP at IoU .5:.95, .5, .75; small, medium, large objects)."""
 MASK_THRESHOLD = 0.5
-
-
-def lr_scales(depths: Sequence[int], layer_decay: float) -> Callable[[str], float]:
-    """``lr_scale(name)`` of a detector parameter: ``layer_decay ** (top + 1 - id)`` with the official detection
-    layer ids on the trunk (:func:`trainer.layer_decay.layer_id`, grouping ``stage``) and ``top + 1`` elsewhere."""
-    top = num_layers(depths, "stage")
-
-    def scale(name: str) -> float:
-        trunk_name = trunk_parameter(name)
-        layer = top + 1 if trunk_name is None else layer_id(trunk_name, depths, "stage")
-        return float(layer_decay ** (top + 1 - layer))
-
-    return scale
 
 
 def sampled_rois(image_size: int) -> int:
@@ -147,7 +133,7 @@ def _gather_to_main(items: list[Any], env: DistEnv) -> list[Any]:
     return [x for part in gathered or [] for x in part]
 
 
-def build_model(cfg: TrainConfig) -> MaskRCNN:
+def build_model(cfg: DetectionConfig) -> MaskRCNN:
     """The detector of a detection config (the stage contract's ``build_model``, :mod:`trainer.stage`), before the
     pretrained backbone is loaded."""
     det, size = cfg.detection, cfg.data.image_size
@@ -171,7 +157,7 @@ def build_model(cfg: TrainConfig) -> MaskRCNN:
 class DetectionStage:
     """The Mask R-CNN stage (:class:`trainer.stage.Stage`)."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> None:
+    def __init__(self, cfg: DetectionConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg = cfg
         self.env = env
         self.run_dir = run_dir
@@ -220,8 +206,8 @@ class DetectionStage:
 
     def optimizer(self) -> torch.optim.Optimizer:
         """AdamW with layer-wise lr decay over the trunk; no weight decay on biases, norms and GRN."""
-        depths = get_size(self.cfg.model.size).depths
-        return build_optimizer(self.model, self.cfg.optim, lr_scales(depths, self.cfg.detection.layer_decay))
+        ids, top = layer_ids(self.model)
+        return build_optimizer(self.model, self.cfg.optim, lr_scales(ids, top, self.cfg.detection.layer_decay))
 
     def loss(self, engine: Any, batch: Batch, step: int, micro: int) -> torch.Tensor:
         """Sum of the Mask R-CNN losses of one micro-batch."""

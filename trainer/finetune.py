@@ -35,7 +35,7 @@ from data.storage import open_url
 from data.transforms import SeededMixup, eval_transform, finetune_transform, mixup_fn
 from models.checkpoints import infer_size, load_foreign
 from models.convnextv2 import ConvNeXtV2, build
-from trainer.config import TrainConfig
+from trainer.config import FinetuneConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
 from trainer.layer_decay import lr_scales
@@ -144,7 +144,7 @@ def count_classifier_flops(model: nn.Module, image_size: int, device: torch.devi
     return FlopCount(masked=flops, dense=flops)
 
 
-def build_model(cfg: TrainConfig) -> ConvNeXtV2:
+def build_model(cfg: FinetuneConfig) -> ConvNeXtV2:
     """The classifier of a fine-tuning config (the stage contract's ``build_model``, :mod:`trainer.stage`), before
     pretrained weights and the new head's initialization."""
     model = build(cfg.model.size, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path)
@@ -164,7 +164,7 @@ class Best:
 class FinetuneStage:
     """The classification fine-tuning stage (:class:`trainer.stage.Stage`)."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> None:
+    def __init__(self, cfg: FinetuneConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg = cfg
         self.env = env
         self.run_dir = run_dir
@@ -226,7 +226,8 @@ class FinetuneStage:
     def optimizer(self) -> torch.optim.Optimizer:
         """AdamW over no-decay and layer-decay groups."""
         ft = self.cfg.finetune
-        scales = lr_scales(self.model.depths, ft.layer_decay, ft.layer_decay_grouping)
+        grouping = ft.layer_decay_grouping
+        scales = lr_scales(self.model.layer_ids(grouping), self.model.num_layers(grouping), ft.layer_decay)
         return build_optimizer(self.model, self.cfg.optim, lr_scale=scales)
 
     def loss(self, engine: Any, batch: Batch, step: int, micro: int) -> torch.Tensor:

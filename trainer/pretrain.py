@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from data.sampling import derive_seed
+from data.transforms import pretrain_transform
 from models.fcmae import FCMAE
 from models.masking import random_mask
-from trainer.config import TrainConfig
+from trainer.config import PretrainConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
 from trainer.fcmae_eval import feature_cosine_distance, save_reconstructions
@@ -38,7 +39,7 @@ def sample_masks(keys: list[str], seed: int, epoch: int, num_patches: int, ratio
     return torch.cat(masks)
 
 
-def build_model(cfg: TrainConfig) -> FCMAE:
+def build_model(cfg: PretrainConfig) -> FCMAE:
     """The FCMAE of a pretraining config (the stage contract's ``build_model``, :mod:`trainer.stage`), initialized
     from the current torch RNG state (the run seeds it with ``cfg.seed`` first, so the same call reproduces a
     run's initial weights)."""
@@ -59,7 +60,7 @@ def build_model(cfg: TrainConfig) -> FCMAE:
 class PretrainStage:
     """The FCMAE stage (:class:`trainer.stage.Stage`)."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> None:
+    def __init__(self, cfg: PretrainConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg = cfg
         self.env = env
         self.run_dir = run_dir
@@ -68,7 +69,10 @@ class PretrainStage:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.flops = count_fcmae_flops(model, cfg.data.image_size, env.device)
-        self.loader = build_train_loader(cfg, env)
+        if cfg.model.compile:
+            model.compile()  # in place, after the eager FLOP count: the engine calls the compiled forward
+        crop = pretrain_transform(cfg.data.image_size, scale=(cfg.data.min_scale, 1.0))
+        self.loader = build_train_loader(cfg, env, crop)
         grid = cfg.data.image_size // model.patch_size
         self.num_patches = grid * grid
         self.visible = model.visible_patches(grid, grid)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, TrainConfig, read_stored_config
 from trainer.export import atomic_write_text
 
 # Keys that may change between restarts of one run: where and how it runs, not what it trains. Per-device batch
@@ -19,6 +17,7 @@ RESTART_MUTABLE = (
     "deepspeed.grad_accum",
     "deepspeed.global_batch",
     "tracking.",
+    "eval.",
     "checkpoint.mirror_url",
     "checkpoint.keep",
     "schedule.max_steps",
@@ -45,7 +44,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
     path = run_dir / "config.yaml"
     resumed = path.exists()
     if resumed:
-        old = _flat(yaml.safe_load(path.read_text()) or {})
+        old = _flat(read_stored_config(path))
         new = _flat(cfg.model_dump(mode="json"))
         changed = sorted(
             k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESTART_MUTABLE)

@@ -6,7 +6,7 @@ from typing import Any
 
 from data.loader import SampleTransform, build_loader
 from data.synthetic import SyntheticLoader, parse_synthetic_url
-from data.transforms import ImageTransform, pretrain_transform
+from data.transforms import ImageTransform
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
 from trainer.preemption import PREEMPTION_SIGNALS
@@ -18,13 +18,11 @@ def build_train_loader(
     transform: ImageTransform | None = None,
     sample_transform: SampleTransform | None = None,
 ) -> Any:
-    """This rank's training loader, seeded from the run seed. ``transform`` maps an image (classification,
-    pretraining; default: RandomResizedCrop + flip + normalize), ``sample_transform`` a whole sample (detection)."""
+    """This rank's training loader, seeded from the run seed. ``transform`` maps an image (pretraining,
+    classification), ``sample_transform`` a whole sample (detection)."""
     url = cfg.data.train_url
     if not url:
         raise ValueError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
-    if transform is None and sample_transform is None:
-        transform = pretrain_transform(cfg.data.image_size, scale=(cfg.data.min_scale, 1.0))
     return _build(cfg, env, url, transform, sample_transform, shuffle=True, remainder="drop")
 
 

@@ -158,8 +158,6 @@ class Trainer:
         self.env = env = init_distributed()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.stage = stage_class(cfg.stage)(cfg, env, run_dir)  # type: ignore[call-arg]
-        if cfg.model.compile:
-            self.stage.model.compile()  # in place: the engine calls the compiled forward
         self.accum = cfg.deepspeed.grad_accum
         self.steps_per_epoch = len(self.stage.loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -251,8 +249,8 @@ class Trainer:
             self._after_step(epoch, group, result, interval)
             if self.step % cfg.tracking.log_every == 0 or self.step == self.total:
                 self._log(epoch, lr, interval, meter)
-            epoch_end = cfg.tracking.eval_each_epoch and self.step % self.steps_per_epoch == 0
-            if self.step % cfg.tracking.eval_every == 0 or self.step == self.total or epoch_end:
+            epoch_end = cfg.eval.each_epoch and self.step % self.steps_per_epoch == 0
+            if self.step % cfg.eval.every_steps == 0 or self.step == self.total or epoch_end:
                 meter.exclude(self.evaluate())
             stop = self.preemption.should_stop(env.device)
             if stop or self.step % cfg.checkpoint.every_steps == 0 or self.step == self.total:

@@ -1,4 +1,4 @@
-"""The ``slurm_cluster`` session fixture: a real two-node SLURM on localhost (see slurm_cluster.py)."""
+"""The ``slurm_cluster`` session fixture: a real two-node SLURM on localhost (see tests/support/slurm.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed, local_slurm_cluster
-from tests.conftest import patched_environ
+from tests.support.env import patched_environ
+from tests.support.slurm import SlurmCluster, SlurmUnavailable, ensure_installed, local_slurm_cluster
 
 
 @pytest.fixture(scope="session")

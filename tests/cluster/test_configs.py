@@ -12,7 +12,6 @@ import pytest
 from safetensors.torch import load_file
 
 from cluster.launch import main as launch
-from tests.trainer.test_detection import det_shards  # noqa: F401 - the fixture, shared
 from trainer.config import available_configs
 
 SIZES = ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"]
@@ -80,7 +79,7 @@ def _total_ram_gib() -> float:
 def test_every_size_and_stage_trains_two_steps_on_cpu(
     size: str,
     kind: str,
-    det_shards: tuple[str, str],  # noqa: F811
+    det_shards: tuple[str, str],
     tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:

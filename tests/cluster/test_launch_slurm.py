@@ -20,9 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.launch import main as launch
-from tests.cluster.slurm_cluster import SlurmCluster
-from tests.faults.conftest import logged_steps
-from tests.trainer.conftest import TINY
+from tests.support.launch import TINY, logged_steps
+from tests.support.slurm import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 10

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from tests.cluster.slurm_cluster import SlurmCluster
+from tests.support.slurm import SlurmCluster
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from data.manifest import read_manifest, write_manifest
 from data.sampling import Layout
 from data.storage import MissingShardError, RetryPolicy, ShardIntegrityError
 from data.transforms import pretrain_transform
-from tests.data.conftest import write_folder_shards
+from tests.support.shards import write_folder_shards
 
 Batch = tuple[list[str], torch.Tensor, torch.Tensor]
 

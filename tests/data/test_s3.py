@@ -17,7 +17,7 @@ from data.manifest import read_manifest
 from data.storage import DataSourceError, MissingShardError, RetryPolicy, register_fsspec_schemes
 from data.transforms import pretrain_transform
 from data.write_shards import main
-from tests.data.conftest import write_folder_shards
+from tests.support.shards import write_folder_shards
 
 
 def test_cli_writes_to_s3_and_the_loader_streams_it_back(s3_bucket: str, image_folder: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import launch_cmd, logged_steps, start, wait_for
+from tests.support.launch import launch_cmd, logged_steps, start, wait_for
 from trainer.failure import FAILURE_EXIT_CODE, HANG_EXIT_CODE
 
 BOUND_S = 60

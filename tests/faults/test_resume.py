@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.faults.conftest import launch_cmd, logged_steps, preempt, run, start, wait_for
-from tests.trainer.conftest import exported_weights, initial_weights, relative_distance
+from tests.support.launch import launch_cmd, logged_steps, preempt, run, start, wait_for
+from tests.support.weights import exported_weights, initial_weights, relative_distance
 from trainer.checkpoint import LATEST, MARKER
 from trainer.ledger import read_ledger
 from trainer.preemption import REQUEUE_EXIT_CODE

@@ -17,7 +17,7 @@ import torch
 from cluster.plan import make_plan
 from models.convnextv2 import SIZES
 from models.fcmae import FCMAE
-from tests.models.conftest import randomize_, rel_err
+from tests.support.tensors import randomize_, rel_err
 from trainer.config import load_config
 
 pytestmark = [
@@ -63,7 +63,7 @@ def test_one_bf16_channels_last_step_of_every_size(size: str) -> None:
 def _launch(run_dir: Path, *overrides: str) -> list[dict]:
     cmd = [sys.executable, "cluster/launch.py", "--local", "--config", "huge_fcmae", "--run-dir", str(run_dir)]
     cmd += ["cluster.nodes=1", "cluster.gpus_per_node=1", "data.train_url=synthetic://4096", "data.num_workers=2"]
-    cmd += ["schedule.max_steps=4", "tracking.log_every=2", "tracking.eval_every=1000", "checkpoint.every_steps=1000"]
+    cmd += ["schedule.max_steps=4", "tracking.log_every=2", "eval.every_steps=1000", "checkpoint.every_steps=1000"]
     cmd += ["deepspeed.global_batch=null", *overrides]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{run_dir.parent}/mlflow-{run_dir.name}.db"}
     subprocess.run(cmd, check=True, cwd=REPO, env=env, timeout=600)

@@ -10,7 +10,7 @@ from torch import nn
 
 from models.checkpoints import from_official, from_timm, infer_size, load_foreign, to_official, to_timm
 from models.convnextv2 import SIZES, build
-from tests.models.conftest import randomize_, rel_err
+from tests.support.tensors import randomize_, rel_err
 
 
 class _OfficialLayerNorm(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch._dynamo
 
 from models.fcmae import FCMAE
-from tests.models.conftest import randomize_, rel_err
+from tests.support.tensors import randomize_, rel_err
 
 
 def _loss_and_grads(model: FCMAE, imgs: torch.Tensor, mask: torch.Tensor, visible: int) -> tuple[float, torch.Tensor]:

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.checkpoints import from_timm, to_timm
 from models.convnextv2 import GRN, SIZES, build
-from tests.models.conftest import randomize_, rel_err
+from tests.support.tensors import randomize_, rel_err
 
 # The paper's table (SPEC section 1): parameters (M) and GFLOPs (multiply-adds) at 224.
 PAPER = {

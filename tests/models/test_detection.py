@@ -9,7 +9,7 @@ from models.checkpoints import to_official, to_timm
 from models.convnextv2 import SIZES, build
 from models.detection import TRUNK_PREFIX, ConvNeXtV2Features, ConvNeXtV2FPN, build_mask_rcnn
 from models.fcmae import FCMAE
-from tests.models.conftest import randomize_
+from tests.support.tensors import randomize_
 
 TINY_DETECTOR = {"anchor_sizes": (8, 16, 32, 64, 128), "fpn_channels": 16, "min_size": 64, "max_size": 64}
 

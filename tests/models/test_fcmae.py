@@ -11,7 +11,7 @@ from models.convnextv2 import GRN, build
 from models.fcmae import FCMAE, patchify, unpatchify
 from models.masked_encoder import minkowski_available
 from models.masking import mask_grid, random_mask
-from tests.models.conftest import randomize_, rel_err
+from tests.support.tensors import randomize_, rel_err
 
 TOL = 1e-5
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import re
 
-from trainer.config import ConfigError, available_configs, check_runnable, load_config
+import pytest
+import yaml
+
+from trainer.config import ConfigError, available_configs, check_runnable, load_config, load_run_config
 from trainer.run_dir import prepare_run_dir
 
 SIZES = ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"]
@@ -66,11 +69,49 @@ def test_a_run_dir_refuses_a_different_training_config(tmp_path) -> None:  # typ
         prepare_run_dir(load_config("demo_fcmae", ["optim.base_lr=0.01"]), tmp_path)
 
 
-def test_a_section_of_another_stage_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"finetune.layer_decay: only stage finetune reads the finetune section"):
-        load_config("demo_fcmae", ["finetune.layer_decay=0.8"])
-    with pytest.raises(ConfigError, match=r"detection.fpn_channels: only stage detection reads"):
-        load_config("demo_finetune", ["detection.fpn_channels=64"])
+def test_a_key_of_another_stage_is_refused_by_name() -> None:
+    refused = {
+        ("demo_fcmae", "finetune.layer_decay=0.8"): "finetune.layer_decay: only stage finetune reads it; this "
+        "config's stage is pretrain",
+        ("demo_fcmae", "model.num_classes=10"): "model.num_classes: only stage finetune and detection reads it",
+        ("demo_finetune", "detection.fpn_channels=64"): "detection.fpn_channels: only stage detection reads it",
+        ("demo_finetune", "model.mask_ratio=0.5"): "model.mask_ratio: only stage pretrain reads it",
+        ("demo_finetune", "data.min_scale=0.5"): "data.min_scale: only stage pretrain reads it",
+        ("demo_maskrcnn", "model.compile=true"): "model.compile: only stage pretrain and finetune reads it",
+    }
+    for (name, override), message in refused.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(name, [override])
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.mask_ration'; allowed keys in model: size"):
+        load_config("demo_fcmae", ["model.mask_ration=0.5"])  # a typo is not another stage's key
+
+
+def test_a_run_stores_and_logs_only_what_its_stage_uses() -> None:
+    sections = {name: set(load_config(name).model_dump()) for name in ("demo_fcmae", "demo_finetune", "demo_maskrcnn")}
+    common = {"name", "stage", "seed", "data", "optim", "schedule", "deepspeed", "checkpoint", "tracking", "eval"}
+    common |= {"watchdog", "cluster", "model"}
+    assert sections == {
+        "demo_fcmae": common,
+        "demo_finetune": common | {"finetune"},
+        "demo_maskrcnn": common | {"detection"},
+    }
+    assert "mask_ratio" not in load_config("demo_finetune").model_dump()["model"]
+    assert "num_classes" not in load_config("demo_fcmae").model_dump()["model"]
+
+
+def test_a_config_stored_by_the_flat_schema_still_resumes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Run directories written before the per-stage schema hold every stage's sections and the evaluation interval
+    under tracking: they load as their stage's config, and resuming one is not a config change."""
+    cfg = load_config("demo_finetune")
+    old = cfg.model_dump(mode="json")
+    old["model"].update(mask_ratio=0.6, decoder_dim=512, backend="gather")
+    old["data"]["min_scale"] = 0.2
+    old["detection"] = {"layer_decay": 0.9, "fpn_channels": 256}
+    old["tracking"].update(eval_every=old["eval"]["every_steps"], eval_each_epoch=old["eval"]["each_epoch"])
+    del old["eval"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_run_config(tmp_path / "config.yaml") == cfg
+    assert prepare_run_dir(cfg, tmp_path) is True
 
 
 def test_rules_of_where_the_run_goes_are_checked_before_it_starts() -> None:

@@ -18,16 +18,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from data.detection_transforms import EvalImage, annotation_mask
-from data.fmnist_detection import CanvasConfig, generate
-from data.sources import FASHION_MNIST_DIR, CocoSource
-from data.writer import WriterConfig, write_shards
-from models.convnextv2 import SIZES, build
-from models.detection import build_mask_rcnn
-from tests.trainer.conftest import launch, logged
+from models.convnextv2 import build
+from models.detection import build_mask_rcnn, layer_ids
+from tests.support.launch import launch, logged_steps
 from trainer.config import load_config
-from trainer.detection import COCO_STATS, DetectionStage, coco_detections, coco_metrics, lr_scales
+from trainer.detection import COCO_STATS, DetectionStage, coco_detections, coco_metrics
 from trainer.distributed import DistEnv
 from trainer.finetune import PretrainedWeightsError
+from trainer.layer_decay import lr_scales
 from trainer.optim import param_groups
 
 LD = 0.9
@@ -36,9 +34,11 @@ CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def test_layer_decay_follows_the_official_detection_groups() -> None:
-    depths = SIZES["atto"].depths  # stage 3 has 6 blocks: groups 3, 4; stage 4 is layer 5; the rest is 6
+    # atto's stage 3 has 6 blocks: groups 3, 4; stage 4 is layer 5; the rest is 6
     detector = build_mask_rcnn("atto", 3, fpn_channels=16)
-    groups = param_groups(detector, weight_decay=0.05, lr_scale=lr_scales(depths, LD))
+    ids, top = layer_ids(detector)
+    assert top == 5
+    groups = param_groups(detector, weight_decay=0.05, lr_scale=lr_scales(ids, top, LD))
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     assert scale.keys() == {n for n, _ in detector.named_parameters()}
     trunk = "backbone.body.trunk."
@@ -98,22 +98,6 @@ def test_predictions_map_back_to_stored_pixels_and_score_ap_one() -> None:
 
 
 # ----- real runs on Fashion-MNIST canvases ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def det_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """32 training and 8 validation canvases of 64 px with 1-3 real Fashion-MNIST items each, as shards."""
-    if not Path(FASHION_MNIST_DIR).exists():
-        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist")
-    root = tmp_path_factory.mktemp("fmnist-det")
-    canvas = CanvasConfig(canvas=64, min_item=16, max_item=32, max_items=3)
-    urls = []
-    for split, count in (("train", 32), ("val", 8)):
-        annotations = generate(root / "coco" / split, split, count, seed=0, config=canvas)
-        out = str(root / split)
-        write_shards(CocoSource(annotations), WriterConfig(output=out, samples_per_shard=16, progress=False))
-        urls.append(out)
-    return urls[0], urls[1]
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +258,7 @@ def test_detection_run_resumes_from_its_checkpoint(
     assert launch(tmp_path, *overrides, "schedule.max_steps=2", config="demo_maskrcnn") == 0
     first = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert launch(tmp_path, *overrides, "schedule.max_steps=4", config="demo_maskrcnn") == 0
-    assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4]  # steps 3, 4 continue from the checkpoint
+    assert [r["step"] for r in logged_steps(tmp_path)] == [1, 2, 3, 4]  # steps 3, 4 continue from the checkpoint
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() != first
     metrics = json.loads((tmp_path / "export" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and all(key in metrics for key in METRICS)

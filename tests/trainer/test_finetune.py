@@ -21,11 +21,11 @@ from data.loader import IGNORE_LABEL
 from models.checkpoints import to_official, to_timm
 from models.convnextv2 import build
 from models.fcmae import FCMAE
-from tests.trainer.conftest import launch, logged
+from tests.support.launch import launch, logged_steps
 from trainer.config import load_config
 from trainer.distributed import DistEnv, free_port
 from trainer.finetune import FinetuneStage, PretrainedWeightsError, eval_counts, init_head, load_pretrained
-from trainer.layer_decay import layer_id, lr_scales, num_layers
+from trainer.layer_decay import lr_scales
 from trainer.optim import param_groups
 
 LD = 0.8
@@ -112,8 +112,9 @@ def test_head_starts_near_zero() -> None:
 
 
 def test_layer_decay_per_block() -> None:
-    depths = (2, 2, 6, 2)  # atto: 12 blocks, the classifier is layer 13
-    scale = lr_scales(depths, LD, "block")
+    model = build("atto", num_classes=10)  # atto: 12 blocks, the classifier is layer 13
+    assert model.num_layers("block") == 12
+    scale = lr_scales(model.layer_ids("block"), 12, LD)
     expected = {
         "stem.conv.weight": 12,  # the stem shares layer 1 with the first block (official code)
         "stages.0.blocks.0.dwconv.weight": 12,
@@ -133,11 +134,11 @@ def test_layer_decay_per_block() -> None:
 
 
 def test_layer_decay_grouped_as_the_paper_for_base() -> None:
-    depths = (3, 3, 27, 3)
-    assert num_layers(depths, "stage") == 12
     with torch.device("meta"):
-        names = [n for n, _ in build("base", num_classes=1000).named_parameters()]
-    ids = {n: layer_id(n, depths, "stage") for n in names}
+        model = build("base", num_classes=1000)
+    assert model.num_layers("stage") == 12
+    ids = model.layer_ids("stage")
+    assert ids.keys() == {n for n, _ in model.named_parameters()}  # every parameter has its layer
     assert sorted(set(ids.values())) == list(range(14))
     assert ids["stem.conv.weight"] == 0
     assert ids["stages.0.blocks.2.grn.beta"] == 1
@@ -147,14 +148,14 @@ def test_layer_decay_grouped_as_the_paper_for_base() -> None:
     assert ids["stages.2.blocks.26.pwconv2.weight"] == 11
     assert ids["stages.3.downsample.conv.weight"] == ids["stages.3.blocks.2.pwconv1.weight"] == 12
     assert ids["head.weight"] == ids["norm.bias"] == 13
-    scale = lr_scales(depths, LD, "stage")
+    scale = lr_scales(ids, 12, LD)
     assert scale("stem.conv.weight") == pytest.approx(LD**13)
     assert scale("stages.2.blocks.26.pwconv2.weight") == pytest.approx(LD**2)
 
 
 def test_optimizer_groups_combine_layer_decay_and_no_decay() -> None:
     model = build("atto", num_classes=10)
-    groups = param_groups(model, weight_decay=0.05, lr_scale=lr_scales(model.depths, LD, "block"))
+    groups = param_groups(model, weight_decay=0.05, lr_scale=lr_scales(model.layer_ids("block"), 12, LD))
     by_name = {n: (g["weight_decay"], g["lr_scale"]) for g in groups for n in g["names"]}
     assert by_name.keys() == {n for n, _ in model.named_parameters()}
     assert by_name["stages.2.blocks.3.grn.gamma"] == (0.0, pytest.approx(LD**5))
@@ -216,7 +217,7 @@ def test_finetune_learns_fashion_mnist(fmnist_shards: str, fmnist_test_shards: s
     code = launch(
         tmp_path, f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}", "data.batch_size=16",
         "model.pretrained=null", "optim.base_lr=8e-3", "schedule.epochs=4", "schedule.max_steps=96",
-        "tracking.eval_every=1000", ranks=2, config="demo_finetune",
+        "eval.every_steps=1000", ranks=2, config="demo_finetune",
     )  # fmt: skip
     assert code == 0
     export = tmp_path / "export"
@@ -246,7 +247,7 @@ def test_ema_is_restored_on_resume(tmp_path: Path) -> None:
     assert launch(tmp_path, *common, "schedule.max_steps=3", config="demo_finetune") == 0
     first = {name: load_file(str(tmp_path / "export" / f"{name}.safetensors")) for name in ("model", "ema")}
     assert launch(tmp_path, *common, "schedule.max_steps=4", config="demo_finetune") == 0
-    assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4]  # resumed at step 3, not restarted
+    assert [r["step"] for r in logged_steps(tmp_path)] == [1, 2, 3, 4]  # resumed at step 3, not restarted
     model = load_file(str(tmp_path / "export" / "model.safetensors"))
     ema = load_file(str(tmp_path / "export" / "ema.safetensors"))
     for key, value in ema.items():

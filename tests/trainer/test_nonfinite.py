@@ -19,7 +19,7 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
     )
     os.environ["DS_ACCELERATOR"] = "cpu"
     from models.fcmae import FCMAE
-    from tests.trainer.conftest import TINY
+    from tests.support.launch import TINY
     from trainer.config import load_config
     from trainer.distributed import init_distributed, teardown
     from trainer.engine import deepspeed_config, initialize

@@ -54,7 +54,7 @@ def count_host_reads() -> Iterator[Counter[str]]:
 def _rank_main(rank: int, port: int, run_dir: str, zero_stage: int, out: str) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ["DS_ACCELERATOR"] = "cpu"
-    from tests.trainer.conftest import TINY
+    from tests.support.launch import TINY
     from trainer.config import load_config
     from trainer.trainer import Trainer, micro_batch_groups
 

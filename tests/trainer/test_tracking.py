@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import launch
+from tests.support.launch import launch
 from trainer.distributed import free_port
 from trainer.tracking import flatten, redact
 
@@ -81,7 +81,7 @@ def test_a_run_reaches_the_tracking_server(
     secret_url = "s3://alice:hunter2@bucket/val"
     secret_uri = mlflow_server.replace("http://", "http://bob:pa55word@")
     code = launch(
-        tmp_path, "data.batch_size=4", "schedule.max_steps=4", "tracking.eval_every=2", "tracking.experiment=ci",
+        tmp_path, "data.batch_size=4", "schedule.max_steps=4", "eval.every_steps=2", "tracking.experiment=ci",
         f"data.val_url={secret_url}", f"tracking.tracking_uri={secret_uri}", "deepspeed.overrides.api_token=sekrit42",
     )  # fmt: skip
     assert code == 0
@@ -113,7 +113,7 @@ def test_a_run_reaches_the_tracking_server(
 
     # The same command with a longer schedule resumes the run and continues the same MLflow run.
     code = launch(
-        tmp_path, "data.batch_size=4", "schedule.max_steps=6", "tracking.eval_every=2", "tracking.experiment=ci",
+        tmp_path, "data.batch_size=4", "schedule.max_steps=6", "eval.every_steps=2", "tracking.experiment=ci",
         f"data.val_url={secret_url}", f"tracking.tracking_uri={secret_uri}", "deepspeed.overrides.api_token=sekrit42",
     )  # fmt: skip
     assert code == 0

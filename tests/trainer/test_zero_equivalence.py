@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.conftest import exported_weights, initial_weights, launch, logged, relative_distance
+from tests.support.launch import launch, logged_steps
+from tests.support.weights import exported_weights, initial_weights, relative_distance
 
 STEPS = 6
 BASE_LR = 1.5e-3  # demo_fcmae's optim.base_lr
@@ -44,7 +45,7 @@ def one_rank_lr_x11(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_ranks_match_one_rank(stage: int, one_rank: Path, one_rank_lr_x11: Path, tmp_path: Path) -> None:
     overrides = ("data.batch_size=4", f"schedule.max_steps={STEPS}", f"deepspeed.zero_stage={stage}")
     assert launch(tmp_path, *overrides, f"optim.base_lr={BASE_LR}", ranks=2) == 0
-    assert [r["step"] for r in logged(tmp_path)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in logged_steps(tmp_path)] == list(range(1, STEPS + 1))
     reference, init = exported_weights(one_rank), initial_weights(one_rank)
     assert torch.equal(init["encoder.stem.conv.weight"], initial_weights(tmp_path)["encoder.stem.conv.weight"])
     distance = relative_distance(reference, exported_weights(tmp_path), init)

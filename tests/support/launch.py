@@ -1,4 +1,4 @@
-"""Helpers for fault-tolerance tests: launcher subprocesses that can be signalled and killed."""
+"""Running the real launcher in tests: the tiny settings, in-process and as a subprocess, and what a run logged."""
 
 from __future__ import annotations
 
@@ -8,11 +8,30 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.trainer.conftest import TINY
-
 REPO = Path(__file__).resolve().parents[2]
+
+# A tiny FCMAE run: 64-px synthetic images, a narrow decoder, fp32, a step cap.
+TINY = [
+    "data.train_url=synthetic://512",
+    "data.image_size=64",
+    "data.num_workers=0",
+    "model.decoder_dim=64",
+    "deepspeed.precision=fp32",
+    "tracking.log_every=1",
+    "eval.every_steps=1000",
+    "checkpoint.every_steps=1000",
+]
+
+
+def launch(run_dir: Path, *overrides: str, ranks: int = 1, config: str = "demo_fcmae") -> int:
+    """Run ``cluster/launch.py --local`` in this process with the tiny settings; returns its exit code."""
+    from cluster.launch import main as launch_main
+
+    args = ["--config", config, "--local", "--run-dir", str(run_dir), *TINY, f"cluster.cpu_ranks_per_node={ranks}"]
+    return launch_main([*args, *overrides])
 
 
 def launch_cmd(run_dir: Path, *overrides: str, ranks: int = 1) -> list[str]:
@@ -44,7 +63,9 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def wait_for(predicate, timeout: float = 240, what: str = "condition", proc: subprocess.Popen | None = None) -> None:  # type: ignore[no-untyped-def]
+def wait_for(
+    predicate: Callable[[], bool], timeout: float = 240, what: str = "condition", proc: subprocess.Popen | None = None
+) -> None:
     """Poll until ``predicate()`` is true."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -56,7 +77,7 @@ def wait_for(predicate, timeout: float = 240, what: str = "condition", proc: sub
 
 
 def logged_steps(run_dir: Path) -> list[dict]:
-    """Training-interval metric records written so far."""
+    """The training-interval records of ``metrics.jsonl`` written so far (rank 0, one per log interval)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []

@@ -1,4 +1,4 @@
-"""Shared helpers for model tests."""
+"""Tensor helpers: random parameters that expose bugs, relative error."""
 
 from __future__ import annotations
 
