@@ -3,17 +3,20 @@
 Batch arithmetic, learning rate, steps, parameter count, and a per-device memory estimate for the chosen ZeRO
 stage. Parameters are counted on the meta device (no allocation); activations are the bytes autograd saves for
 backward in one FCMAE step of the configured per-device batch, measured on the meta device with the configured
-encoder backend (an upper bound: tensors saved by several ops are counted each time).
+encoder backend, weights saved for backward left out (they are the parameters, counted once); an upper bound, as a
+tensor saved by several ops is counted each time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.convnextv2 import ConvNeXtV2Encoder
 from models.fcmae import FCMAE
 from models.masking import random_mask
 from trainer.config import ConfigError, PretrainConfig, TrainConfig
@@ -102,28 +105,66 @@ def count_parameters(cfg: TrainConfig) -> tuple[int, str]:
 
 def activation_bytes(cfg: TrainConfig, batch: int) -> float | None:
     """Bytes saved for backward by one forward of ``batch`` images (fp32), measured on the meta device with the
-    run's model (activation checkpointing included: a checkpointed stage keeps only its blocks' inputs); None
-    for detection (torchvision's detector does data-dependent work that the meta device cannot run)."""
+    run's model; None for detection (torchvision's detector does data-dependent work that the meta device cannot
+    run). With activation checkpointing a checkpointed stage keeps only its blocks' inputs, and backward recomputes
+    one block at a time: the largest checkpointed block's own activations are added for that moment."""
     if cfg.stage == "detection":
         return None
-    size = cfg.data.image_size
+    model = planned_model(cfg)
+    encoder = model.encoder if isinstance(model, FCMAE) else model
+    assert isinstance(encoder, ConvNeXtV2Encoder)
+    flags = [stage.grad_checkpointing for stage in encoder.iter_stages()]
+    kept, _ = _saved_bytes(model, encoder, cfg.data.image_size, batch)
+    if not any(flags):
+        return kept
+    encoder.set_grad_checkpointing(False)
+    _, per_block = _saved_bytes(model, encoder, cfg.data.image_size, batch)
+    return kept + max(saved for (stage, _), saved in per_block.items() if flags[stage])
+
+
+def _saved_bytes(
+    model: nn.Module, encoder: ConvNeXtV2Encoder, size: int, batch: int
+) -> tuple[float, dict[tuple[int, int], float]]:
+    """Bytes autograd saves in one forward on the meta device, in all and per encoder block (stage, block). The
+    weights that ops save (or views of them) are the model's parameters, not activations: they are left out."""
     images = torch.empty(batch, 3, size, size, device="meta")
-    saved = 0.0
+    weights = {id(p) for p in model.parameters()}
+    total = 0.0
+    per_block: dict[tuple[int, int], float] = {}
+    current: list[tuple[int, int] | None] = [None]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        saved += t.numel() * t.element_size()
+        nonlocal total
+        if id(t) not in weights and (t._base is None or id(t._base) not in weights):
+            nbytes = t.numel() * t.element_size()
+            total += nbytes
+            if current[0] is not None:
+                per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes
         return t
 
-    model = planned_model(cfg)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if isinstance(model, FCMAE):
-            grid = size // model.patch_size
-            mask = random_mask(batch, grid * grid, model.mask_ratio, torch.Generator().manual_seed(0))
-            model(images, mask.to("meta"), visible=model.visible_patches(grid, grid))
-        else:
-            model(images)
-    return saved
+    def enter(where: tuple[int, int] | None) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            current[0] = where
+
+        return hook
+
+    handles = []  # a block runs from its depthwise conv (first in every backend) to its last linear
+    for i, stage in enumerate(encoder.iter_stages()):
+        for j, block in enumerate(stage.iter_blocks()):
+            handles.append(block.dwconv.register_forward_pre_hook(enter((i, j))))
+            handles.append(block.pwconv2.register_forward_hook(enter(None)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if isinstance(model, FCMAE):
+                grid = size // model.patch_size
+                mask = random_mask(batch, grid * grid, model.mask_ratio, torch.Generator().manual_seed(0))
+                model(images, mask.to("meta"), visible=model.visible_patches(grid, grid))
+            else:
+                model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total, per_block
 
 
 def memory_estimate(cfg: TrainConfig, num_params: int, world: int) -> MemoryEstimate:

@@ -39,10 +39,10 @@ def _attempt() -> str:
     return f"{job}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
-def count_restarts(run_dir: Path, cause: str, record: bool) -> int:
-    """Attempts of this run that were requeued for ``cause`` (``"preemption"`` or ``"failure"``) before this one;
-    with ``record``, this attempt is added (once, however many ranks report it). Locked: ranks of several nodes
-    may report at once on the shared file system."""
+def claim_restart(run_dir: Path, cause: str, limit: int) -> tuple[int, bool]:
+    """The attempts of this run requeued for ``cause`` (``"preemption"`` or ``"failure"``) before this one, and
+    whether this one may requeue too (fewer than ``limit`` before it); if so it is recorded, once however many
+    ranks claim it. Locked: ranks of several nodes may claim at once on the shared file system."""
     path = run_dir / "slurm" / RESTARTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
@@ -50,10 +50,11 @@ def count_restarts(run_dir: Path, cause: str, record: bool) -> int:
         data: dict[str, list[str]] = json.loads(path.read_text()) if path.exists() else {}
         attempts = data.setdefault(cause, [])
         before = len([a for a in attempts if a != _attempt()])
-        if record and _attempt() not in attempts:
+        allowed = before < limit
+        if allowed and _attempt() not in attempts:
             attempts.append(_attempt())
             atomic_write_text(path, json.dumps(data, indent=1))
-        return before
+        return before, allowed
 
 
 def _requeue(job_id: str) -> None:
@@ -87,9 +88,8 @@ class TrainJob:
             record_exception(run_dir, dist_env.rank, err)
             # Any failing rank may requeue (one attempt counts once, a second request is harmless); the others
             # may be blocked in a collective: srun's --kill-on-bad-exit ends them when this task exits.
-            retries = count_restarts(run_dir, "failure", record=False)
-            if retries < self.max_failure_retries:
-                count_restarts(run_dir, "failure", record=True)
+            retries, allowed = claim_restart(run_dir, "failure", self.max_failure_retries)
+            if allowed:
                 log.error("rank %d failed; requeueing job %s (failure retry %d of %d)",
                           dist_env.rank, job_id, retries + 1, self.max_failure_retries)  # fmt: skip
                 _requeue(job_id)
@@ -100,13 +100,12 @@ class TrainJob:
         if code != REQUEUE_EXIT_CODE:
             return code
         if dist_env.rank == 0:
-            requeues = count_restarts(run_dir, "preemption", record=False)
-            if requeues >= self.max_requeues:
+            requeues, allowed = claim_restart(run_dir, "preemption", self.max_requeues)
+            if not allowed:
                 raise RuntimeError(
                     f"job {job_id} was preempted/timed out {requeues} times (cluster.max_requeues="
                     f"{self.max_requeues}); not requeueing. Resume by re-running the launch command."
                 )
-            count_restarts(run_dir, "preemption", record=True)
             log.warning("checkpoint saved; requeueing job %s (requeue %d of %d)", job_id, requeues + 1,
                         self.max_requeues)  # fmt: skip
             _requeue(job_id)

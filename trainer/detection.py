@@ -34,13 +34,13 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection import MaskRCNN
 
 from data.detection_transforms import EvalImage, LargeScaleJitter, ResizePad
-from models.detection import ConvNeXtV2FPN, build_mask_rcnn, layer_ids, load_backbone
+from models.detection import ConvNeXtV2FPN, build_mask_rcnn, layer_ids
 from trainer.config import DetectionConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
-from trainer.finetune import PretrainedWeightsError, read_checkpoint
 from trainer.layer_decay import lr_scales
 from trainer.optim import build_optimizer
+from trainer.pretrained import load_detector_backbone
 from trainer.run_loader import build_eval_loader, build_train_loader
 from trainer.stage import Batch, Evaluation, autocast
 from trainer.zero import gathered_parameters
@@ -170,11 +170,7 @@ class DetectionStage:
         self.categories = self._categories()
         model = build_model(cfg)
         if cfg.model.pretrained:
-            state = read_checkpoint(cfg.model.pretrained)
-            try:
-                load_backbone(model, state, cfg.model.size)
-            except ValueError as exc:
-                raise PretrainedWeightsError(f"model.pretrained={cfg.model.pretrained!r}: {exc}") from exc
+            load_detector_backbone(model, cfg.model.pretrained, cfg.model.size)
         self.model = model.to(env.device)
         self.flops = None  # MFU is not reported: RoI counts vary per image
 

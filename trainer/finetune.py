@@ -14,7 +14,6 @@ of the two is kept in ``export/best.safetensors``.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -24,16 +23,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
 from timm.layers import trunc_normal_
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV2
 from torch import nn
 
 from data.loader import IGNORE_LABEL
-from data.storage import open_url
 from data.transforms import SeededMixup, eval_transform, finetune_transform, mixup_fn
-from models.checkpoints import infer_size, load_foreign
 from models.convnextv2 import ConvNeXtV2, build
 from trainer.config import FinetuneConfig
 from trainer.distributed import DistEnv, barrier
@@ -41,6 +37,7 @@ from trainer.export import write_metrics, write_weights
 from trainer.layer_decay import lr_scales
 from trainer.metrics import FlopCount, flop_counter
 from trainer.optim import build_optimizer
+from trainer.pretrained import load_pretrained
 from trainer.run_loader import build_eval_loader, build_train_loader
 from trainer.stage import Batch, Evaluation, autocast
 from trainer.zero import gathered_parameters
@@ -48,71 +45,6 @@ from trainer.zero import gathered_parameters
 log = logging.getLogger(__name__)
 
 HEAD_STD = 0.02  # the trunk's init std; the head starts at HEAD_STD * head_init_scale
-SAFETENSORS_SUFFIXES = (".safetensors",)
-TORCH_SUFFIXES = (".pth", ".pt")
-
-
-class PretrainedWeightsError(ValueError):
-    """``model.pretrained`` cannot be used: missing, unreadable, or not a fit for the configured model."""
-
-
-def read_checkpoint(url: str) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or ``.pth``/``.pt`` file (torch.load with ``weights_only=True``) at a path or
-    fsspec URL, converted to this project's layout from ours, timm's or the official release's."""
-    name = url.split("?", 1)[0].lower()
-    if not name.endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
-        raise PretrainedWeightsError(
-            f"model.pretrained={url!r}: expected a .safetensors (our export, timm) or .pth/.pt (official, timm) file"
-        )
-    try:
-        with open_url(url) as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise PretrainedWeightsError(
-            f"model.pretrained={url!r} does not exist: run the pretraining stage first (it writes "
-            "export/model.safetensors) or point model.pretrained at an existing checkpoint"
-        ) from None
-    if name.endswith(SAFETENSORS_SUFFIXES):
-        raw: Any = load_safetensors(data)
-    else:
-        try:
-            raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:  # the unpickler raises several types for non-tensor objects
-            raise PretrainedWeightsError(
-                f"model.pretrained={url!r} does not load with weights_only=True ({type(exc).__name__}: {exc}); "
-                "re-save only its state dict, e.g. torch.save(ckpt['model'], 'weights.pth')"
-            ) from exc
-    if not isinstance(raw, dict):
-        raise PretrainedWeightsError(f"model.pretrained={url!r} holds a {type(raw).__name__}, not a state dict")
-    try:
-        return load_foreign(raw)
-    except (KeyError, ValueError) as exc:
-        raise PretrainedWeightsError(f"model.pretrained={url!r}: {exc}") from exc
-
-
-def load_pretrained(model: ConvNeXtV2, url: str, size: str) -> None:
-    """Load ``url`` into ``model`` (built as ``size``): every key but ``head.*`` must be present with the
-    model's shape; the file's head, if any, is ignored (the head is re-initialized for the new classes)."""
-    state = {k: v for k, v in read_checkpoint(url).items() if not k.startswith("head.")}
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head.")}
-    problems = []  # in the model's order, so that the first one is the earliest layer that does not fit
-    for key, shape in expected.items():
-        if key not in state:
-            problems.append(f"missing key {key!r}")
-        elif state[key].shape != shape:
-            problems.append(f"{key!r} has shape {tuple(state[key].shape)} in the file but {tuple(shape)} in the model")
-    problems += [f"unexpected key {k!r}" for k in state if k not in expected]
-    if problems:
-        try:
-            found = infer_size(state)
-        except (KeyError, ValueError):
-            found = size
-        hint = f"; the file holds ConvNeXt V2-{found} weights: set model.size={found}" if found != size else ""
-        raise PretrainedWeightsError(
-            f"model.pretrained={url!r} does not fit model.size={size!r}: {problems[0]} "
-            f"({len(problems)} problem{'s' if len(problems) > 1 else ''}){hint}"
-        )
-    model.load_state_dict(state, strict=False)
 
 
 def init_head(model: ConvNeXtV2, head_init_scale: float) -> None:

@@ -32,15 +32,18 @@ def redact(key: str, value: str) -> str:
     return _URL_USERINFO.sub(r"\g<scheme>***@", value)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> ``{"optim.base_lr": "0.00015", ...}`` with secrets redacted."""
+def flatten(tree: dict[str, Any]) -> dict[str, str]:
+    """Nested config -> ``{"optim.base_lr": "0.00015", ...}`` with secrets redacted (:func:`redact_tree`)."""
     out: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
         else:
-            out[name] = redact(name, str(value))[:500]
+            out[prefix.rstrip(".")] = str(node)[:500]
+
+    walk(redact_tree(tree), "")
     return out
 
 

@@ -13,24 +13,28 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A tiny FCMAE run: 64-px synthetic images, a narrow decoder, fp32, a step cap.
-TINY = [
+# A tiny run of any stage: 64-px synthetic images, fp32, logging every step, no evaluation or checkpoint on a step
+# count (tests set the step cap).
+TINY_ANY_STAGE = [
     "data.train_url=synthetic://512",
     "data.image_size=64",
     "data.num_workers=0",
-    "model.decoder_dim=64",
     "deepspeed.precision=fp32",
     "tracking.log_every=1",
     "eval.every_steps=1000",
     "checkpoint.every_steps=1000",
 ]
+TINY = [*TINY_ANY_STAGE, "model.decoder_dim=64"]
+"""A tiny FCMAE run: the above with a narrow decoder."""
 
 
 def launch(run_dir: Path, *overrides: str, ranks: int = 1, config: str = "demo_fcmae") -> int:
     """Run ``cluster/launch.py --local`` in this process with the tiny settings; returns its exit code."""
     from cluster.launch import main as launch_main
+    from trainer.config import load_config
 
-    args = ["--config", config, "--local", "--run-dir", str(run_dir), *TINY, f"cluster.cpu_ranks_per_node={ranks}"]
+    tiny = TINY if load_config(config).stage == "pretrain" else TINY_ANY_STAGE
+    args = ["--config", config, "--local", "--run-dir", str(run_dir), *tiny, f"cluster.cpu_ranks_per_node={ranks}"]
     return launch_main([*args, *overrides])
 
 

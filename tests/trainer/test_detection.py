@@ -24,9 +24,9 @@ from tests.support.launch import launch, logged_steps
 from trainer.config import load_config
 from trainer.detection import COCO_STATS, DetectionStage, coco_detections, coco_metrics
 from trainer.distributed import DistEnv
-from trainer.finetune import PretrainedWeightsError
 from trainer.layer_decay import lr_scales
 from trainer.optim import param_groups
+from trainer.pretrained import PretrainedWeightsError
 
 LD = 0.9
 METRICS = [f"{kind}_{stat}" for kind in ("box", "mask") for stat in COCO_STATS]

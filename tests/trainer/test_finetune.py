@@ -24,9 +24,10 @@ from models.fcmae import FCMAE
 from tests.support.launch import launch, logged_steps
 from trainer.config import load_config
 from trainer.distributed import DistEnv, free_port
-from trainer.finetune import FinetuneStage, PretrainedWeightsError, eval_counts, init_head, load_pretrained
+from trainer.finetune import FinetuneStage, eval_counts, init_head
 from trainer.layer_decay import lr_scales
 from trainer.optim import param_groups
+from trainer.pretrained import PretrainedWeightsError, load_pretrained
 
 LD = 0.8
 
