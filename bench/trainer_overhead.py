@@ -6,8 +6,10 @@ Arms (same model, micro-batch, image size, threads and AdamW; fp32; one rank):
   already in memory (a pool of batches and masks made before timing).
 - ``launcher, synthetic``: ``cluster/launch.py --local`` on ``synthetic://`` data (images made in the main process,
   as cheap as a loader gets): DeepSpeed, the stage, masks per sample key, logging, the watchdog.
-- ``launcher, shards``: the same on the demo's Fashion-MNIST shards (``make demo`` writes them) with
-  ``data.num_workers`` loader workers.
+- ``launcher, synthetic, ZeRO-0``: the same without ZeRO partitioning: on one rank ZeRO-1 only adds DeepSpeed's
+  flat-buffer bookkeeping (gradient and weight copies into its fp32 partition), which this arm leaves out.
+- ``launcher, shards``: the launcher on the demo's Fashion-MNIST shards (``make demo`` writes them) with
+  ``--workers`` loader workers.
 
 Steady state: the launcher's logged interval images/s after ``--warmup`` steps (evaluation and checkpoints are
 pushed past the end); the bare loop times the same steps. Target: launcher / bare >= 0.9.
@@ -83,13 +85,13 @@ def bare(args: argparse.Namespace, threads: int) -> float:
     return args.batch * args.steps / (time.perf_counter() - started)
 
 
-def launcher(args: argparse.Namespace, train_url: str, workers: int) -> float:
+def launcher(args: argparse.Namespace, train_url: str, workers: int, zero_stage: int) -> float:
     """Steady-state images/s the launcher logs (intervals after warmup)."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         cmd = [sys.executable, str(REPO / "cluster" / "launch.py"), "--local", "--config", "demo_fcmae"]
-        cmd += ["--run-dir", str(run_dir), *overrides(args, train_url, workers)]
+        cmd += ["--run-dir", str(run_dir), *overrides(args, train_url, workers), f"deepspeed.zero_stage={zero_stage}"]
         subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steady = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
@@ -106,29 +108,36 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1, help="loader workers of the shards arm")
+    parser.add_argument("--zero-stage", type=int, default=1, help="ZeRO stage of the launcher arms (the demo's: 1)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of all arms (best of each is reported)")
     args = parser.parse_args()
     if args.warmup % args.log_every or args.steps % args.log_every:
         parser.error("--warmup and --steps must be multiples of --log-every")
     threads = os.cpu_count() or 1  # what the local launcher gives its one rank
-    arms: dict[str, list[float]] = {"bare": [], "launcher, synthetic": [], "launcher, shards": []}
+    arms: dict[str, list[float]] = {
+        "bare": [],
+        "launcher, synthetic": [],
+        "launcher, synthetic, ZeRO-0": [],
+        "launcher, shards": [],
+    }
     for _ in range(args.repeats):  # arms interleaved, so that a slow spell of the machine hits all of them
         arms["bare"].append(bare(args, threads))
-        arms["launcher, synthetic"].append(launcher(args, "synthetic://100000", 0))
+        arms["launcher, synthetic"].append(launcher(args, "synthetic://100000", 0, args.zero_stage))
+        arms["launcher, synthetic, ZeRO-0"].append(launcher(args, "synthetic://100000", 0, 0))
         if (SHARDS / "manifest.json").exists():
-            arms["launcher, shards"].append(launcher(args, str(SHARDS), args.workers))
+            arms["launcher, shards"].append(launcher(args, str(SHARDS), args.workers, args.zero_stage))
     base = max(arms["bare"])
     print(
         f"\nConvNeXt V2-{args.size} FCMAE, {args.image_size} px, batch {args.batch}, fp32, {threads} threads, "
-        f"{args.steps} steps after {args.warmup} warmup, best of {args.repeats}"
+        f"ZeRO-{args.zero_stage}, {args.steps} steps after {args.warmup} warmup, best of {args.repeats}"
     )
-    print(f"{'arm':<22} {'images/s':>9} {'vs bare':>8}   runs")
+    print(f"{'arm':<30} {'images/s':>9} {'vs bare':>8}   runs")
     for name, rates in arms.items():
         if not rates:
-            print(f"{name:<22} {'-':>9} {'-':>8}   (no shards: run `make demo` first)")
+            print(f"{name:<30} {'-':>9} {'-':>8}   (no shards: run `make demo` first)")
             continue
         best = max(rates)
-        print(f"{name:<22} {best:>9.1f} {best / base:>7.2f}x   {', '.join(f'{r:.1f}' for r in rates)}")
+        print(f"{name:<30} {best:>9.1f} {best / base:>7.2f}x   {', '.join(f'{r:.1f}' for r in rates)}")
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ class Trainer:
         skipped_before = engine.skipped_steps
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         loss_count = torch.zeros((), dtype=torch.float64, device=env.device)
-        dropped = False
+        dropped, grad_norm = False, None
         for micro, batch in enumerate(group):
             torch.manual_seed(derive_seed(cfg.seed, TAG_DROP_PATH, self.step, env.rank, micro))
             with autocast(cfg.deepspeed.precision, env.device):
@@ -284,18 +284,23 @@ class Trainer:
             loss_sum += torch.where(finite, loss.detach().double(), 0.0)
             loss_count += finite.double()
             engine.backward(loss * torch.where(finite, 1.0, float("nan")))
-            if micro == len(group) - 1 and cfg.deepspeed.zero_stage == 0 and self._grads_nonfinite():
-                dropped = True  # AdamW skips parameters without gradients
-                for param in engine.module.parameters():
-                    param.grad = None
+            if micro == len(group) - 1 and cfg.deepspeed.zero_stage == 0:
+                grad_norm = self._zero0_grad_norm()
+                if not bool(grad_norm.isfinite()):  # sync: ZeRO-0 only, see above
+                    dropped = True  # AdamW skips parameters without gradients
+                    for param in engine.module.parameters():
+                        param.grad = None
             engine.step()
         skipped = dropped or engine.skipped_steps > skipped_before
-        return StepResult(loss_sum, loss_count, engine.get_global_grad_norm(), skipped)
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        return StepResult(loss_sum, loss_count, grad_norm, skipped)
 
-    def _grads_nonfinite(self) -> bool:
-        """Whether any gradient holds NaN/Inf after the all-reduce (the same answer on every rank)."""
-        flags = [torch.isfinite(p.grad).all() for p in self.engine.module.parameters() if p.grad is not None]
-        return bool(flags) and not bool(torch.stack(flags).all())  # sync: ZeRO-0 only, see train_step
+    def _zero0_grad_norm(self) -> torch.Tensor:
+        """The global gradient norm after the all-reduce (the same on every rank), one fused op over all gradients:
+        NaN or Inf in any gradient makes it non-finite. DeepSpeed reports no norm under ZeRO-0 without clipping."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.env.device)
 
     def _after_step(self, epoch: int, group: list[Batch], result: StepResult, interval: Interval) -> None:
         self.step += 1
