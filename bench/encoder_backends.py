@@ -87,7 +87,8 @@ def bench_size(
             torch.cuda.reset_peak_memory_stats(device)
         step()
         _sync(device)
-        stats[name] = {"peak_gb": peak_memory_gb(device)}
+        # On CPU the only peak is the process's max RSS, which never falls: it cannot tell variants apart.
+        stats[name] = {"peak_gb": peak_memory_gb(device) if device.type == "cuda" else float("nan")}
         if not name.endswith("+compile"):  # the flop counter sees aten ops: count the eager variant
             with flop_counter() as counter:
                 step()
@@ -135,7 +136,8 @@ def main() -> None:
             mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "-"
             print(
                 f"| {size} | {name} | {s['step_s'] * 1e3:.1f} | {args.batch / s['step_s']:.1f} | "
-                f"{s['peak_gb']:.2f} | {tflops:.2f} | {mfu} | {reference / s['step_s']:.2f}x |",
+                f"{'-' if s['peak_gb'] != s['peak_gb'] else format(s['peak_gb'], '.2f')} | {tflops:.2f} | {mfu} | "
+                f"{reference / s['step_s']:.2f}x |",
                 flush=True,
             )
         if device.type == "cuda":
