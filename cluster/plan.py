@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cluster.slurm import sbatch_options
 from models.convnextv2 import ConvNeXtV2Encoder
 from models.fcmae import FCMAE
 from models.masking import random_mask
@@ -188,26 +189,6 @@ def memory_estimate(cfg: TrainConfig, num_params: int, world: int) -> MemoryEsti
     )
 
 
-def sbatch_options(cfg: TrainConfig, job_name: str) -> list[str]:
-    """The sbatch options the launcher's submitit executor sets."""
-    c = cfg.cluster
-    per_node = c.ranks_per_node
-    options = [
-        f"--job-name={job_name}", f"--nodes={c.nodes}", f"--ntasks-per-node={per_node}",
-        f"--cpus-per-task={c.cpus_per_task}", f"--time={c.time_min}", f"--signal=USR2@{c.signal_delay_s}",
-        "--requeue", "--open-mode=append",
-    ]  # fmt: skip
-    if c.gpus_per_node:
-        options.append(f"--gpus-per-node={c.gpus_per_node}")
-    if c.partition:
-        options.append(f"--partition={c.partition}")
-    if c.account:
-        options.append(f"--account={c.account}")
-    if c.mem_gb:
-        options.append(f"--mem={c.mem_gb}G")
-    return options
-
-
 def make_plan(cfg: TrainConfig) -> Plan:
     """The plan of a launch of ``cfg`` on its cluster section."""
     world = cfg.world_size()
@@ -231,7 +212,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
         num_params=num_params,
         params_note=params_note,
         memory=memory_estimate(cfg, num_params, world),
-        sbatch=sbatch_options(cfg, cfg.name),
+        sbatch=sbatch_options(cfg),
     )
 
 

@@ -120,17 +120,14 @@ class TrainJob:
         sys.exit(REQUEUE_EXIT_CODE)
 
 
-def make_executor(cfg: TrainConfig, run_dir: Path) -> Any:
-    """A submitit executor with the job's SLURM resources."""
-    import submitit
-
+def slurm_parameters(cfg: TrainConfig) -> dict[str, Any]:
+    """The job's SLURM resources, in submitit's parameter names: the one source of what is submitted and of what
+    ``--dry-run`` prints (:func:`sbatch_options`)."""
     c = cfg.cluster
-    executor = submitit.AutoExecutor(folder=run_dir / "slurm" / "%j", cluster="slurm")
-    per_node = c.ranks_per_node
     params: dict[str, Any] = {
         "name": cfg.name,
         "nodes": c.nodes,
-        "tasks_per_node": per_node,
+        "tasks_per_node": c.ranks_per_node,
         "cpus_per_task": c.cpus_per_task,
         "timeout_min": c.time_min,
         "slurm_signal_delay_s": c.signal_delay_s,
@@ -146,7 +143,34 @@ def make_executor(cfg: TrainConfig, run_dir: Path) -> Any:
         params["slurm_account"] = c.account
     if c.mem_gb:
         params["mem_gb"] = c.mem_gb
-    executor.update_parameters(**params)
+    return params
+
+
+# submitit parameter -> the sbatch option it writes
+_SBATCH_NAMES = {
+    "name": "job-name", "nodes": "nodes", "tasks_per_node": "ntasks-per-node", "cpus_per_task": "cpus-per-task",
+    "timeout_min": "time", "gpus_per_node": "gpus-per-node", "slurm_partition": "partition",
+    "slurm_account": "account",
+}  # fmt: skip
+
+
+def sbatch_options(cfg: TrainConfig) -> list[str]:
+    """The ``#SBATCH`` options submitit writes for :func:`slurm_parameters` (with its own ``--open-mode=append``)."""
+    params = slurm_parameters(cfg)
+    options = [f"--{_SBATCH_NAMES[key]}={value}" for key, value in params.items() if key in _SBATCH_NAMES]
+    if "mem_gb" in params:
+        options.append(f"--mem={params['mem_gb']}G")
+    options.append(f"--signal=USR2@{params['slurm_signal_delay_s']}")
+    options += [f"--{k}" if v is True else f"--{k}={v}" for k, v in params["slurm_additional_parameters"].items()]
+    return [*options, "--open-mode=append"]
+
+
+def make_executor(cfg: TrainConfig, run_dir: Path) -> Any:
+    """A submitit executor with the job's SLURM resources."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=run_dir / "slurm" / "%j", cluster="slurm")
+    executor.update_parameters(**slurm_parameters(cfg))
     return executor
 
 

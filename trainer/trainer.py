@@ -317,7 +317,9 @@ class Trainer:
     def _log(self, epoch: int, lr: float, interval: Interval, meter: Meter) -> None:
         self.last_loss = interval.mean_loss()
         perf = meter.flush(self.step, self.env.device)
-        progress = epoch + (self.step % self.steps_per_epoch) / self.steps_per_epoch
+        progress = (
+            epoch + ((self.step - 1) % self.steps_per_epoch + 1) / self.steps_per_epoch
+        )  # 1.0 at the end of epoch 0
         scalars = {
             "loss": self.last_loss,
             "lr": lr,

@@ -20,8 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.launch import main as launch
+from cluster.slurm import sbatch_options
 from tests.support.launch import TINY, logged_steps
 from tests.support.slurm import SlurmCluster
+from trainer.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 10
@@ -71,6 +73,11 @@ def test_two_node_job_runs_to_the_end(slurm_cluster: SlurmCluster, uninterrupted
     assert [r["step"] for r in logged_steps(uninterrupted)] == list(range(1, STEPS + 1))
     assert (uninterrupted / "export" / "model.safetensors").exists()
     assert (uninterrupted / "mlflow_run_id").exists()
+    # What --dry-run prints is what was submitted: every option of the plan is in the job's sbatch script.
+    cfg = load_run_config(uninterrupted / "config.yaml")
+    (script,) = (uninterrupted / "slurm").rglob("*_submission.sh")
+    submitted = {line.removeprefix("#SBATCH ").strip() for line in script.read_text().splitlines()}
+    assert set(sbatch_options(cfg)) <= submitted, sorted(set(sbatch_options(cfg)) - submitted)
 
 
 @pytest.mark.slow
