@@ -105,6 +105,26 @@ def _check(cfg: TrainConfig, local: bool) -> None:
     check_runnable(cfg, world, device)
 
 
+def _with_indexes(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """``cfg`` with ``data.train_index``/``val_index`` set for shards that came without a manifest: indexed once here
+    (cached beside the shards, or in the run directory), so that no rank scans them."""
+    from data.index_shards import ensure_index
+
+    data = cfg.data
+    update = {}
+    for field, url, given in (
+        ("train_index", data.train_url, data.train_index),
+        ("val_index", data.val_url, data.val_index),
+    ):
+        if url and not given:
+            index = ensure_index(url, str(run_dir / "index"))
+            if index is not None:
+                update[field] = index
+    if not update:
+        return cfg
+    return cfg.model_copy(update={"data": data.model_copy(update=update)})
+
+
 def _print_config(cfg: TrainConfig, run_dir: Path) -> None:
     """The resolved config, secrets redacted (it reaches consoles and SLURM logs)."""
     print(f"# resolved config {cfg.name} (run dir {run_dir})\n{redacted_yaml(cfg.model_dump(mode='json'))}")
@@ -153,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    indexed = []
+    for cfg, run_dir in configs:
+        try:
+            cfg = _with_indexes(cfg, run_dir)
+        except (OSError, ValueError) as err:
+            print(f"data error: {err}", file=sys.stderr)
+            return 2
+        indexed.append((cfg, run_dir))
+    configs = indexed
     for cfg, run_dir in configs:
         _print_config(cfg, run_dir)
         try:

@@ -65,23 +65,27 @@ class Plan:
 
 
 def dataset_size(cfg: TrainConfig) -> tuple[int, str]:
-    """Samples per epoch from a local manifest; remote sets are not contacted by a dry run."""
-    url = cfg.data.train_url
+    """Samples per epoch from a local manifest (or a local index, made in memory for shards without one); remote
+    sets are not contacted by a dry run."""
+    url = cfg.data.train_index or cfg.data.train_url
     if url.startswith("synthetic://"):
         return int(url.removeprefix("synthetic://")), "synthetic"
     if not url:
         raise ConfigError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
-    local = Path(url.removeprefix("file://"))
     if "://" not in url or url.startswith("file://"):
-        from data.manifest import read_manifest
+        from data.index_shards import expand_source, index_shards
+        from data.manifest import index_manifest_url, manifest_url, read_manifest
 
-        if not (local / "manifest.json").is_file():
-            raise ConfigError(
-                f"data.train_url={url}: no manifest.json there; write the shards first "
-                "(python -m data.write_shards ... --output DIR) or point data.train_url at a shard set"
-            )
-        manifest = read_manifest(str(local))
-        return manifest.num_samples, f"from {local}/manifest.json"
+        local = url.removeprefix("file://")
+        cached = index_manifest_url(local) if "{" in local else manifest_url(local)
+        if Path(cached).is_file():
+            return read_manifest(cached).num_samples, f"from {cached}"
+        try:
+            shards = expand_source(local)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data.train_url={url}: {exc}") from None
+        manifest = index_shards(shards, progress=False)
+        return manifest.num_samples, f"{len(shards)} shards indexed in memory (the launch caches the index)"
     if cfg.stage == "detection":
         return COCO_TRAIN2017, f"{url} not contacted by a dry run: assuming COCO train2017"
     return IMAGENET_TRAIN, f"{url} not contacted by a dry run: assuming ImageNet-1k train"

@@ -140,6 +140,9 @@ class LoaderConfig:
     remainder: Remainder = "drop"
     """Samples that do not fill a batch on every rank: "drop", "wrap" (repeat from the start), "pad" (as wrap,
     label -1)."""
+    require_labels: bool = True
+    """Every sample must carry a ``.cls`` label (else it is skipped as unusable); False for pretraining, where a
+    sample without one is labeled ``IGNORE_LABEL``."""
     verify: bool = False
     """Read every shard at build time and check its sha256 against the manifest."""
     check_shards: bool = True
@@ -193,10 +196,13 @@ class UnusableSampleError(Exception):
         self.kind = kind
 
 
-def decode_sample(raw: RawSample | MissingSample, num_classes: int | None) -> tuple[PIL.Image.Image, int, str]:
+def decode_sample(
+    raw: RawSample | MissingSample, num_classes: int | None, require_label: bool = True
+) -> tuple[PIL.Image.Image, int, str]:
     """Decode a raw sample into (RGB image, label, key) with webdataset's handlers.
 
-    Raises :class:`UnusableSampleError` when the image does not decode or the label is not an integer in range.
+    Raises :class:`UnusableSampleError` when the image does not decode or the label is not an integer in range. A
+    sample without ``.cls`` is unusable when ``require_label``, else (pretraining) labeled :data:`IGNORE_LABEL`.
     """
     if isinstance(raw, MissingSample):
         raise UnusableSampleError("truncated", raw.reason)
@@ -204,7 +210,9 @@ def decode_sample(raw: RawSample | MissingSample, num_classes: int | None) -> tu
     if ext is None:
         raise UnusableSampleError("bad_image", f"no image member (have {sorted(raw.files)})")
     if "cls" not in raw.files:
-        raise UnusableSampleError("bad_label", "no .cls member")
+        if require_label:
+            raise UnusableSampleError("bad_label", "no .cls member")
+        raw = RawSample(raw.key, {**raw.files, "cls": str(IGNORE_LABEL).encode()}, raw.url)
     try:
         label = basichandlers(".cls", raw.files["cls"])
     except ValueError as exc:
@@ -251,6 +259,7 @@ class _StreamSpec:
     urls: list[str]
     sizes: list[int]
     num_classes: int | None
+    require_label: bool
     seed: int
     epoch: int
     shuffle: bool
@@ -297,7 +306,7 @@ class _WorkerStream:
         self.stats.retries += 1
 
     def _decode(self, raw: RawSample | MissingSample) -> _Decoded:
-        image, label, key = decode_sample(raw, self.spec.num_classes)
+        image, label, key = decode_sample(raw, self.spec.num_classes, self.spec.require_label)
         target = None
         if self.spec.sample_transform is not None:
             assert isinstance(raw, RawSample)  # decode_sample raised for a missing one
@@ -510,6 +519,7 @@ class ShardLoader:
             urls=[s.url for s in self.shards.shards],
             sizes=[s.info.num_samples for s in self.shards.shards],
             num_classes=self.shards.num_classes,
+            require_label=cfg.require_labels,
             seed=cfg.seed,
             epoch=self.epoch,
             shuffle=cfg.shuffle,

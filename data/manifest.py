@@ -35,13 +35,13 @@ class ShardInfo:
     """One tar shard of a set."""
 
     name: str
-    """File name relative to the manifest's directory."""
+    """File name relative to the manifest's directory, or the shard's full URL (an index of foreign shards)."""
     num_samples: int
     """Samples (distinct keys) in the shard."""
     num_bytes: int
     """Size of the tar file in bytes."""
     sha256: str
-    """Hex sha256 of the whole tar file."""
+    """Hex sha256 of the whole tar file ("" when an index was built without hashing)."""
 
 
 @dataclass
@@ -113,6 +113,17 @@ def manifest_url(dataset_url: str) -> str:
     return dataset_url if dataset_url.endswith(".json") else join_url(dataset_url, MANIFEST_NAME)
 
 
+def index_manifest_url(spec: str) -> str:
+    """Where the index of manifest-less shards is cached beside them (:mod:`data.index_shards`): a directory's
+    ``manifest.json``, or for a brace pattern or one shard a manifest named after the pattern's digest (a subset must
+    not pose as the whole directory's manifest)."""
+    if "{" not in spec and not spec.endswith(".tar"):
+        return manifest_url(spec)
+    head = spec.split("{", 1)[0]
+    directory = head.rsplit("/", 1)[0] if "/" in head else "."
+    return f"{directory}/manifest-index-{hashlib.sha1(spec.encode()).hexdigest()[:12]}.json"
+
+
 def read_manifest(
     url: str, *, storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
 ) -> Manifest:
@@ -133,6 +144,12 @@ def write_manifest(dataset_url: str, manifest: Manifest, *, storage_options: Map
     with open_url(murl, "wb", storage_options) as f:
         f.write(manifest.to_json().encode("utf-8"))
     return murl
+
+
+def shard_url(base: str, name: str) -> str:
+    """A manifest entry's URL: names are relative to the manifest's directory (our writer), or full URLs (an index of
+    shards written elsewhere, :mod:`data.index_shards`)."""
+    return name if "://" in name or name.startswith("/") else join_url(base, name)
 
 
 @dataclass(frozen=True)
@@ -181,10 +198,10 @@ def resolve_shards(
     num_classes: int | None = None
     cache: dict[str, Manifest] = {}
     for item in items:
-        if item.endswith(".tar"):
+        if item.endswith(".tar") and "{" not in item:
             base = parent_url(item)
             if base not in cache:
-                cache[base] = read_manifest(base, storage_options=storage_options, retry=retry)
+                cache[base] = _read_or_explain(base, manifest_url(base), storage_options, retry)
                 sources.append(cache[base].source)
             by_name = {s.name: s for s in cache[base].shards}
             name = item[len(base) + 1 :]
@@ -193,15 +210,29 @@ def resolve_shards(
             shards.append(ShardRef(url=item, info=by_name[name]))
             man = cache[base]
         else:
-            man = read_manifest(item, storage_options=storage_options, retry=retry)
-            base = parent_url(manifest_url(item))
+            murl = index_manifest_url(item) if "{" in item else manifest_url(item)
+            man = _read_or_explain(item, murl, storage_options, retry)
+            base = parent_url(murl)
             sources.append(man.source)
-            shards.extend(ShardRef(url=join_url(base, s.name), info=s) for s in man.shards)
+            shards.extend(ShardRef(url=shard_url(base, s.name), info=s) for s in man.shards)
         if man.num_classes is not None:
             num_classes = max(num_classes or 0, man.num_classes)
     if len({s.url for s in shards}) != len(shards):
         raise ValueError("the same shard URL is listed twice in the data source; each shard may appear once")
     return ShardSet(shards=shards, num_classes=num_classes, sources=sources)
+
+
+def _read_or_explain(
+    item: str, murl: str, storage_options: Mapping[str, Any] | None, retry: RetryPolicy | None
+) -> Manifest:
+    """The manifest at ``murl``; when there is none, an error that says how to index ``item``'s shards."""
+    try:
+        return read_manifest(murl, storage_options=storage_options, retry=retry)
+    except MissingShardError:
+        raise MissingShardError(
+            f"{item} has no manifest ({murl}): index its shards with `python -m data.index_shards {item}` "
+            "(cluster/launch.py does it for data.train_url and data.val_url)"
+        ) from None
 
 
 def check_shards_exist(
@@ -245,6 +276,12 @@ def verify_shards(
 ) -> None:
     """Read every shard and compare its sha256 with the manifest; raise :class:`ShardIntegrityError` on mismatch."""
     policy = retry or RetryPolicy()
+    unhashed = [ref.url for ref in shard_set.shards if not ref.info.sha256]
+    if unhashed:
+        raise ShardIntegrityError(
+            f"{len(unhashed)} shard(s) have no sha256 in their manifest (first: {unhashed[0]}), so they cannot be "
+            "verified: index them with python -m data.index_shards --sha256, or do not ask for verification"
+        )
     for ref in shard_set.shards:
 
         def _hash(url: str = ref.url) -> str:

@@ -82,8 +82,16 @@ class ClassifierModelConfig(TransferModelConfig):
 class DataConfig(_Section):
     """Where samples come from and how they are batched."""
 
-    train_url: str = Field("", description="shard set URL (directory with manifest.json): path, file://, s3://")
-    val_url: str | None = Field(None, description="validation shard set URL (fine-tune / eval)")
+    train_url: str = Field(
+        "",
+        description="training shards: a shard set with manifest.json, a directory of .tar shards, a brace pattern "
+        "(s3://bucket/in1k/train-{0000..1023}.tar) or synthetic://N; path, file://, s3://",
+    )
+    val_url: str | None = Field(None, description="validation shards, in the same forms as train_url")
+    train_index: str | None = Field(
+        None, description="manifest of train_url's shards when they came without one (the launcher sets it)"
+    )
+    val_index: str | None = Field(None, description="manifest of val_url's shards when they came without one")
     image_size: int = Field(224, ge=32, description="training crop size; a multiple of 32 for FCMAE")
     batch_size: int = Field(64, ge=1, description="micro-batch per device")
     num_workers: int = Field(4, ge=0, description="dataloader worker processes per rank")

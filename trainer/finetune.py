@@ -140,9 +140,16 @@ class FinetuneStage:
         )
         self.val_loader = build_eval_loader(cfg, env, eval_transform(cfg.data.image_size, crop_pct=ft.crop_pct))
         for url, loader in ((cfg.data.train_url, self.loader), (cfg.data.val_url, self.val_loader)):
-            classes = getattr(getattr(loader, "shards", None), "num_classes", None)
+            shards = getattr(loader, "shards", None)
+            classes = getattr(shards, "num_classes", None)
             if classes is not None and classes > cfg.model.num_classes:
                 raise ValueError(f"{url} has {classes} classes but model.num_classes={cfg.model.num_classes}")
+            for source in getattr(shards, "sources", []):
+                if "extensions" in source and "cls" not in source["extensions"]:  # an index of foreign shards
+                    raise ValueError(
+                        f"{url}: its samples carry no .cls label (members: {', '.join(source['extensions'])}); "
+                        "fine-tuning needs one integer class per sample (pretraining does not)"
+                    )
 
     def describe(self) -> str:
         """Size, classes, where the weights come from, the recipe's regularizers and the FLOPs per image."""

@@ -17,13 +17,15 @@ def build_train_loader(
     env: DistEnv,
     transform: ImageTransform | None = None,
     sample_transform: SampleTransform | None = None,
+    require_labels: bool = True,
 ) -> Any:
     """This rank's training loader, seeded from the run seed. ``transform`` maps an image (pretraining,
-    classification), ``sample_transform`` a whole sample (detection)."""
-    url = cfg.data.train_url
-    if not url:
+    classification), ``sample_transform`` a whole sample (detection). ``require_labels=False`` (pretraining)
+    serves samples without a ``.cls`` label too."""
+    if not cfg.data.train_url:
         raise ValueError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
-    return _build(cfg, env, url, transform, sample_transform, shuffle=True, remainder="drop")
+    url = cfg.data.train_index or cfg.data.train_url
+    return _build(cfg, env, url, transform, sample_transform, shuffle=True, remainder="drop", labels=require_labels)
 
 
 def build_eval_loader(
@@ -37,7 +39,8 @@ def build_eval_loader(
     ``sample_transform``) and must not be counted."""
     if not cfg.data.val_url:
         raise ValueError("data.val_url is empty: set it to the validation shard set (path or s3:// URL)")
-    return _build(cfg, env, cfg.data.val_url, transform, sample_transform, shuffle=False, remainder="pad")
+    url = cfg.data.val_index or cfg.data.val_url
+    return _build(cfg, env, url, transform, sample_transform, shuffle=False, remainder="pad", labels=True)
 
 
 def _build(
@@ -48,6 +51,7 @@ def _build(
     sample_transform: SampleTransform | None,
     shuffle: bool,
     remainder: str,
+    labels: bool,
 ) -> Any:
     synthetic = parse_synthetic_url(url)
     if synthetic is not None:
@@ -74,6 +78,7 @@ def _build(
         sample_transform=sample_transform,
         shuffle=shuffle,
         remainder=remainder,
+        require_labels=labels,
         pin_memory=env.device.type == "cuda",
         worker_ignored_signals=PREEMPTION_SIGNALS,
     )

@@ -1,0 +1,151 @@
+"""Shards people already have: written by ``webdataset.ShardWriter`` or laid out like img2dataset's output, without
+our manifest. They are indexed from tar headers and train through the launcher; our own shards read back through a
+plain webdataset pipeline."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import webdataset as wds
+
+from data.index_shards import expand_source, index_shards
+from data.index_shards import main as index_main
+from data.loader import decode_sample
+from data.manifest import MANIFEST_NAME, read_manifest, resolve_shards
+from data.reader import RawSample
+from data.storage import MissingShardError
+from tests.support.launch import launch
+from tests.support.shards import write_folder_shards
+
+
+def _jpeg(seed: int, size: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def writer_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """100 labeled JPEG samples in shards of 40 written by webdataset's own ShardWriter (3 shards: 40, 40, 20)."""
+    root = tmp_path_factory.mktemp("wds")
+    keys = [f"img{i:05d}" for i in range(100)]
+    with wds.ShardWriter(str(root / "part-%06d.tar"), maxcount=40, verbose=0) as sink:
+        for i, key in enumerate(keys):
+            sink.write({"__key__": key, "jpg": _jpeg(i), "cls": i % 10, "json": {"caption": f"sample {i}"}})
+    return root, keys
+
+
+def _img2dataset_tar(path: Path, start: int, count: int) -> list[str]:
+    """img2dataset's layout: ``{shard}{index}.jpg|.txt|.json`` per sample, no label; upper-case extensions too."""
+    keys = []
+    with tarfile.open(path, "w") as tar:
+        for i in range(start, start + count):
+            key = f"{i:09d}"
+            ext = "JPEG" if i % 3 == 0 else "jpg"
+            for name, data in ((f"{key}.{ext}", _jpeg(i)), (f"{key}.txt", b"a caption"), (f"{key}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            keys.append(key)
+    return keys
+
+
+def test_index_counts_samples_from_headers_like_webdataset(writer_shards: tuple[Path, list[str]]) -> None:
+    root, _ = writer_shards
+    urls = expand_source(str(root / "part-{000000..000002}.tar"))
+    manifest = index_shards(urls, progress=False)
+    assert [s.num_samples for s in manifest.shards] == [40, 40, 20]
+    assert [s.num_bytes for s in manifest.shards] == [Path(u).stat().st_size for u in urls]
+    assert manifest.source["extensions"] == ["cls", "jpg", "json"]
+    # The same count webdataset's own iteration gives, shard by shard.
+    assert [sum(1 for _ in wds.WebDataset(u, shardshuffle=False)) for u in urls] == [40, 40, 20]
+    # By hand: a directory without a manifest gets one; asking for hashes fills them in.
+    assert index_main([str(root), "--sha256"]) == 0
+    written = read_manifest(str(root))
+    assert written.num_samples == 100 and all(len(s.sha256) == 64 for s in written.shards)
+    (root / MANIFEST_NAME).unlink()  # the launch test below starts from a bare directory again
+
+
+def test_an_unindexed_pattern_is_a_clear_error(writer_shards: tuple[Path, list[str]]) -> None:
+    pattern = str(writer_shards[0] / "part-{000000..000001}.tar")
+    with pytest.raises(MissingShardError, match=r"python -m data.index_shards"):
+        resolve_shards(pattern)
+
+
+@pytest.mark.slow
+def test_shardwriter_shards_pretrain_through_the_launcher(
+    writer_shards: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """A brace pattern over ShardWriter shards: the launcher indexes it once (cached beside the shards), and one
+    epoch serves every sample once: 100 samples in batches of 8 on 2 ranks give 6 steps of 16 distinct keys."""
+    root, keys = writer_shards
+    pattern = str(root / "part-{000000..000002}.tar")
+    overrides = [
+        f"data.train_url={pattern}",
+        "data.batch_size=8",
+        "schedule.max_steps=6",
+        "tracking.sample_ledger=true",
+    ]
+    assert launch(tmp_path / "run", *overrides, ranks=2) == 0
+    stored = (tmp_path / "run" / "config.yaml").read_text()
+    index = next(line.split(": ", 1)[1] for line in stored.splitlines() if "train_index:" in line)
+    assert Path(index).parent == root and Path(index).name.startswith("manifest-index-")
+    served = [
+        key
+        for ledger in sorted((tmp_path / "run" / "ledger").glob("rank_*.jsonl"))
+        for line in ledger.read_text().splitlines()
+        for key in json.loads(line)["keys"]
+    ]
+    assert len(served) == 96 and len(set(served)) == 96  # 6 steps x 2 ranks x 8, no sample twice
+    assert set(served) <= set(keys)  # the keys ShardWriter wrote, as webdataset names them
+
+
+@pytest.mark.slow
+def test_img2dataset_layout_pretrains_and_unlabeled_finetuning_is_refused(tmp_path: Path) -> None:
+    shards = tmp_path / "img2dataset"
+    shards.mkdir()
+    _img2dataset_tar(shards / "00000.tar", 0, 30)
+    _img2dataset_tar(shards / "00001.tar", 30, 30)
+    assert launch(tmp_path / "pre", f"data.train_url={shards}", "data.batch_size=8", "schedule.max_steps=3") == 0
+    assert read_manifest(str(shards)).num_samples == 60  # a whole directory: its manifest.json, beside the shards
+    code = launch(
+        tmp_path / "ft", f"data.train_url={shards}", f"data.val_url={shards}", "data.batch_size=8",
+        "schedule.max_steps=2", "model.num_classes=10", config="demo_finetune",
+    )  # fmt: skip
+    assert code != 0
+    (failure_file,) = (tmp_path / "ft" / "failures").glob("rank_*.txt")
+    failure = failure_file.read_text()
+    assert "carry no .cls label" in failure
+
+
+def test_our_shards_read_through_a_plain_webdataset_pipeline(image_folder: Path, tmp_path: Path) -> None:
+    """Interoperability the other way: keys, decoded images and labels of our writer's shards, as webdataset sees
+    them, equal what our writer put in."""
+    out = tmp_path / "ours"
+    manifest = write_folder_shards(image_folder, str(out), samples_per_shard=25)
+    urls = [str(out / s.name) for s in manifest.shards]
+    theirs = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode("pil")}
+    ours: dict[str, tuple[np.ndarray, int]] = {}
+    for url in urls:  # our decoding of the same members
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(url) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        for key, files in members.items():
+            image, label, _ = decode_sample(RawSample(key, files, url), num_classes=3)
+            ours[key] = (np.asarray(image), label)
+    assert theirs.keys() == ours.keys() and len(ours) == manifest.num_samples == 60
+    for key, sample in theirs.items():
+        image = next(sample[e] for e in ("png", "jpg") if e in sample)
+        assert np.array_equal(np.asarray(image.convert("RGB")), ours[key][0]), key
+        assert sample["cls"] == ours[key][1]
+    assert sorted({label for _, label in ours.values()}) == [0, 1, 2]
