@@ -111,13 +111,18 @@ def _with_indexes(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     from data.index_shards import ensure_index
 
     data = cfg.data
+    urls: list[tuple[str, str | None, str | None]] = [("train_index", data.train_url, data.train_index)]
+    if cfg.stage != "pretrain":  # pretraining never reads the validation set
+        urls.append(("val_index", data.val_url, data.val_index))
     update = {}
-    for field, url, given in (
-        ("train_index", data.train_url, data.train_index),
-        ("val_index", data.val_url, data.val_index),
-    ):
+    for field, url, given in urls:
         if url and not given:
-            index = ensure_index(url, str(run_dir / "index"))
+            try:
+                index = ensure_index(url, str(run_dir / "index"))
+            except (OSError, ValueError):
+                raise
+            except Exception as exc:  # the storage client's own errors (bad bucket names, credentials, ...)
+                raise OSError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
             if index is not None:
                 update[field] = index
     if not update:

@@ -8,6 +8,7 @@ rescales boxes and masks with the image.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -37,18 +38,37 @@ NO_LABEL = -1
 """``.cls`` value of a detection image without annotations (also the loader's ignore label)."""
 
 
+# PIL format name -> the member extension of a file kept as it is; these are what the loader decodes.
+PASS_THROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF", "PPM", "GIF")
+
+
 @dataclass
 class SourceSample:
-    """One sample ready to encode: a unique key, an RGB image, an integer label and optional JSON metadata."""
+    """One sample ready to encode: a unique key, an RGB image (or the original file's bytes), an integer label and
+    optional JSON metadata."""
 
     key: str
     """Unique key without dots (webdataset splits member names at the first dot)."""
-    image: PIL.Image.Image
-    """RGB image at its final size."""
+    image: PIL.Image.Image | None
+    """RGB image at its final size; None when ``encoded`` holds the original file, which needs no change."""
     label: int
     """Class index written to ``{key}.cls``."""
     meta: dict[str, Any] | None = None
     """Written to ``{key}.json`` when not None (detection targets, original path, ...)."""
+    encoded: tuple[str, bytes] | None = None
+    """``(extension, bytes)`` of the original file when it can go into the shard as it is (no resize asked, a
+    format the loader reads, no EXIF rotation): no generation loss, no encoding time."""
+    lossless: bool = True
+    """Whether the source image was lossless (PNG, arrays), which decides the format when it must be re-encoded."""
+
+    def rgb(self) -> PIL.Image.Image:
+        """The RGB image, decoded from ``encoded`` when only the bytes were kept."""
+        if self.image is not None:
+            return self.image
+        assert self.encoded is not None
+        with PIL.Image.open(io.BytesIO(self.encoded[1])) as img:
+            return img.convert("RGB")
 
 
 class Source(Protocol):
@@ -84,6 +104,30 @@ def resize_shorter(image: PIL.Image.Image, size: int | None) -> PIL.Image.Image:
     return image if new == (w, h) else image.resize(new, PIL.Image.Resampling.BICUBIC)
 
 
+def original_file(path: Path) -> tuple[tuple[str, bytes] | None, bool]:
+    """The file's ``(extension, bytes)`` if it can be stored as it is (real format read from its header, not from
+    the file name), else None; and whether its format is lossless."""
+    data = path.read_bytes()
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:  # reads the header only
+            fmt, orientation = str(img.format), img.getexif().get(0x0112, 1)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc}); fix or remove the file") from exc
+    lossless = fmt in LOSSLESS_FORMATS
+    if fmt not in PASS_THROUGH_FORMATS or orientation != 1:  # a rotated photo is stored as viewers show it
+        return None, lossless
+    return (PASS_THROUGH_FORMATS[fmt], data), lossless
+
+
+def is_lossless(path: Path) -> bool:
+    """Whether the image file's format (from its header) is lossless: a re-encode then uses PNG, else JPEG."""
+    try:
+        with PIL.Image.open(path) as img:
+            return str(img.format) in LOSSLESS_FORMATS
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc}); fix or remove the file") from exc
+
+
 def _open_rgb(path: Path) -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as img:
@@ -104,10 +148,18 @@ class _ImageFileSource:
         return len(self.items)
 
     def load(self, index: int) -> SourceSample:
-        """Load image ``index`` as RGB, resized so its shorter side is ``image_size``."""
+        """Image ``index``: its file as it is when no resize is asked and the loader reads the format, else RGB
+        resized so its shorter side is ``image_size``."""
         path, label = self.items[index]
+        key = f"{index:08d}-{sanitize_key(path.stem)}"
+        if self.image_size is None:
+            encoded, lossless = original_file(path)
+            if encoded is not None:
+                return SourceSample(key=key, image=None, label=label, encoded=encoded, lossless=lossless)
+        else:
+            lossless = is_lossless(path)
         image = resize_shorter(_open_rgb(path), self.image_size)
-        return SourceSample(key=f"{index:08d}-{sanitize_key(path.stem)}", image=image, label=label)
+        return SourceSample(key=key, image=image, label=label, lossless=lossless)
 
 
 class ImageFolderSource(_ImageFileSource):
@@ -313,7 +365,12 @@ class CocoSource:
             ranked = sorted(range(len(anns)), key=lambda i: (meta["iscrowd"][i] == 0, meta["area"][i]))
             label = meta["labels"][ranked[-1]]
         key = f"{index:08d}-{sanitize_key(Path(entry.info['file_name']).stem)}"
-        return SourceSample(key=key, image=image, label=label, meta=meta)
+        if self.image_size is None:  # the annotations need no rescaling: keep the file as it is if the loader reads it
+            encoded, lossless = original_file(path)
+            if encoded is not None:
+                return SourceSample(key=key, image=None, label=label, meta=meta, encoded=encoded, lossless=lossless)
+            return SourceSample(key=key, image=image, label=label, meta=meta, lossless=lossless)
+        return SourceSample(key=key, image=image, label=label, meta=meta, lossless=is_lossless(path))
 
     def describe(self) -> dict[str, Any]:
         """Categories with their contiguous labels."""

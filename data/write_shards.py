@@ -29,7 +29,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--output", required=True, help="output directory URL (path, file://, s3://, ...)")
     p.add_argument("--image-size", type=int, help="shorter side in pixels (Fashion-MNIST: square, default 64)")
-    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (default png)")
+    p.add_argument(
+        "--format",
+        choices=("auto", "png", "jpg"),
+        default="auto",
+        help="auto (default): files kept as they are without --image-size, else PNG for lossless sources and JPEG "
+        "for JPEG sources; png/jpg: re-encode everything",
+    )
+    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs (default 95)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--shard-size-mb", type=float, help="target shard size in MB (default 100)")
     size.add_argument("--samples-per-shard", type=int, help="samples per shard")
@@ -40,6 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the write order shuffle (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set at --output")
+    p.add_argument("--workers", type=int, default=1, help="processes that load and encode images (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -58,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = WriterConfig(
             output=args.output,
             image_format=args.format,
+            jpeg_quality=args.jpeg_quality,
             shard_size_mb=args.shard_size_mb,
             samples_per_shard=args.samples_per_shard,
             prefix=args.prefix or (args.split if args.source == "fashion-mnist" else "shard"),
@@ -65,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
             limit=args.limit,
             progress=not args.quiet,
+            workers=args.workers,
         )
         info = {
             "input": args.input or str(getattr(source, "root", "")),

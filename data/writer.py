@@ -12,7 +12,8 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Mapping
+import multiprocessing
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
@@ -42,8 +43,9 @@ class WriterConfig:
 
     output: str
     """Directory URL for shards and ``manifest.json`` (local path, ``file://``, ``s3://`` or any fsspec URL)."""
-    image_format: Literal["png", "jpg"] = "png"
-    """Image encoding: lossless PNG (default) or JPEG."""
+    image_format: Literal["auto", "png", "jpg"] = "auto"
+    """``auto``: keep each file's bytes when no resize is asked (the source hands them over), else re-encode lossless
+    sources as PNG and JPEG sources as JPEG; ``png`` or ``jpg``: re-encode every image in that format."""
     shard_size_mb: float | None = None
     """Roll over to a new shard before its file would exceed this many MB (default 100 when no count is given);
     only a single sample larger than that makes a bigger shard."""
@@ -54,13 +56,16 @@ class WriterConfig:
     overwrite: bool = False
     """Replace an existing complete set; without it an existing manifest is an error."""
     jpeg_quality: int = 95
-    """JPEG quality when ``image_format="jpg"``."""
+    """JPEG quality of re-encoded JPEGs."""
     shuffle_seed: int | None = 0
     """Permute the source order with this seed before writing (class folders are sorted); None keeps it."""
     limit: int | None = None
     """Write only the first ``limit`` samples (after shuffling): small sets for tests and demos."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    workers: int = 1
+    """Processes that load and encode samples (the main process writes the tars in order, so the shards and the
+    manifest are the same for any number)."""
     storage_options: Mapping[str, Any] | None = None
     """Extra fsspec options (e.g. ``{"endpoint_url": ...}``); the AWS environment is used when absent."""
 
@@ -71,8 +76,10 @@ class WriterConfig:
             raise ValueError(f"shard_size_mb must be > 0, got {self.shard_size_mb}")
         if self.samples_per_shard is not None and self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
-        if self.image_format not in ("png", "jpg"):
-            raise ValueError(f"image_format {self.image_format!r}: choose 'png' or 'jpg'")
+        if self.image_format not in ("auto", "png", "jpg"):
+            raise ValueError(f"image_format {self.image_format!r}: choose 'auto', 'png' or 'jpg'")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if not self.prefix or "/" in self.prefix or "." in self.prefix:
@@ -132,22 +139,52 @@ class _OpenShard:
 
 
 def encode_sample(sample: SourceSample, image_format: str, jpeg_quality: int = 95) -> dict[str, Any]:
-    """The tar members of ``sample``: ``__key__`` plus encoded image, ``cls`` and optional ``json``."""
+    """The tar members of ``sample``: ``__key__`` plus the image (see :attr:`WriterConfig.image_format`), ``cls``
+    and optional ``json``."""
     if "." in sample.key or not sample.key:
         raise ValueError(f"sample key {sample.key!r} must be non-empty and contain no dots")
-    buf = io.BytesIO()
-    if image_format == "png":
-        sample.image.save(buf, format="PNG")
+    if image_format == "auto" and sample.encoded is not None:
+        ext, data = sample.encoded
     else:
-        sample.image.save(buf, format="JPEG", quality=jpeg_quality)
-    record: dict[str, Any] = {
-        "__key__": sample.key,
-        image_format: buf.getvalue(),
-        "cls": str(int(sample.label)).encode("ascii"),
-    }
+        ext = image_format if image_format != "auto" else ("png" if sample.lossless else "jpg")
+        buf = io.BytesIO()
+        if ext == "png":
+            sample.rgb().save(buf, format="PNG")
+        else:
+            sample.rgb().save(buf, format="JPEG", quality=jpeg_quality)
+        data = buf.getvalue()
+    record: dict[str, Any] = {"__key__": sample.key, ext: data, "cls": str(int(sample.label)).encode("ascii")}
     if sample.meta is not None:
         record["json"] = json.dumps(sample.meta, separators=(",", ":")).encode("utf-8")
     return record
+
+
+_WORKER: tuple[Source, str, int] | None = None
+"""The source and encoding settings of a writer worker process (set by the pool's initializer)."""
+
+
+def _init_worker(source: Source, image_format: str, jpeg_quality: int) -> None:
+    global _WORKER
+    _WORKER = (source, image_format, jpeg_quality)
+
+
+def _encode_index(index: int) -> dict[str, Any]:
+    assert _WORKER is not None
+    source, image_format, jpeg_quality = _WORKER
+    return encode_sample(source.load(index), image_format, jpeg_quality)
+
+
+def _records(source: Source, order: Sequence[int], config: WriterConfig) -> Iterator[dict[str, Any]]:
+    """Encoded records in ``order``: in this process, or loaded and encoded by ``config.workers`` forked processes
+    (results come back in order)."""
+    if config.workers == 1:
+        for index in order:
+            yield encode_sample(source.load(int(index)), config.image_format, config.jpeg_quality)
+        return
+    context = multiprocessing.get_context("fork")  # the workers inherit the source instead of unpickling it
+    init = (source, config.image_format, config.jpeg_quality)
+    with context.Pool(config.workers, initializer=_init_worker, initargs=init) as pool:
+        yield from pool.imap(_encode_index, [int(i) for i in order], chunksize=8)
 
 
 def _tar_bytes(record: dict[str, Any]) -> int:
@@ -202,12 +239,11 @@ def write_shards(source: Source, config: WriterConfig, *, source_info: Mapping[s
     current: _OpenShard | None = None
     bar = tqdm(total=len(order), unit="img", desc=f"shards -> {config.output}", disable=not config.progress)
     try:
-        for index in order:
-            sample = source.load(int(index))
-            if sample.key in keys:
-                raise ValueError(f"duplicate sample key {sample.key!r} from source {source.kind}")
-            keys.add(sample.key)
-            record = encode_sample(sample, config.image_format, config.jpeg_quality)
+        for record in _records(source, [int(i) for i in order], config):
+            key = record["__key__"]
+            if key in keys:
+                raise ValueError(f"duplicate sample key {key!r} from source {source.kind}")
+            keys.add(key)
             size = _tar_bytes(record)
             if current is not None and (
                 (max_count is not None and current.num_samples >= max_count)

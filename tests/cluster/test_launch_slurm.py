@@ -107,8 +107,11 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_weights(
 
 @pytest.mark.slow
 def test_a_failing_job_is_retried_a_bounded_number_of_times(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    missing = tmp_path / "no-such-shards"
-    args = ["--config", "demo_fcmae", "--run-dir", str(tmp_path / "run"), *JOB, f"data.train_url={missing}"]
+    # A shard set whose manifest is damaged: the launch passes (a manifest is there), every job attempt fails on it.
+    broken = tmp_path / "broken-shards"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    args = ["--config", "demo_fcmae", "--run-dir", str(tmp_path / "run"), *JOB, f"data.train_url={broken}"]
     assert launch([*args, "cluster.max_failure_retries=1"]) == 0
     job_id = (tmp_path / "run" / "slurm" / "jobs.txt").read_text().split()[-1]
     state = slurm_cluster.wait_state(job_id, ["FAILED", "COMPLETED", "CANCELLED"], timeout=240)
@@ -116,7 +119,7 @@ def test_a_failing_job_is_retried_a_bounded_number_of_times(slurm_cluster: Slurm
     assert state == "FAILED", log
     assert slurm_cluster.job_info(job_id).get("Restarts") == "1"
     assert "failure retry 1 of 1" in log and "failed after 1 failure retries" in log
-    assert str(missing) in log  # the real error names the missing data
+    assert "not a valid shard manifest" in log and str(broken) in log  # the real error names the data
 
 
 @pytest.mark.slow

@@ -178,7 +178,7 @@ def test_coco_boxes_masks_and_labels_are_rescaled_with_the_image(tmp_path: Path)
     samples = read_set(out)
     (key_a, a), (_, b) = sorted(samples.items())
     meta = json.loads(a["json"])
-    assert pixels(a["png"]).shape == (8, 10, 3)  # 20x16 scaled by 0.5
+    assert pixels(a["jpg"]).shape == (8, 10, 3)  # 20x16 scaled by 0.5; a JPEG source stays JPEG
     assert meta["labels"] == [1, 0] and meta["category_ids"] == [11, 3]
     assert meta["boxes"] == [[1.0, 1.0, 2.0, 2.0], [3.0, 2.0, 4.0, 4.0]]
     assert meta["segmentation"][0] == [[1.0, 1.0, 3.0, 1.0, 3.0, 3.0, 1.0, 3.0]]
@@ -190,3 +190,68 @@ def test_coco_boxes_masks_and_labels_are_rescaled_with_the_image(tmp_path: Path)
     assert source["categories"] == [{"id": 3, "name": "cat", "label": 0}, {"id": 11, "name": "dog", "label": 1}]
     assert key_a.endswith("-a")
     assert CocoSource(tmp_path / "instances.json").image_root == images
+
+
+def _photo_folder(root: Path) -> dict[str, bytes]:
+    """Two classes of smooth 'photos': JPEGs (quality 90), a PNG, and a JPEG whose name says .png. Returns the
+    original bytes by file stem."""
+    originals = {}
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            yy, xx = np.mgrid[0:60, 0:80]
+            pixels = np.stack([(xx * (i + 1) + c * 40) % 256, (yy * 3 + i * 20) % 256, (xx + yy) % 256], -1)
+            image = PIL.Image.fromarray(pixels.astype(np.uint8))
+            stem = f"img{i}"
+            buf = io.BytesIO()
+            if i == 0:
+                image.save(buf, format="PNG")
+                name = f"{stem}.png"
+            elif i == 1:
+                image.save(buf, format="JPEG", quality=90)
+                name = f"{stem}.png"  # a JPEG that claims to be a PNG
+            else:
+                image.save(buf, format="JPEG", quality=90)
+                name = f"{stem}.jpg"
+            (root / f"c{c}" / name).write_bytes(buf.getvalue())
+            originals[f"c{c}/{stem}"] = buf.getvalue()
+    return originals
+
+
+def test_without_resize_the_files_go_into_the_shards_as_they_are(tmp_path: Path) -> None:
+    originals = _photo_folder(tmp_path / "photos")
+    out = tmp_path / "shards"
+    write_shards(ImageFolderSource(tmp_path / "photos"), WriterConfig(str(out), samples_per_shard=5, progress=False))
+    samples = read_set(out)
+    assert len(samples) == 12
+    for key, files in samples.items():
+        (ext,) = [e for e in files if e != "cls"]
+        original = originals[f"c{int(files['cls'])}/{key.rsplit('-', 1)[1]}"]
+        assert files[ext] == original, f"{key}: the stored bytes are not the original file's"
+        assert ext == ("png" if key.endswith("img0") else "jpg"), (key, ext)  # the header decides, not the name
+
+
+def test_resizing_keeps_jpeg_as_jpeg_and_lossless_as_png(tmp_path: Path) -> None:
+    _photo_folder(tmp_path / "photos")
+    out = tmp_path / "shards"
+    source = ImageFolderSource(tmp_path / "photos", image_size=32)
+    write_shards(source, WriterConfig(str(out), samples_per_shard=5, jpeg_quality=80, progress=False))
+    exts = sorted({e for files in read_set(out).values() for e in files if e not in ("cls", "json")})
+    assert exts == ["jpg", "png"]
+    forced = tmp_path / "forced"
+    write_shards(source, WriterConfig(str(forced), samples_per_shard=5, image_format="png", progress=False))
+    assert {e for files in read_set(forced).values() for e in files if e != "cls"} == {"png"}
+
+
+def test_parallel_writing_gives_the_same_shards_and_manifest(tmp_path: Path) -> None:
+    _photo_folder(tmp_path / "photos")
+    manifests = {}
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        source = ImageFolderSource(tmp_path / "photos", image_size=24)
+        manifests[workers] = write_shards(
+            source, WriterConfig(str(out), shard_size_mb=0.004, workers=workers, progress=False)
+        )
+    assert len(manifests[1].shards) > 2
+    assert manifests[1].shards == manifests[3].shards  # names, counts, sizes and sha256 of every shard
+    assert manifests[1].source == manifests[3].source
