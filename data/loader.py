@@ -140,6 +140,8 @@ class LoaderConfig:
     remainder: Remainder = "drop"
     """Samples that do not fill a batch on every rank: "drop", "wrap" (repeat from the start), "pad" (as wrap,
     label -1)."""
+    label_field: str | None = None
+    """For samples without ``.cls``: the field of their ``.json`` that holds the integer class."""
     require_labels: bool = True
     """Every sample must carry a ``.cls`` label (else it is skipped as unusable); False for pretraining, where a
     sample without one is labeled ``IGNORE_LABEL``."""
@@ -197,18 +199,25 @@ class UnusableSampleError(Exception):
 
 
 def decode_sample(
-    raw: RawSample | MissingSample, num_classes: int | None, require_label: bool = True
+    raw: RawSample | MissingSample, num_classes: int | None, require_label: bool = True, label_field: str | None = None
 ) -> tuple[PIL.Image.Image, int, str]:
     """Decode a raw sample into (RGB image, label, key) with webdataset's handlers.
 
     Raises :class:`UnusableSampleError` when the image does not decode or the label is not an integer in range. A
-    sample without ``.cls`` is unusable when ``require_label``, else (pretraining) labeled :data:`IGNORE_LABEL`.
+    sample without ``.cls`` takes its label from ``label_field`` of its ``.json`` when given; otherwise it is unusable
+    when ``require_label``, else (pretraining) labeled :data:`IGNORE_LABEL`.
     """
     if isinstance(raw, MissingSample):
         raise UnusableSampleError("truncated", raw.reason)
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw.files), None)
     if ext is None:
         raise UnusableSampleError("bad_image", f"no image member (have {sorted(raw.files)})")
+    if "cls" not in raw.files and label_field is not None and "json" in raw.files:
+        try:
+            value = json.loads(raw.files["json"])[label_field]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UnusableSampleError("bad_label", f".json has no integer field {label_field!r}: {exc}") from exc
+        raw = RawSample(raw.key, {**raw.files, "cls": str(value).encode()}, raw.url)
     if "cls" not in raw.files:
         if require_label:
             raise UnusableSampleError("bad_label", "no .cls member")
@@ -260,6 +269,7 @@ class _StreamSpec:
     sizes: list[int]
     num_classes: int | None
     require_label: bool
+    label_field: str | None
     seed: int
     epoch: int
     shuffle: bool
@@ -306,7 +316,8 @@ class _WorkerStream:
         self.stats.retries += 1
 
     def _decode(self, raw: RawSample | MissingSample) -> _Decoded:
-        image, label, key = decode_sample(raw, self.spec.num_classes, self.spec.require_label)
+        spec = self.spec
+        image, label, key = decode_sample(raw, spec.num_classes, spec.require_label, spec.label_field)
         target = None
         if self.spec.sample_transform is not None:
             assert isinstance(raw, RawSample)  # decode_sample raised for a missing one
@@ -520,6 +531,7 @@ class ShardLoader:
             sizes=[s.info.num_samples for s in self.shards.shards],
             num_classes=self.shards.num_classes,
             require_label=cfg.require_labels,
+            label_field=cfg.label_field,
             seed=cfg.seed,
             epoch=self.epoch,
             shuffle=cfg.shuffle,

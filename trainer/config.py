@@ -92,6 +92,9 @@ class DataConfig(_Section):
         None, description="manifest of train_url's shards when they came without one (the launcher sets it)"
     )
     val_index: str | None = Field(None, description="manifest of val_url's shards when they came without one")
+    label_field: str | None = Field(
+        None, description="for shards without .cls labels: the .json field holding the integer class (e.g. 'label')"
+    )
     image_size: int = Field(224, ge=32, description="training crop size; a multiple of 32 for FCMAE")
     batch_size: int = Field(64, ge=1, description="micro-batch per device")
     num_workers: int = Field(4, ge=0, description="dataloader worker processes per rank")

@@ -145,10 +145,12 @@ class FinetuneStage:
             if classes is not None and classes > cfg.model.num_classes:
                 raise ValueError(f"{url} has {classes} classes but model.num_classes={cfg.model.num_classes}")
             for source in getattr(shards, "sources", []):
-                if "extensions" in source and "cls" not in source["extensions"]:  # an index of foreign shards
+                exts = source.get("extensions", ["cls"])  # an index of foreign shards lists what its samples hold
+                if "cls" not in exts and not (cfg.data.label_field and "json" in exts):
                     raise ValueError(
-                        f"{url}: its samples carry no .cls label (members: {', '.join(source['extensions'])}); "
-                        "fine-tuning needs one integer class per sample (pretraining does not)"
+                        f"{url}: its samples carry no .cls label (members: {', '.join(exts)}); fine-tuning needs one "
+                        "integer class per sample (pretraining does not): set data.label_field to the .json field "
+                        "that holds it"
                     )
 
     def describe(self) -> str:

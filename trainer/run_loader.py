@@ -79,6 +79,7 @@ def _build(
         shuffle=shuffle,
         remainder=remainder,
         require_labels=labels,
+        label_field=cfg.data.label_field,
         pin_memory=env.device.type == "cuda",
         worker_ignored_signals=PREEMPTION_SIGNALS,
     )

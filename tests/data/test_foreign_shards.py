@@ -44,13 +44,15 @@ def writer_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
 
 
 def _img2dataset_tar(path: Path, start: int, count: int) -> list[str]:
-    """img2dataset's layout: ``{shard}{index}.jpg|.txt|.json`` per sample, no label; upper-case extensions too."""
+    """img2dataset's layout: ``{shard}{index}.jpg|.txt|.json`` per sample, no ``.cls`` (the class only in the
+    ``.json``); upper-case extensions too."""
     keys = []
     with tarfile.open(path, "w") as tar:
         for i in range(start, start + count):
             key = f"{i:09d}"
             ext = "JPEG" if i % 3 == 0 else "jpg"
-            for name, data in ((f"{key}.{ext}", _jpeg(i)), (f"{key}.txt", b"a caption"), (f"{key}.json", b"{}")):
+            meta = json.dumps({"caption": "a photo", "label": i % 10}).encode()
+            for name, data in ((f"{key}.{ext}", _jpeg(i)), (f"{key}.txt", b"a caption"), (f"{key}.json", meta)):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -109,21 +111,21 @@ def test_shardwriter_shards_pretrain_through_the_launcher(
 
 
 @pytest.mark.slow
-def test_img2dataset_layout_pretrains_and_unlabeled_finetuning_is_refused(tmp_path: Path) -> None:
+def test_img2dataset_layout_pretrains_and_finetunes_with_the_json_label(tmp_path: Path) -> None:
     shards = tmp_path / "img2dataset"
     shards.mkdir()
     _img2dataset_tar(shards / "00000.tar", 0, 30)
     _img2dataset_tar(shards / "00001.tar", 30, 30)
     assert launch(tmp_path / "pre", f"data.train_url={shards}", "data.batch_size=8", "schedule.max_steps=3") == 0
     assert read_manifest(str(shards)).num_samples == 60  # a whole directory: its manifest.json, beside the shards
-    code = launch(
-        tmp_path / "ft", f"data.train_url={shards}", f"data.val_url={shards}", "data.batch_size=8",
-        "schedule.max_steps=2", "model.num_classes=10", config="demo_finetune",
-    )  # fmt: skip
-    assert code != 0
+    finetune = [f"data.train_url={shards}", f"data.val_url={shards}", "data.batch_size=8", "schedule.max_steps=2",
+                "model.num_classes=10", "model.pretrained=null"]  # fmt: skip
+    assert launch(tmp_path / "ft", *finetune, config="demo_finetune") != 0  # no .cls and no label field named
     (failure_file,) = (tmp_path / "ft" / "failures").glob("rank_*.txt")
-    failure = failure_file.read_text()
-    assert "carry no .cls label" in failure
+    assert "carry no .cls label" in failure_file.read_text() and "data.label_field" in failure_file.read_text()
+    assert launch(tmp_path / "ft2", *finetune, "data.label_field=label", config="demo_finetune") == 0
+    metrics = json.loads((tmp_path / "ft2" / "export" / "metrics.json").read_text())
+    assert metrics["loader_samples_skipped"] == 0 and metrics["val_images"] == 60  # every sample had its label
 
 
 def test_our_shards_read_through_a_plain_webdataset_pipeline(image_folder: Path, tmp_path: Path) -> None:
