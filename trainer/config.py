@@ -296,32 +296,32 @@ class PretrainConfig(RunConfig):
         return self
 
 
-class FinetuneConfig(RunConfig):
+class _ValidatedRunConfig(RunConfig):
+    """A stage that evaluates on ``data.val_url`` (fine-tuning, detection): the URL must be set."""
+
+    stage: str
+
+    @model_validator(mode="after")
+    def _val_rules(self) -> _ValidatedRunConfig:
+        if not self.data.val_url:
+            raise ValueError(f"stage {self.stage} evaluates on data.val_url: set it to the validation shard set")
+        return self
+
+
+class FinetuneConfig(_ValidatedRunConfig):
     """Classification fine-tuning (``stage: finetune``)."""
 
     stage: Literal["finetune"] = Field("finetune", description="what this run trains")
     model: ClassifierModelConfig = Field(default_factory=ClassifierModelConfig)
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
 
-    @model_validator(mode="after")
-    def _val_rules(self) -> FinetuneConfig:
-        if not self.data.val_url:
-            raise ValueError("stage finetune evaluates on data.val_url: set it to the validation shard set")
-        return self
 
-
-class DetectionConfig(RunConfig):
+class DetectionConfig(_ValidatedRunConfig):
     """Mask R-CNN transfer (``stage: detection``)."""
 
     stage: Literal["detection"] = Field("detection", description="what this run trains")
     model: TransferModelConfig = Field(default_factory=TransferModelConfig)
     detection: DetectionSection = Field(default_factory=DetectionSection)
-
-    @model_validator(mode="after")
-    def _val_rules(self) -> DetectionConfig:
-        if not self.data.val_url:
-            raise ValueError("stage detection evaluates on data.val_url: set it to the validation shard set")
-        return self
 
 
 TrainConfig = PretrainConfig | FinetuneConfig | DetectionConfig
