@@ -105,29 +105,25 @@ def _check(cfg: TrainConfig, local: bool) -> None:
     check_runnable(cfg, world, device)
 
 
-def _with_indexes(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """``cfg`` with ``data.train_index``/``val_index`` set for shards that came without a manifest: indexed once here
-    (cached beside the shards, or in the run directory), so that no rank scans them."""
-    from data.index_shards import ensure_index
+def _index_data(cfg: TrainConfig, run_dir: Path) -> None:
+    """Index the shards of ``data.train_url`` (and ``val_url`` for the stages that read it) that came without a
+    manifest, once, here: cached beside the shards, or in the run directory's ``index/`` when that is not writable,
+    where every rank finds it (:func:`data.manifest.find_manifest`)."""
+    from data.index_shards import ensure_indexes
+    from trainer.run_loader import INDEX_DIR
 
-    data = cfg.data
-    urls: list[tuple[str, str | None, str | None]] = [("train_index", data.train_url, data.train_index)]
-    if cfg.stage != "pretrain":  # pretraining never reads the validation set
-        urls.append(("val_index", data.val_url, data.val_index))
-    update = {}
-    for field, url, given in urls:
-        if url and not given:
-            try:
-                index = ensure_index(url, str(run_dir / "index"))
-            except (OSError, ValueError):
-                raise
-            except Exception as exc:  # the storage client's own errors (bad bucket names, credentials, ...)
-                raise OSError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
-            if index is not None:
-                update[field] = index
-    if not update:
-        return cfg
-    return cfg.model_copy(update={"data": data.model_copy(update=update)})
+    specs = [cfg.data.train_url]
+    if cfg.stage != "pretrain" and cfg.data.val_url:  # pretraining never reads the validation set
+        specs.append(cfg.data.val_url)
+    for spec in specs:
+        if not spec:
+            continue
+        try:
+            ensure_indexes(spec, str(run_dir / INDEX_DIR))
+        except (OSError, ValueError):
+            raise
+        except Exception as exc:  # the storage client's own errors (bad bucket names, credentials, ...)
+            raise OSError(f"cannot read {spec}: {type(exc).__name__}: {exc}") from exc
 
 
 def _print_config(cfg: TrainConfig, run_dir: Path) -> None:
@@ -178,15 +174,12 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    indexed = []
     for cfg, run_dir in configs:
         try:
-            cfg = _with_indexes(cfg, run_dir)
+            _index_data(cfg, run_dir)
         except (OSError, ValueError) as err:
             print(f"data error: {err}", file=sys.stderr)
             return 2
-        indexed.append((cfg, run_dir))
-    configs = indexed
     for cfg, run_dir in configs:
         _print_config(cfg, run_dir)
         try:

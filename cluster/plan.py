@@ -64,31 +64,46 @@ class Plan:
     sbatch: list[str]
 
 
-def dataset_size(cfg: TrainConfig) -> tuple[int, str]:
-    """Samples per epoch from a local manifest (or a local index, made in memory for shards without one); remote
+def dataset_size(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[int, str]:
+    """Samples per epoch from local manifests (or local indexes, made in memory for shards without one); remote
     sets are not contacted by a dry run."""
-    url = cfg.data.train_index or cfg.data.train_url
-    if url.startswith("synthetic://"):
-        return int(url.removeprefix("synthetic://")), "synthetic"
-    if not url:
+    spec = cfg.data.train_url
+    if isinstance(spec, str) and spec.startswith("synthetic://"):
+        return int(spec.removeprefix("synthetic://")), "synthetic"
+    if not spec:
         raise ConfigError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
-    if "://" not in url or url.startswith("file://"):
-        from data.index_shards import expand_source, index_shards
-        from data.manifest import index_manifest_url, manifest_url, read_manifest
+    from data.manifest import data_specs
 
-        local = url.removeprefix("file://")
-        cached = index_manifest_url(local) if "{" in local else manifest_url(local)
-        if Path(cached).is_file():
-            return read_manifest(cached).num_samples, f"from {cached}"
-        try:
-            shards = expand_source(local)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"data.train_url={url}: {exc}") from None
-        manifest = index_shards(shards, progress=False)
-        return manifest.num_samples, f"{len(shards)} shards indexed in memory (the launch caches the index)"
-    if cfg.stage == "detection":
-        return COCO_TRAIN2017, f"{url} not contacted by a dry run: assuming COCO train2017"
-    return IMAGENET_TRAIN, f"{url} not contacted by a dry run: assuming ImageNet-1k train"
+    urls = data_specs(spec)
+    if any("://" in url and not url.startswith("file://") for url in urls):
+        where = ", ".join(url for url in urls if "://" in url and not url.startswith("file://"))
+        if cfg.stage == "detection":
+            return COCO_TRAIN2017, f"{where} not contacted by a dry run: assuming COCO train2017"
+        return IMAGENET_TRAIN, f"{where} not contacted by a dry run: assuming ImageNet-1k train"
+    total, notes = 0, list[str]()
+    for url in urls:
+        count, note = _local_size(url.removeprefix("file://"), run_dir)
+        total, notes = total + count, [*notes, note]
+    return total, "; ".join(notes)
+
+
+def _local_size(spec: str, run_dir: Path | None) -> tuple[int, str]:
+    """Samples of one local shard set: from its manifest or cached index, else indexed in memory."""
+    from data.index_shards import expand_source, index_shards
+    from data.manifest import resolve_shards
+    from data.storage import MissingShardError
+    from trainer.run_loader import INDEX_DIR
+
+    try:
+        return resolve_shards(spec, index_dir=str(run_dir / INDEX_DIR) if run_dir else None).num_samples, spec
+    except MissingShardError:
+        pass  # no manifest yet: count from the tar headers, as the launch will
+    try:
+        shards = expand_source(spec)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.train_url: {spec}: {exc}") from None
+    manifest = index_shards(shards, progress=False)
+    return manifest.num_samples, f"{len(shards)} shards of {spec} indexed in memory (the launch caches the index)"
 
 
 def planned_model(cfg: TrainConfig) -> nn.Module:

@@ -27,7 +27,17 @@ from typing import Any
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from data.manifest import MANIFEST_NAME, Manifest, ShardInfo, index_manifest_url, manifest_url, write_manifest
+from data.manifest import (
+    MANIFEST_NAME,
+    DataSpec,
+    Manifest,
+    ShardInfo,
+    data_specs,
+    find_manifest,
+    index_candidates,
+    manifest_url,
+    write_manifest,
+)
 from data.storage import RetryPolicy, open_url, url_to_fs, with_retries
 
 log = logging.getLogger(__name__)
@@ -139,43 +149,38 @@ def build_index(
     storage_options: Mapping[str, Any] | None = None,
 ) -> str:
     """Index ``spec`` and write the manifest: to ``output`` when given, else beside the shards, else (not writable)
-    into ``fallback_dir``. Returns the manifest's URL."""
+    into ``fallback_dir`` (where :func:`data.manifest.find_manifest` looks for it). Returns the manifest's URL."""
     urls = expand_source(spec, storage_options)
     log.info("indexing %d shard(s) of %s (no manifest)", len(urls), spec)
     manifest = index_shards(urls, workers=workers, sha256=sha256, storage_options=storage_options, source=spec)
-    targets = [output] if output else [index_manifest_url(spec)]
-    if not output and fallback_dir:
-        targets.append(_fallback_url(spec, fallback_dir))
+    targets = [output] if output else index_candidates(spec, fallback_dir)
     for target in targets:
         try:
             url = write_manifest(target, manifest, storage_options=storage_options)
-        except (OSError, PermissionError) as exc:
-            log.warning("cannot write the index to %s (%s)", target, exc)
+        except (OSError, NotImplementedError) as exc:  # read-only storage (an https:// mirror) raises the latter
+            log.warning("cannot write the index to %s (%s: %s)", target, type(exc).__name__, exc)
             continue
         log.info("index of %d shards, %d samples written to %s", len(manifest.shards), manifest.num_samples, url)
         return url
     raise OSError(f"could not write the index of {spec} to {' or '.join(targets)}: pass a writable --output")
 
 
-def _fallback_url(spec: str, fallback_dir: str) -> str:
-    return f"{fallback_dir.rstrip('/')}/manifest-index-{hashlib.sha1(spec.encode()).hexdigest()[:12]}.json"
-
-
-def ensure_index(
-    spec: str, fallback_dir: str, *, workers: int = 16, storage_options: Mapping[str, Any] | None = None
-) -> str | None:
-    """The manifest to read ``spec``'s shards with, when they have none of their own: a cached index (beside the
-    shards, or in ``fallback_dir``), else a new one. None when ``spec`` needs no index (a shard set with its
-    manifest, ``synthetic://``)."""
-    if spec.startswith("synthetic://") or spec.endswith(".json"):
-        return None
-    own = index_manifest_url(spec) if "{" in spec or spec.endswith(".tar") else None
-    candidates = [own, _fallback_url(spec, fallback_dir)] if own else [manifest_url(spec)]
-    for url in candidates:
-        fs, path = url_to_fs(url, storage_options)
-        if fs.exists(path):
-            return None if url == manifest_url(spec) else url
-    return build_index(spec, fallback_dir=fallback_dir, workers=workers, storage_options=storage_options)
+def ensure_indexes(
+    source: DataSpec, fallback_dir: str, *, workers: int = 16, storage_options: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Index every part of a data spec (one URL, a list, a mixture) whose shards have no manifest yet (none of their
+    own, no cached index); returns the manifests written. Shard sets with a manifest, single shards listed in their
+    directory's manifest, and ``synthetic://`` need nothing."""
+    written = []
+    for spec in data_specs(source):
+        if spec.startswith("synthetic://") or find_manifest(spec, fallback_dir, storage_options) is not None:
+            continue
+        if spec.endswith(".tar") and "{" not in spec:
+            fs, path = url_to_fs(manifest_url(spec.rsplit("/", 1)[0] if "/" in spec else "."), storage_options)
+            if fs.exists(path):
+                continue  # listed in its directory's manifest (resolve_shards names it if it is not)
+        written.append(build_index(spec, fallback_dir=fallback_dir, workers=workers, storage_options=storage_options))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,9 @@ Design (details of the slot assignment in :mod:`data.sampling`):
   damaged tar) is skipped, counted in :class:`LoaderStats` and logged; its slot is filled with another sample of
   the same batch (with the slot's own augmentation draw), or, if the whole batch is unreadable, with the next
   readable sample of the worker's share. Batch counts and batch boundaries never move, so resume stays exact.
+* **Mixtures** (``{url: weight}``): every epoch holds each source in its weight's share, interleaved evenly, each
+  source read as its own stream of passes over its shards (:class:`data.sampling.MixtureOrder`); the samples
+  served per source are counted (``ShardLoader.source_samples``) and resume with the rest of the state.
 * Transient read errors are retried with exponential backoff; a missing shard, an unreachable bucket or a
   manifest sha256 mismatch (``verify=True``) raises a :class:`~data.storage.DataSourceError` naming the URL.
 
@@ -43,7 +46,7 @@ import functools
 import json
 import logging
 import signal
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -53,11 +56,12 @@ import torch
 import torch.utils.data
 from webdataset.autodecode import basichandlers, imagehandler
 
-from data.manifest import ShardSet, check_shards_exist, resolve_shards, verify_shards
+from data.manifest import DataSpec, ShardSet, check_shards_exist, resolve_shards, verify_shards
 from data.reader import MissingSample, RawSample, ShardReader
 from data.sampling import (
     EpochOrder,
     Layout,
+    MixtureOrder,
     RankPlan,
     Remainder,
     Segment,
@@ -267,6 +271,8 @@ class _StreamSpec:
 
     urls: list[str]
     sizes: list[int]
+    shard_sources: list[int]
+    weights: list[float] | None
     num_classes: int | None
     require_label: bool
     label_field: str | None
@@ -283,8 +289,12 @@ class _StreamSpec:
     retry: RetryPolicy
 
 
-def _plan(spec: _StreamSpec) -> tuple[EpochOrder, RankPlan]:
-    order = EpochOrder(spec.sizes, spec.seed, spec.epoch, spec.shuffle)
+def _plan(spec: _StreamSpec) -> tuple[EpochOrder | MixtureOrder, RankPlan]:
+    order: EpochOrder | MixtureOrder
+    if spec.weights is None:
+        order = EpochOrder(spec.sizes, spec.seed, spec.epoch, spec.shuffle)
+    else:
+        order = MixtureOrder(spec.sizes, spec.shard_sources, spec.weights, spec.seed, spec.epoch, spec.shuffle)
     pool = remaining_pool(order.total, spec.history, seed=spec.seed, epoch=spec.epoch)
     return order, RankPlan(pool=pool, layout=spec.layout, segment=len(spec.history), position=spec.position)
 
@@ -306,9 +316,8 @@ class _WorkerStream:
             segment=self.plan.segment,
         )
         self.stats = LoaderStats()
-        self.reader = ShardReader(
-            spec.urls, storage_options=spec.storage_options, retry=spec.retry, on_retry=self._count_retry
-        )
+        self.readers: dict[int, ShardReader] = {}  # one per mixture source: each keeps its stream open
+        self.source_of = np.asarray(spec.shard_sources, dtype=np.int64)
         self._window_index = -1
         self._window: dict[int, RawSample | MissingSample] = {}
 
@@ -324,20 +333,28 @@ class _WorkerStream:
             target = decode_target(raw)
         return image, label, key, target
 
-    def _fetch(self, reader: ShardReader, positions: np.ndarray) -> dict[int, RawSample | MissingSample]:
-        """Raw samples at global ``positions``, read in global order (one forward pass over the shards)."""
+    def _fetch(
+        self, readers: dict[int, ShardReader], positions: np.ndarray, count_retries: bool = True
+    ) -> dict[int, RawSample | MissingSample]:
+        """Raw samples at global ``positions``: shard by shard in the order the positions reach them, each shard's
+        members in one forward pass, each mixture source through its own reader."""
         unique = np.unique(positions)
         shards, members = self.order.locate(unique)
         out: dict[int, RawSample | MissingSample] = {}
-        start = 0
-        while start < len(unique):
-            end = start
-            while end < len(unique) and shards[end] == shards[start]:
-                end += 1
-            got = reader.read(int(shards[start]), members[start:end].tolist())
-            for pos, member in zip(unique[start:end].tolist(), members[start:end].tolist(), strict=True):
+        _, first = np.unique(shards, return_index=True)
+        for shard in shards[np.sort(first)].tolist():
+            at = np.flatnonzero(shards == shard)
+            source = int(self.source_of[shard])
+            if source not in readers:
+                readers[source] = ShardReader(
+                    self.spec.urls,
+                    storage_options=self.spec.storage_options,
+                    retry=self.spec.retry,
+                    on_retry=self._count_retry if count_retries else None,
+                )
+            got = readers[source].read(shard, members[at].tolist())
+            for pos, member in zip(unique[at].tolist(), members[at].tolist(), strict=True):
                 out[pos] = got[member]
-            start = end
         return out
 
     def _raw_batch(self, t: int) -> dict[int, RawSample | MissingSample]:
@@ -347,7 +364,7 @@ class _WorkerStream:
         window = self.share.window or bs * max(1, _READ_CHUNK // bs)
         k = (t * bs) // window
         if k != self._window_index:
-            self._window = self._fetch(self.reader, self.share.positions[k * window : (k + 1) * window])
+            self._window = self._fetch(self.readers, self.share.positions[k * window : (k + 1) * window])
             self._window_index = k
         return self._window
 
@@ -359,10 +376,10 @@ class _WorkerStream:
         bs = self.share.batch_size
         order = np.concatenate([self.share.positions[(t + 1) * bs :], self.share.positions[: t * bs]])
         chunk = max(self.share.window, bs)
-        reader = ShardReader(self.spec.urls, storage_options=self.spec.storage_options, retry=self.spec.retry)
+        readers: dict[int, ShardReader] = {}
         try:
             for lo in range(0, len(order), chunk):
-                raws = self._fetch(reader, order[lo : lo + chunk])
+                raws = self._fetch(readers, order[lo : lo + chunk], count_retries=False)
                 for pos in order[lo : lo + chunk].tolist():
                     self.stats.decoded += 1
                     try:
@@ -370,7 +387,8 @@ class _WorkerStream:
                     except UnusableSampleError:
                         continue
         finally:
-            reader.close()
+            for reader in readers.values():
+                reader.close()
         raise DataSourceError(
             f"rank {self.spec.rank} worker {self.logical}: none of the {len(self.share.positions)} samples of its "
             f"share in epoch {self.spec.epoch} can be decoded (shards: {self.spec.urls[:3]}...)"
@@ -382,7 +400,8 @@ class _WorkerStream:
             for t in range(self.plan.first_local_batch(self.logical), self.share.num_batches):
                 yield self._make_batch(t)
         finally:
-            self.reader.close()
+            for reader in self.readers.values():
+                reader.close()
 
     def _make_batch(self, t: int) -> tuple[torch.Tensor, Labels, dict[str, Any]]:
         spec = self.spec
@@ -431,9 +450,11 @@ class _WorkerStream:
                 f"images of one batch have different shapes ({sorted({tuple(i.shape) for i in images})}): "
                 "use a transform that resizes to a fixed size (e.g. data.transforms.pretrain_transform)"
             ) from exc
+        shards, _ = self.order.locate(positions)
         meta = {
             "batch": t * spec.layout.num_workers + self.logical,
             "keys": keys,
+            "sources": self.source_of[shards].tolist(),
             "stats": self.stats.as_dict(),
         }
         self.stats = LoaderStats()  # the main process accumulates deltas
@@ -492,6 +513,10 @@ class ShardLoader:
         """Counters of skipped samples, replacements and retries (this rank)."""
         self.last_keys: list[str] = []
         """Sample keys of the batch yielded last (for logging and tests)."""
+        self.last_sources: list[int] = []
+        """Mixture source of each sample of the batch yielded last (all 0 without a mixture)."""
+        self.source_samples = [0] * len(shards.source_sizes())
+        """Samples this rank served from each mixture source (carried in the state)."""
         self._position = 0
         self._history: list[Segment] = []
         if len(self) == 0:
@@ -529,6 +554,8 @@ class ShardLoader:
         return _StreamSpec(
             urls=[s.url for s in self.shards.shards],
             sizes=[s.info.num_samples for s in self.shards.shards],
+            shard_sources=[s.source for s in self.shards.shards],
+            weights=[m.weight for m in self.shards.mixture] if self.shards.mixture else None,
             num_classes=self.shards.num_classes,
             require_label=cfg.require_labels,
             label_field=cfg.label_field,
@@ -561,6 +588,9 @@ class ShardLoader:
                     self._position += 1
                     self.stats.add(meta["stats"])
                     self.last_keys = list(meta["keys"])
+                    self.last_sources = list(meta["sources"])
+                    for source in self.last_sources:
+                        self.source_samples[source] += 1
                     yield images, labels
             finally:
                 # Stop the workers now, also on errors and early exits. Left to garbage collection (a traceback
@@ -602,7 +632,13 @@ class ShardLoader:
             "layout": self.config.layout.to_dict(),
             "history": [{"layout": s.layout.to_dict(), "consumed": s.consumed} for s in self._history],
             "stats": self.stats.as_dict(),
+            "mixture": self._mixture(),
+            "source_samples": list(self.source_samples),
         }
+
+    def _mixture(self) -> list[list[Any]] | None:
+        mixture = self.shards.mixture
+        return [[m.spec, m.weight] for m in mixture] if mixture else None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state``; a state from another layout (world size, workers, batch) is re-planned."""
@@ -619,6 +655,11 @@ class ShardLoader:
                 f"loader state is for {state['num_samples']} samples, the shard set has {self.num_samples}: "
                 "the data changed since the checkpoint"
             )
+        if state.get("mixture") != self._mixture():
+            raise ValueError(
+                f"loader state was made with the mixture {state.get('mixture')}, the loader reads "
+                f"{self._mixture()}: resume with the run's original data.train_url (sources and weights)"
+            )
         history = [Segment(Layout.from_dict(s["layout"]), int(s["consumed"])) for s in state["history"]]
         old_layout = Layout.from_dict(state["layout"])
         position = int(state["position"])
@@ -633,12 +674,13 @@ class ShardLoader:
             )
         self.epoch, self._position, self._history = int(state["epoch"]), position, history
         self.stats = LoaderStats(**{k: int(v) for k, v in dict(state.get("stats", {})).items()})
+        self.source_samples = [int(n) for n in state.get("source_samples", self.source_samples)]
         # Validates the history against the data (raises if the state belongs to another set).
         _plan(self._spec())
 
 
 def build_loader(
-    source: str | Sequence[str] | ShardSet,
+    source: DataSpec | ShardSet,
     *,
     batch_size: int,
     rank: int = 0,
@@ -648,9 +690,12 @@ def build_loader(
     transform: ImageTransform | None = None,
     epoch: int = 0,
     sample_transform: SampleTransform | None = None,
+    index_dir: str | None = None,
     **options: Any,
 ) -> ShardLoader:
-    """Build the loader of one rank from a manifest URL, a shard directory URL, shard URLs or a :class:`ShardSet`.
+    """Build the loader of one rank from a data spec (:data:`data.manifest.DataSpec`: a manifest URL, a shard
+    directory, a brace pattern, a list of those or of shard URLs, a weighted mixture) or a :class:`ShardSet`.
+    ``index_dir`` is where indexes of shards without a manifest may also be cached (a run's ``index/``).
 
     ``options`` are further :class:`LoaderConfig` fields (``shuffle``, ``remainder``, ``verify``,
     ``storage_options``, ``retry``, ...). Reads the manifest (and checks the shards exist) before returning.
@@ -664,7 +709,7 @@ def build_loader(
     shards = (
         source
         if isinstance(source, ShardSet)
-        else resolve_shards(source, storage_options=config.storage_options, retry=config.retry)
+        else resolve_shards(source, storage_options=config.storage_options, retry=config.retry, index_dir=index_dir)
     )
     if not shards.shards:
         raise ValueError(f"{source}: the manifest lists no shards")

@@ -6,6 +6,7 @@ per shard the name, sample count, byte size and sha256, plus the source descript
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -160,6 +161,20 @@ class ShardRef:
     """Full URL of the tar file."""
     info: ShardInfo
     """The manifest entry (counts, size, hash)."""
+    source: int = 0
+    """Index of the mixture source the shard belongs to (0 without a mixture)."""
+
+
+@dataclass(frozen=True)
+class MixSource:
+    """One source of a weighted mixture (``data.train_url: {url: weight, ...}``)."""
+
+    name: str
+    """Short label for logs and metric names (from the URL's last path component)."""
+    spec: str
+    """The source as configured: a shard directory, manifest, brace pattern or ``.tar`` URL."""
+    weight: float
+    """Relative share of the source in every epoch (normalized over the sources)."""
 
 
 @dataclass
@@ -170,56 +185,167 @@ class ShardSet:
     """Shards in manifest order (the loader's epoch shuffle permutes them)."""
     num_classes: int | None
     """Number of classes (max over the manifests; None if none states it)."""
-    sources: list[dict[str, Any]]
+    descriptions: list[dict[str, Any]]
     """The ``source`` block of each manifest used."""
+    mixture: list[MixSource] | None = None
+    """Weighted sources (each shard's ``source`` indexes it); None: one set, samples in their natural proportions."""
 
     @property
     def num_samples(self) -> int:
         """Total samples over all shards."""
         return sum(s.info.num_samples for s in self.shards)
 
+    def source_sizes(self) -> list[int]:
+        """Samples per mixture source (one entry without a mixture)."""
+        sizes = [0] * (len(self.mixture) if self.mixture else 1)
+        for ref in self.shards:
+            sizes[ref.source] += ref.info.num_samples
+        return sizes
+
+
+DataSpec = str | Sequence[str] | Mapping[str, float]
+"""What ``data.train_url`` may hold: one shard set, a list of them (one set, their union), or a weighted mixture
+``{url: weight}`` whose sources keep their weights whatever their sizes."""
+
+
+def data_specs(source: DataSpec) -> list[str]:
+    """The individual URLs/patterns of a data spec, in order."""
+    return [source] if isinstance(source, str) else list(source)
+
+
+def index_candidates(spec: str, index_dir: str | None = None) -> list[str]:
+    """Where the manifest of ``spec``'s shards may be, in the order it is looked for: a shard directory's own
+    ``manifest.json`` (written by our writer or by indexing), the index cached beside a pattern's shards
+    (:func:`index_manifest_url`), and the copy in ``index_dir`` (a run's ``index/``) when the shards' location was
+    not writable."""
+    if spec.endswith(".json"):
+        return [spec]
+    own = manifest_url(spec) if "{" not in spec and not spec.endswith(".tar") else index_manifest_url(spec)
+    if index_dir is None:
+        return [own]
+    return [own, f"{index_dir.rstrip('/')}/manifest-index-{hashlib.sha1(spec.encode()).hexdigest()[:12]}.json"]
+
+
+def find_manifest(
+    spec: str,
+    index_dir: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    retry: RetryPolicy | None = None,
+) -> str | None:
+    """The first of :func:`index_candidates` that exists, or None."""
+    for url in index_candidates(spec, index_dir):
+        fs, path = url_to_fs(url, storage_options)
+        exists = functools.partial(fs.exists, path)
+        if with_retries(exists, url=url, what="looking for the manifest", policy=retry or RetryPolicy()):
+            return url
+    return None
+
+
+def source_label(spec: str) -> str:
+    """A short name for a source in logs and metric names: its last path component without a pattern or suffix."""
+    tail = spec.rstrip("/").rsplit("/", 1)[-1].split("{", 1)[0].removesuffix(".tar").removesuffix(".json")
+    tail = "".join(c if c.isalnum() or c in "-_." else "_" for c in tail).strip("-_.")
+    if tail in ("", "manifest"):
+        parent = spec.rstrip("/").rsplit("/", 2)
+        tail = source_label("/".join(parent[:-1])) if len(parent) > 1 else "source"
+    return tail or "source"
+
 
 def resolve_shards(
-    source: str | Sequence[str],
+    source: DataSpec,
     *,
     storage_options: Mapping[str, Any] | None = None,
     retry: RetryPolicy | None = None,
+    index_dir: str | None = None,
 ) -> ShardSet:
-    """Build a :class:`ShardSet` from a manifest URL, a shard directory URL, or a list of shard URLs.
+    """Build a :class:`ShardSet` from a manifest URL, a shard directory URL, a brace pattern, a list of those or of
+    shard URLs (their union), or a weighted mixture ``{spec: weight}``.
 
     Shard URLs (``.tar``) are looked up in the manifest of their directory, so that sample counts are known
-    without reading the tars; several directories (several manifests) may be mixed.
+    without reading the tars; several directories (several manifests) may be mixed. Shards without a manifest of
+    their own are found through their index (:func:`index_candidates`, ``index_dir`` included).
     """
-    items = [source] if isinstance(source, str) else list(source)
+    if isinstance(source, Mapping):
+        return _resolve_mixture(source, storage_options, retry, index_dir)
+    items = data_specs(source)
     if not items:
         raise ValueError("no data source given: pass a manifest URL, a shard directory or a list of shard URLs")
     shards: list[ShardRef] = []
-    sources: list[dict[str, Any]] = []
+    descriptions: list[dict[str, Any]] = []
     num_classes: int | None = None
-    cache: dict[str, Manifest] = {}
+    cache: dict[str, Manifest | None] = {}
     for item in items:
-        if item.endswith(".tar") and "{" not in item:
-            base = parent_url(item)
-            if base not in cache:
-                cache[base] = _read_or_explain(base, manifest_url(base), storage_options, retry)
-                sources.append(cache[base].source)
-            by_name = {s.name: s for s in cache[base].shards}
-            name = item[len(base) + 1 :]
-            if name not in by_name:
-                raise MissingShardError(f"{item} is not listed in {manifest_url(base)}")
-            shards.append(ShardRef(url=item, info=by_name[name]))
-            man = cache[base]
+        listed = (
+            _listed_shard(item, cache, storage_options, retry) if item.endswith(".tar") and "{" not in item else None
+        )
+        if listed is not None:  # a shard of a set with a manifest: its entry there
+            man, entry = listed
+            shards.append(ShardRef(url=item, info=entry))
+            if man.source not in descriptions:
+                descriptions.append(man.source)
         else:
-            murl = index_manifest_url(item) if "{" in item else manifest_url(item)
+            candidates = index_candidates(item, index_dir)
+            murl = candidates[0]
+            if len(candidates) > 1:  # the shards' own manifest, else a run's copy of their index
+                murl = find_manifest(item, index_dir, storage_options, retry) or murl
             man = _read_or_explain(item, murl, storage_options, retry)
             base = parent_url(murl)
-            sources.append(man.source)
+            descriptions.append(man.source)
             shards.extend(ShardRef(url=shard_url(base, s.name), info=s) for s in man.shards)
         if man.num_classes is not None:
             num_classes = max(num_classes or 0, man.num_classes)
     if len({s.url for s in shards}) != len(shards):
         raise ValueError("the same shard URL is listed twice in the data source; each shard may appear once")
-    return ShardSet(shards=shards, num_classes=num_classes, sources=sources)
+    return ShardSet(shards=shards, num_classes=num_classes, descriptions=descriptions)
+
+
+def _listed_shard(
+    item: str, cache: dict[str, Manifest | None], storage_options: Mapping[str, Any] | None, retry: RetryPolicy | None
+) -> tuple[Manifest, ShardInfo] | None:
+    """The manifest of ``item``'s directory and its entry there; None when the directory has no manifest (the shard
+    is then read through its own index)."""
+    base = parent_url(item)
+    if base not in cache:
+        try:
+            cache[base] = read_manifest(base, storage_options=storage_options, retry=retry)
+        except MissingShardError:
+            cache[base] = None
+    man = cache[base]
+    if man is None:
+        return None
+    by_name = {s.name: s for s in man.shards}
+    name = item[len(base) + 1 :]
+    if name not in by_name:
+        raise MissingShardError(f"{item} is not listed in {manifest_url(base)}")
+    return man, by_name[name]
+
+
+def _resolve_mixture(
+    weights: Mapping[str, float],
+    storage_options: Mapping[str, Any] | None,
+    retry: RetryPolicy | None,
+    index_dir: str | None,
+) -> ShardSet:
+    if not weights:
+        raise ValueError("an empty mixture: name at least one {url: weight}")
+    bad = {spec: w for spec, w in weights.items() if not isinstance(w, int | float) or not w > 0}
+    if bad:
+        raise ValueError(f"mixture weights must be positive numbers, got {bad}")
+    parts = [
+        resolve_shards(spec, storage_options=storage_options, retry=retry, index_dir=index_dir) for spec in weights
+    ]
+    names = [source_label(spec) for spec in weights]
+    names = [n if names.count(n) == 1 else f"{i}_{n}" for i, n in enumerate(names)]
+    shards = [ShardRef(url=ref.url, info=ref.info, source=i) for i, part in enumerate(parts) for ref in part.shards]
+    if len({s.url for s in shards}) != len(shards):
+        raise ValueError("two sources of the mixture share a shard; each shard may belong to one source")
+    classes = [p.num_classes for p in parts if p.num_classes is not None]
+    return ShardSet(
+        shards=shards,
+        num_classes=max(classes) if classes else None,
+        descriptions=[d for p in parts for d in p.descriptions],
+        mixture=[MixSource(n, spec, float(w)) for n, spec, w in zip(names, weights, weights.values(), strict=True)],
+    )
 
 
 def _read_or_explain(
@@ -252,16 +378,19 @@ def check_shards_exist(
     for directory, refs in by_dir.items():
         fs, path = url_to_fs(directory, storage_options)
 
-        def _list(fs: Any = fs, path: str = path) -> dict[str, int]:
+        def _list(fs: Any = fs, path: str = path) -> dict[str, int | None]:
             fs.invalidate_cache(path)  # s3fs caches listings; shards may have been written since
-            return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in fs.ls(path, detail=True)}
+            return {  # an HTTP index page lists names without sizes
+                e["name"].rstrip("/").rsplit("/", 1)[-1]: None if e.get("size") is None else int(e["size"])
+                for e in fs.ls(path, detail=True)
+            }
 
         listing = with_retries(_list, url=directory, what="listing shards", policy=policy)
         for ref in refs:
             name = ref.url.rsplit("/", 1)[-1]
             if name not in listing:
                 raise MissingShardError(f"shard {ref.url} is listed in the manifest but does not exist")
-            if listing[name] != ref.info.num_bytes:
+            if listing[name] is not None and listing[name] != ref.info.num_bytes:
                 raise ShardIntegrityError(
                     f"shard {ref.url} has {listing[name]} bytes, the manifest says {ref.info.num_bytes}: "
                     "the shard set changed after it was written; rewrite it with data.write_shards --overwrite"

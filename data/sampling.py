@@ -35,6 +35,8 @@ REMAINDER_MODES: tuple[str, ...] = ("drop", "wrap", "pad")
 TAG_SHARD_ORDER = 1
 TAG_WINDOW = 2
 TAG_SAMPLE = 3
+TAG_MIX = 4
+TAG_SOURCE_ORDER = 5
 
 
 def derive_seed(*parts: int) -> int:
@@ -125,6 +127,85 @@ class EpochOrder:
         """Shard indices (into the manifest list) and member indices of global ``positions``."""
         k = np.searchsorted(self.ends, positions, side="right")
         return self.shard_order[k], positions - self.starts[k]
+
+
+def mixture_counts(total: int, weights: Sequence[float]) -> np.ndarray:
+    """Positions of each source in an epoch of ``total``: shares proportional to ``weights`` (largest remainder)."""
+    w = np.asarray(weights, dtype=np.float64)
+    share = w / w.sum() * total
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(-(share - counts), kind="stable")[: total - int(counts.sum())]] += 1
+    return counts
+
+
+class MixtureOrder:
+    """The global sample order of one epoch of a weighted mixture of sources (same interface as :class:`EpochOrder`).
+
+    * **Length.** An epoch has as many positions as the sources have samples together; source ``s`` fills
+      ``n_s`` of them, its weight's share (largest remainder), whatever its size.
+    * **Interleaving.** Source ``s``'s positions are spread evenly over the epoch (stratified: its ``q``-th one sits
+      at ``(q + u_s) / n_s`` of the way, ``u_s`` drawn from ``(seed, epoch)``), so every batch holds the sources in
+      about their proportions and every rank's contiguous slice does too.
+    * **Streams.** Each source is read as an endless stream of passes; pass ``j`` is the source's shards in an
+      order shuffled from ``(seed, s, j)``. Epoch ``e`` takes the stream's samples ``e*n_s .. (e+1)*n_s - 1``: an
+      up-weighted source repeats a sample only after serving all of them, a down-weighted one continues in the next
+      epoch where this one stopped. Consecutive positions of a source are consecutive in its stream, so a worker
+      reads each source's shards forward.
+    """
+
+    def __init__(
+        self,
+        shard_sizes: Sequence[int],
+        shard_sources: Sequence[int],
+        weights: Sequence[float],
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+    ) -> None:
+        sizes = np.asarray(shard_sizes, dtype=np.int64)
+        owner = np.asarray(shard_sources, dtype=np.int64)
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.shards_of = [np.flatnonzero(owner == s) for s in range(len(weights))]
+        self.source_sizes = np.array([int(sizes[idx].sum()) for idx in self.shards_of], dtype=np.int64)
+        if (self.source_sizes == 0).any():
+            raise ValueError(f"mixture source {int(np.argmin(self.source_sizes))} holds no samples")
+        self.total = int(sizes.sum())
+        self.counts = mixture_counts(self.total, weights)
+        self._sizes = sizes
+        rng = np.random.default_rng(derive_seed(seed, TAG_MIX, epoch)) if shuffle else None
+        keys = [(np.arange(n) + (rng.random() if rng is not None else 0.5)) / n for n in self.counts.tolist()]
+        order = np.argsort(np.concatenate(keys), kind="stable")
+        self.source = np.repeat(np.arange(len(weights)), self.counts)[order]
+        """Source of every position of the epoch."""
+        self.index = np.empty(self.total, dtype=np.int64)
+        """Index of every position among its source's positions of the epoch."""
+        for s, n in enumerate(self.counts.tolist()):
+            self.index[self.source == s] = np.arange(n)
+        self._passes: dict[tuple[int, int], EpochOrder] = {}
+
+    def _pass(self, source: int, number: int) -> EpochOrder:
+        key = (source, number)
+        if key not in self._passes:
+            sizes = self._sizes[self.shards_of[source]]
+            seed = derive_seed(self.seed, TAG_SOURCE_ORDER, source)
+            self._passes[key] = EpochOrder(sizes.tolist(), seed, number, self.shuffle)
+        return self._passes[key]
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Shard indices (into the manifest list) and member indices of global ``positions``."""
+        positions = np.asarray(positions, dtype=np.int64)
+        shards = np.empty(len(positions), dtype=np.int64)
+        members = np.empty(len(positions), dtype=np.int64)
+        sources = self.source[positions]
+        for s in np.unique(sources).tolist():
+            at = np.flatnonzero(sources == s)
+            stream = self.epoch * int(self.counts[s]) + self.index[positions[at]]
+            passes, within = np.divmod(stream, self.source_sizes[s])
+            for number in np.unique(passes).tolist():
+                sel = at[passes == number]
+                local, member = self._pass(s, number).locate(within[passes == number])
+                shards[sel], members[sel] = self.shards_of[s][local], member
+        return shards, members
 
 
 @dataclass(frozen=True)

@@ -82,22 +82,36 @@ class ClassifierModelConfig(TransferModelConfig):
 class DataConfig(_Section):
     """Where samples come from and how they are batched."""
 
-    train_url: str = Field(
+    train_url: str | list[str] | dict[str, float] = Field(
         "",
         description="training shards: a shard set with manifest.json, a directory of .tar shards, a brace pattern "
-        "(s3://bucket/in1k/train-{0000..1023}.tar) or synthetic://N; path, file://, s3://",
+        "(s3://bucket/in1k/train-{0000..1023}.tar) or synthetic://N (path, file://, s3://); a list of those (one "
+        "set, their union); or a weighted mixture {url: weight, ...} whose sources keep their shares in every epoch",
     )
-    val_url: str | None = Field(None, description="validation shards, in the same forms as train_url")
-    train_index: str | None = Field(
-        None, description="manifest of train_url's shards when they came without one (the launcher sets it)"
+    val_url: str | list[str] | None = Field(
+        None, description="validation shards, in the forms of train_url (no mixture)"
     )
-    val_index: str | None = Field(None, description="manifest of val_url's shards when they came without one")
     label_field: str | None = Field(
         None, description="for shards without .cls labels: the .json field holding the integer class (e.g. 'label')"
     )
     image_size: int = Field(224, ge=32, description="training crop size; a multiple of 32 for FCMAE")
     batch_size: int = Field(64, ge=1, description="micro-batch per device")
     num_workers: int = Field(4, ge=0, description="dataloader worker processes per rank")
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataConfig:
+        for key, spec in (("train_url", self.train_url), ("val_url", self.val_url)):
+            if isinstance(spec, list | dict):
+                if not spec:
+                    raise ValueError(f"data.{key} is an empty {type(spec).__name__}: name at least one shard set")
+                synthetic = [url for url in spec if url.startswith("synthetic://")]
+                if synthetic:
+                    raise ValueError(f"data.{key}: {synthetic[0]} cannot be part of a list or mixture; use it alone")
+            if isinstance(spec, dict):
+                bad = {url: w for url, w in spec.items() if not w > 0}
+                if bad:
+                    raise ValueError(f"data.{key}: mixture weights must be positive, got {bad}")
+        return self
 
 
 class PretrainDataConfig(DataConfig):

@@ -163,10 +163,10 @@ class DetectionStage:
         self.run_dir = run_dir
         det, size = cfg.detection, cfg.data.image_size
         self.loader = build_train_loader(
-            cfg, env, sample_transform=LargeScaleJitter(size, det.min_scale, det.max_scale)
+            cfg, env, run_dir, sample_transform=LargeScaleJitter(size, det.min_scale, det.max_scale)
         )
         # Every validation image once over all ranks; slots that pad the last batches come as None targets.
-        self.val_loader = build_eval_loader(cfg, env, sample_transform=ResizePad(size))
+        self.val_loader = build_eval_loader(cfg, env, run_dir, sample_transform=ResizePad(size))
         self.categories = self._categories()
         model = build_model(cfg)
         if cfg.model.pretrained:
@@ -176,7 +176,7 @@ class DetectionStage:
 
     def _categories(self) -> list[dict[str, Any]]:
         """The validation set's COCO categories in label order; checked against ``model.num_classes``."""
-        described = self.val_loader.shards.sources[0] if self.val_loader.shards.sources else {}
+        described = self.val_loader.shards.descriptions[0] if self.val_loader.shards.descriptions else {}
         categories = sorted(described.get("categories") or [], key=lambda c: int(c["label"]))
         if not categories:
             raise ValueError(

@@ -136,15 +136,17 @@ class FinetuneStage:
         self.best = Best()
 
         self.loader = build_train_loader(
-            cfg, env, finetune_transform(cfg.data.image_size, auto_augment=ft.auto_augment, re_prob=ft.re_prob)
+            cfg, env, run_dir, finetune_transform(cfg.data.image_size, auto_augment=ft.auto_augment, re_prob=ft.re_prob)
         )
-        self.val_loader = build_eval_loader(cfg, env, eval_transform(cfg.data.image_size, crop_pct=ft.crop_pct))
+        self.val_loader = build_eval_loader(
+            cfg, env, run_dir, eval_transform(cfg.data.image_size, crop_pct=ft.crop_pct)
+        )
         for url, loader in ((cfg.data.train_url, self.loader), (cfg.data.val_url, self.val_loader)):
             shards = getattr(loader, "shards", None)
             classes = getattr(shards, "num_classes", None)
             if classes is not None and classes > cfg.model.num_classes:
                 raise ValueError(f"{url} has {classes} classes but model.num_classes={cfg.model.num_classes}")
-            for source in getattr(shards, "sources", []):
+            for source in getattr(shards, "descriptions", []):
                 exts = source.get("extensions", ["cls"])  # an index of foreign shards lists what its samples hold
                 if "cls" not in exts and not (cfg.data.label_field and "json" in exts):
                     raise ValueError(

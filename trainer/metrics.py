@@ -196,5 +196,9 @@ def console_line(step: int, total: int, epoch: float, scalars: dict[str, float],
         parts.append(f"{perf['tflops_per_device']:.2f} TFLOP/s/dev")
     if scalars.get("skipped_steps"):
         parts.append(f"skipped {int(scalars['skipped_steps'])}")
+    served = {k.removeprefix("samples_"): v for k, v in scalars.items() if k.startswith("samples_")}
+    if served:  # a mixture of sources: each one's share of the samples served so far
+        all_served = sum(served.values()) or 1.0
+        parts.append("mix " + " ".join(f"{name} {100 * n / all_served:.0f}%" for name, n in served.items()))
     parts.append(f"eta {format_duration(perf['eta_s'])}")
     return " | ".join(parts)

@@ -13,8 +13,6 @@ from trainer.export import atomic_write_text
 RESTART_MUTABLE = (
     "cluster.",
     "data.num_workers",
-    "data.train_index",  # where the index of manifest-less shards was cached: the same shards either way
-    "data.val_index",
     "data.batch_size",
     "deepspeed.grad_accum",
     "deepspeed.global_batch",

@@ -2,35 +2,52 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from data.loader import SampleTransform, build_loader
+from data.manifest import DataSpec
 from data.synthetic import SyntheticLoader, parse_synthetic_url
 from data.transforms import ImageTransform
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
 from trainer.preemption import PREEMPTION_SIGNALS
 
+INDEX_DIR = "index"
+"""Folder of a run directory holding the indexes of shards whose own location was not writable."""
+
 
 def build_train_loader(
     cfg: TrainConfig,
     env: DistEnv,
+    run_dir: Path,
     transform: ImageTransform | None = None,
     sample_transform: SampleTransform | None = None,
     require_labels: bool = True,
 ) -> Any:
     """This rank's training loader, seeded from the run seed. ``transform`` maps an image (pretraining,
     classification), ``sample_transform`` a whole sample (detection). ``require_labels=False`` (pretraining)
-    serves samples without a ``.cls`` label too."""
+    serves samples without a ``.cls`` label too. Shards without a manifest are read through their index, beside
+    them or in ``run_dir/index`` (the launcher made it)."""
     if not cfg.data.train_url:
         raise ValueError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
-    url = cfg.data.train_index or cfg.data.train_url
-    return _build(cfg, env, url, transform, sample_transform, shuffle=True, remainder="drop", labels=require_labels)
+    return _build(
+        cfg,
+        env,
+        run_dir,
+        cfg.data.train_url,
+        transform,
+        sample_transform,
+        shuffle=True,
+        remainder="drop",
+        labels=require_labels,
+    )
 
 
 def build_eval_loader(
     cfg: TrainConfig,
     env: DistEnv,
+    run_dir: Path,
     transform: ImageTransform | None = None,
     sample_transform: SampleTransform | None = None,
 ) -> Any:
@@ -39,21 +56,23 @@ def build_eval_loader(
     ``sample_transform``) and must not be counted."""
     if not cfg.data.val_url:
         raise ValueError("data.val_url is empty: set it to the validation shard set (path or s3:// URL)")
-    url = cfg.data.val_index or cfg.data.val_url
-    return _build(cfg, env, url, transform, sample_transform, shuffle=False, remainder="pad", labels=True)
+    return _build(
+        cfg, env, run_dir, cfg.data.val_url, transform, sample_transform, shuffle=False, remainder="pad", labels=True
+    )
 
 
 def _build(
     cfg: TrainConfig,
     env: DistEnv,
-    url: str,
+    run_dir: Path,
+    url: DataSpec,
     transform: ImageTransform | None,
     sample_transform: SampleTransform | None,
     shuffle: bool,
     remainder: str,
     labels: bool,
 ) -> Any:
-    synthetic = parse_synthetic_url(url)
+    synthetic = parse_synthetic_url(url) if isinstance(url, str) else None
     if synthetic is not None:
         if sample_transform is not None:
             raise ValueError(
@@ -80,6 +99,7 @@ def _build(
         remainder=remainder,
         require_labels=labels,
         label_field=cfg.data.label_field,
+        index_dir=str(run_dir / INDEX_DIR),
         pin_memory=env.device.type == "cuda",
         worker_ignored_signals=PREEMPTION_SIGNALS,
     )

@@ -37,7 +37,7 @@ def flatten(tree: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
+        if isinstance(node, dict) and all(str(key).isidentifier() for key in node):  # a section, not a value
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
         else:
@@ -50,8 +50,8 @@ def flatten(tree: dict[str, Any]) -> dict[str, str]:
 def redact_tree(tree: Any, prefix: str = "") -> Any:
     """A copy of a nested config with the values of secret-looking keys and URL passwords redacted as in
     :func:`flatten` (what the console, logs and the MLflow config artifact show)."""
-    if isinstance(tree, dict):
-        return {k: redact_tree(v, f"{prefix}{k}.") for k, v in tree.items()}
+    if isinstance(tree, dict):  # keys may be URLs too (a mixture's sources)
+        return {redact(prefix, str(k)): redact_tree(v, f"{prefix}{k}.") for k, v in tree.items()}
     if isinstance(tree, list):
         return [redact_tree(v, prefix) for v in tree]
     if tree is None or isinstance(tree, bool | int | float):

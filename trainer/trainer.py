@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,14 +120,15 @@ class Interval:
         self.totals[1] += result.loss_count
         self.grad_norm, self.skipped = result.grad_norm, result.skipped
 
-    def mean_loss(self) -> float:
-        """Mean finite micro-batch loss over all ranks (one all-reduce, one host read); resets the sums."""
-        totals = self.totals.clone()
+    def mean_loss(self, counters: Sequence[int] = ()) -> tuple[float, list[int]]:
+        """Mean finite micro-batch loss over all ranks and the sums of this rank's ``counters`` over all ranks (one
+        all-reduce, one host read); resets the loss sums."""
+        totals = torch.cat([self.totals, torch.tensor(counters, dtype=torch.float64).to(self.totals.device)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
         self.totals.zero_()
-        loss_sum, count = totals.tolist()  # sync: the log interval's one read of the losses
-        return loss_sum / count if count else float("nan")
+        loss_sum, count, *summed = totals.tolist()  # sync: the log interval's one read of the losses
+        return (loss_sum / count if count else float("nan")), [round(n) for n in summed]
 
     def grad_norm_value(self) -> float:
         """The last step's global gradient norm (NaN when that step was skipped)."""
@@ -315,7 +316,9 @@ class Trainer:
         interval.add(result)
 
     def _log(self, epoch: int, lr: float, interval: Interval, meter: Meter) -> None:
-        self.last_loss = interval.mean_loss()
+        loader = self.stage.loader
+        mixture = getattr(getattr(loader, "shards", None), "mixture", None)
+        self.last_loss, served = interval.mean_loss(loader.source_samples if mixture else ())
         perf = meter.flush(self.step, self.env.device)
         progress = (
             epoch + ((self.step - 1) % self.steps_per_epoch + 1) / self.steps_per_epoch
@@ -326,6 +329,8 @@ class Trainer:
             "grad_norm": interval.grad_norm_value(),
             "skipped_steps": float(self.skip_guard.total),
         }
+        if mixture:  # samples served per source since the run began, all ranks
+            scalars.update({f"samples_{source.name}": float(n) for source, n in zip(mixture, served, strict=True)})
         self.logger.train(self.step, progress, scalars, perf)
 
     def evaluate(self) -> float:
