@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from data.loader import decode_sample
 from data.manifest import MANIFEST_NAME, read_manifest, resolve_shards
 from data.reader import RawSample
 from data.storage import MissingShardError
-from tests.support.launch import launch
+from tests.support.env import http_server
+from tests.support.launch import launch, logged_steps
 from tests.support.shards import write_folder_shards
 
 
@@ -125,6 +127,35 @@ def test_img2dataset_layout_pretrains_and_finetunes_with_the_json_label(tmp_path
     assert launch(tmp_path / "ft2", *finetune, "data.label_field=label", config="demo_finetune") == 0
     metrics = json.loads((tmp_path / "ft2" / "export" / "metrics.json").read_text())
     assert metrics["loader_samples_skipped"] == 0 and metrics["val_images"] == 60  # every sample had its label
+
+
+@pytest.mark.slow
+def test_a_read_only_http_mirror_mixed_with_a_local_set_trains_and_logs_each_source(
+    writer_shards: tuple[Path, list[str]], shard_dir: str, tmp_path: Path
+) -> None:
+    """ShardWriter shards on a read-only HTTP server (a real ``http.server``, like a dataset hub's mirror): the index
+    cannot be written beside them, so the launcher writes it into the run directory, where the ranks find it. They
+    are mixed 1:1 with a local set (100 vs 60 samples); the per-source counts of all ranks are logged and continue
+    across a restart."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for tar in sorted(writer_shards[0].glob("part-*.tar")):
+        shutil.copy(tar, mirror / tar.name)
+    run = tmp_path / "run"
+    with http_server(mirror) as base:
+        mixture = f'{{"{base}/part-{{000000..000002}}.tar": 1, "{shard_dir}": 1}}'
+        common = [f"data.train_url={mixture}", "data.batch_size=8", "data.num_workers=1"]
+        assert launch(run, *common, "schedule.max_steps=3", ranks=2) == 0
+        assert not list(mirror.glob("*.json"))  # nothing could be written there
+        (index,) = (run / "index").glob("manifest-index-*.json")
+        assert read_manifest(str(index)).num_samples == 100
+        first = logged_steps(run)
+        assert launch(run, *common, "schedule.max_steps=6", ranks=2) == 0  # resumes at step 3
+    records = logged_steps(run)
+    for record in records:
+        assert record["samples_part"] + record["samples_set"] == record["step"] * 16  # 2 ranks x 8, all counted
+    assert abs(first[-1]["samples_part"] - first[-1]["samples_set"]) <= 4  # 1:1, although 100 vs 60 samples
+    assert records[-1]["step"] == 6 and records[-1]["samples_part"] + records[-1]["samples_set"] == 96
 
 
 def test_our_shards_read_through_a_plain_webdataset_pipeline(image_folder: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Environment helpers: a patched ``os.environ``, the test AWS credentials, a free port, a local S3 endpoint."""
+"""Environment helpers: a patched ``os.environ``, the test AWS credentials, a free port, a local S3 endpoint, a local
+read-only HTTP file server."""
 
 from __future__ import annotations
 
@@ -47,14 +48,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """A real S3 API served by ``moto_server`` on a free local port; the AWS environment points at it meanwhile."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+def _server(cmd: list[str], port: int, name: str) -> Iterator[None]:
+    """Run ``cmd`` until the body ends, once it accepts connections on ``port``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -63,11 +59,32 @@ def moto_server() -> Iterator[str]:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start on port {port}") from None
+                raise RuntimeError(f"{name} did not start on port {port}") from None
             time.sleep(0.05)
     try:
-        with patched_environ({**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": endpoint}):
-            yield endpoint
+        yield
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A real S3 API served by ``moto_server`` on a free local port; the AWS environment points at it meanwhile."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    endpoint = f"http://127.0.0.1:{port}"
+    with (
+        _server([str(exe), "-H", "127.0.0.1", "-p", str(port)], port, "moto_server"),
+        patched_environ({**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": endpoint}),
+    ):
+        yield endpoint
+
+
+@contextlib.contextmanager
+def http_server(directory: Path) -> Iterator[str]:
+    """``directory`` served read-only over HTTP (Python's ``http.server``) on a free local port; yields the base URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)]
+    with _server(cmd, port, "http.server"):
+        yield f"http://127.0.0.1:{port}"
