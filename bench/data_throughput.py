@@ -8,11 +8,14 @@ with the same worker count and batch size:
 
 - ``ImageFolder``: torchvision's ImageFolder + DataLoader;
 - ``webdataset``: a plain ``webdataset.WebDataset(urls).decode("pil")`` pipeline + DataLoader on our shards;
-- ``ours, local``: our loader on shards written from the folder (files kept as they are: the same JPEG bytes);
-- ``ours, S3``: the same shards on a real S3 API (moto's server on 127.0.0.1) through s3fs.
+- ``ours, local``: our loader on shards written from the folder (files kept as they are: the same JPEG bytes),
+  decoding as pretraining does (torchvision's decoders into uint8 tensors, the v2 transform on tensors);
+- ``ours, S3``: the same on a real S3 API (moto's server on 127.0.0.1) through s3fs;
+- ``ours, PIL``: our loader decoding to PIL images as the other arms do (what fine-tuning's PIL-based
+  RandAugment needs).
 
 Each arm reads ``--epochs`` passes after one warm-up batch; arms run interleaved, ``--repeats`` rounds, best kept.
-Targets: ours >= 1.0x ImageFolder and >= 0.95x webdataset; S3 >= 0.8x local.
+Targets: ours >= 1.0x ImageFolder (1.3x with a cheaper decode) and >= 0.95x webdataset; S3 >= 0.8x local.
 
     python bench/data_throughput.py [--images 2000] [--workers 2] [--batch 64] [--repeats 2]
 """
@@ -127,8 +130,10 @@ def webdataset_arm(urls: list[str], args: argparse.Namespace) -> float:
     return rate(loader, args.images)
 
 
-def ours_arm(url: str, args: argparse.Namespace) -> float:
-    loader = build_loader(url, batch_size=args.batch, num_workers=args.workers, transform=pretrain_transform(224))
+def ours_arm(url: str, args: argparse.Namespace, decode: str = "tensor") -> float:
+    loader = build_loader(
+        url, batch_size=args.batch, num_workers=args.workers, transform=pretrain_transform(224), decode=decode
+    )
     return rate(loader, args.images)
 
 
@@ -158,12 +163,19 @@ def main() -> None:
             s3 = boto3.client("s3")
             for path in shards.iterdir():
                 s3.upload_file(str(path), "bench", f"shards/{path.name}")
-            arms: dict[str, list[float]] = {"ImageFolder": [], "webdataset": [], "ours, local": [], "ours, S3": []}
+            arms: dict[str, list[float]] = {
+                "ImageFolder": [],
+                "webdataset": [],
+                "ours, local": [],
+                "ours, S3": [],
+                "ours, PIL": [],
+            }
             for _ in range(args.repeats):
                 arms["ImageFolder"].append(image_folder_arm(folder, args))
                 arms["webdataset"].append(webdataset_arm(urls, args))
                 arms["ours, local"].append(ours_arm(str(shards), args))
                 arms["ours, S3"].append(ours_arm("s3://bench/shards", args))
+                arms["ours, PIL"].append(ours_arm(str(shards), args, decode="pil"))
         base = max(arms["ImageFolder"])
         print(
             f"\n# RandomResizedCrop 224 + flip + normalize, batch {args.batch}, {args.workers} workers, "
@@ -174,7 +186,10 @@ def main() -> None:
             best = max(rates)
             print(f"{name:<14} {best:>9.1f} {best / base:>14.2f}x   {', '.join(f'{r:.1f}' for r in rates)}")
         ours, theirs, s3 = max(arms["ours, local"]), max(arms["webdataset"]), max(arms["ours, S3"])
-        print(f"\nours / webdataset {ours / theirs:.2f}x (target >= 0.95); S3 / local {s3 / ours:.2f}x (target >= 0.8)")
+        print(
+            f"\nours / ImageFolder {ours / base:.2f}x (target >= 1.3); ours / webdataset {ours / theirs:.2f}x "
+            f"(target >= 0.95); S3 / local {s3 / ours:.2f}x (target >= 0.8)"
+        )
         print(f"\n# writing shards from the folder ({args.images} JPEGs)")
         print(f"{'writer':<40} {'images/s':>9}")
         for name, value in writer_rates(folder, tmp, args.workers):

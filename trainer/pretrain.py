@@ -72,7 +72,8 @@ class PretrainStage:
         if cfg.model.compile:
             model.compile()  # in place, after the eager FLOP count: the engine calls the compiled forward
         crop = pretrain_transform(cfg.data.image_size, scale=(cfg.data.min_scale, 1.0))
-        self.loader = build_train_loader(cfg, env, run_dir, crop, require_labels=False)  # FCMAE needs no labels
+        # FCMAE needs no labels; its crop is made of torchvision v2 transforms, which take torchvision's decoded tensors
+        self.loader = build_train_loader(cfg, env, run_dir, crop, require_labels=False, decode="tensor")
         grid = cfg.data.image_size // model.patch_size
         self.num_patches = grid * grid
         self.visible = model.visible_patches(grid, grid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from data.loader import SampleTransform, build_loader
+from data.loader import Decode, SampleTransform, build_loader
 from data.manifest import DataSpec
 from data.synthetic import SyntheticLoader, parse_synthetic_url
 from data.transforms import ImageTransform
@@ -24,10 +24,12 @@ def build_train_loader(
     transform: ImageTransform | None = None,
     sample_transform: SampleTransform | None = None,
     require_labels: bool = True,
+    decode: Decode = "pil",
 ) -> Any:
     """This rank's training loader, seeded from the run seed. ``transform`` maps an image (pretraining,
     classification), ``sample_transform`` a whole sample (detection). ``require_labels=False`` (pretraining)
-    serves samples without a ``.cls`` label too. Shards without a manifest are read through their index, beside
+    serves samples without a ``.cls`` label too; ``decode="tensor"`` hands ``transform`` uint8 tensors (torchvision's
+    faster decoders, for v2 transforms). Shards without a manifest are read through their index, beside
     them or in ``run_dir/index`` (the launcher made it)."""
     if not cfg.data.train_url:
         raise ValueError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
@@ -41,6 +43,7 @@ def build_train_loader(
         shuffle=True,
         remainder="drop",
         labels=require_labels,
+        decode=decode,
     )
 
 
@@ -71,6 +74,7 @@ def _build(
     shuffle: bool,
     remainder: str,
     labels: bool,
+    decode: Decode = "pil",
 ) -> Any:
     synthetic = parse_synthetic_url(url) if isinstance(url, str) else None
     if synthetic is not None:
@@ -98,6 +102,7 @@ def _build(
         shuffle=shuffle,
         remainder=remainder,
         require_labels=labels,
+        decode=decode,
         label_field=cfg.data.label_field,
         index_dir=str(run_dir / INDEX_DIR),
         pin_memory=env.device.type == "cuda",

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import fsspec
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -194,6 +196,12 @@ def test_corrupt_image_wrong_label_and_truncated_tar_are_skipped_and_counted(
     assert loader.stats.replaced == 8 and loader.stats.samples == 60
     served = set(keys_of(batches))
     assert keys1[2] not in served and keys1[5] not in served
+    # torchvision's decoders (pretraining's tensor decode) refuse the same bytes, counted the same way.
+    tensors = build_loader(
+        str(out), batch_size=2, num_workers=2, shuffle=False, check_shards=False, seed=1, decode="tensor"
+    )
+    assert keys_of(run(tensors, range(1))) == keys_of(batches)
+    assert tensors.stats.as_dict() == loader.stats.as_dict()
     # The same data gives the same replacements after a resume in the middle of the damaged region.
     again = make()
     head = run(again, range(1), stop_after=18)
@@ -300,3 +308,35 @@ def test_state_from_another_run_is_rejected_with_the_setting_to_fix(shard_dir: s
     with pytest.raises(ValueError, match="world_size"):
         build_loader(shard_dir, batch_size=40, world_size=2)
     assert Layout.from_dict(state["layout"]) == loader.config.layout
+
+
+def test_tensor_decoding_gives_the_pil_crops(tmp_path: Path) -> None:
+    """Pretraining decodes with torchvision into uint8 tensors (about twice the throughput, bench/data_throughput.py):
+    the same seed draws the same crops and flips, and the pixels differ from PIL's decode-and-resize by resampling
+    noise only; another seed (other crops) differs by far more under the same measure."""
+    folder = tmp_path / "photos" / "class0"
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[0:72, 0:96].astype(np.float32)
+    for i in range(12):  # smooth content, as photographs are: gradients and a disc, JPEG q90
+        disc = ((xx - 20 - 5 * i) ** 2 + (yy - 30) ** 2 < 200 + 40 * i) * 120.0
+        pixels = np.stack([xx * 2 + disc, yy * 3 + 10 * i, 255 - xx - yy + disc / 2], axis=-1).clip(0, 255)
+        PIL.Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img{i:02d}.jpg", quality=90)
+    from data.sources import ImageFolderSource
+    from data.writer import WriterConfig, write_shards
+
+    write_shards(
+        ImageFolderSource(tmp_path / "photos"), WriterConfig(str(tmp_path / "set"), samples_per_shard=5, progress=False)
+    )
+
+    def images(decode: str, seed: int) -> torch.Tensor:
+        loader = build_loader(
+            str(tmp_path / "set"), batch_size=4, seed=seed, transform=pretrain_transform(32), decode=decode
+        )
+        return torch.cat([images for _, images, _ in run(loader, range(1))])
+
+    pil, tensor, other = images("pil", 3), images("tensor", 3), images("tensor", 4)
+    assert pil.shape == tensor.shape == (12, 3, 32, 32)
+    same = (pil - tensor).abs().mean(dim=(1, 2, 3))
+    different = (pil - other).abs().mean(dim=(1, 2, 3))
+    assert same.max() < 0.02, same  # normalized units: about 1/255 of the pixel range
+    assert different.mean() > 10 * same.mean(), (different.mean(), same.mean())
