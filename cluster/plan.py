@@ -255,6 +255,21 @@ def format_plan(cfg: TrainConfig, plan: Plan) -> str:
         if m.activations == m.activations  # not NaN
         else f"  memory/{device:<8} weights {m.params / GiB:.2f} + grads {m.grads / GiB:.2f} + optimizer "
         f"{m.optimizer / GiB:.2f} GiB (model states; detection activations are not estimated)",
+        checkpoint_line(cfg, plan.num_params),
         f"  sbatch            {' '.join(plan.sbatch)}",
     ]
     return "\n".join(lines)
+
+
+def checkpoint_line(cfg: TrainConfig, num_params: int) -> str:
+    """The checkpoint's size and write time against the preemption warning window (``cluster.signal_delay_s``)."""
+    from trainer.checkpoint import checkpoint_bytes
+
+    size = checkpoint_bytes(num_params, cfg.deepspeed.precision)
+    seconds = size / (cfg.checkpoint.write_mb_per_s * 1e6)
+    window = cfg.cluster.signal_delay_s
+    verdict = "fits" if seconds <= 0.8 * window else "DOES NOT FIT (raise cluster.signal_delay_s)"
+    return (
+        f"  checkpoint        {size / 1e9:.1f} GB, ~{seconds:.0f}s to save at {cfg.checkpoint.write_mb_per_s:g} MB/s "
+        f"(checkpoint.write_mb_per_s): {verdict} in the {window}s preemption warning window"
+    )

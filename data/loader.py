@@ -576,6 +576,17 @@ class ShardLoader:
         if epoch != self.epoch:
             self.epoch, self._position, self._history = epoch, 0, []
 
+    def skip(self, batches: int) -> None:
+        """Pass over the next ``batches`` batches without reading them (a rollback's skipped samples), into later
+        epochs when the current one ends; workers start at the new position by index."""
+        while batches > 0:
+            left = self.remaining
+            if batches < left:
+                self._position += batches
+                return
+            batches -= left
+            self.epoch, self._position, self._history = self.epoch + 1, 0, []
+
     def _spec(self) -> _StreamSpec:
         cfg = self.config
         return _StreamSpec(

@@ -70,6 +70,11 @@ class SyntheticLoader:
         if epoch != self.epoch:
             self.epoch, self._position = epoch, 0
 
+    def skip(self, batches: int) -> None:
+        """Pass over the next ``batches`` batches (a rollback's skipped samples), into later epochs if needed."""
+        position = self._position + batches
+        self.epoch, self._position = self.epoch + position // len(self), position % len(self)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while self._position < len(self):
             first = (self._position * self.world_size + self.rank) * self.batch_size

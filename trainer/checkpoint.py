@@ -4,13 +4,18 @@ Layout of ``<run_dir>/checkpoints``::
 
     step_00001000/           DeepSpeed's files (model, optimizer shards) for that step
         rank_00000.pt        our per-rank state: step, loader state, RNG (one file per rank)
-        COMPLETE             written by rank 0 after every rank finished: JSON with step and world size
+        COMPLETE             written by rank 0 after every rank finished: JSON with step, world size and every
+                             file's size and sha256 (hashed by all ranks in parallel)
     latest                   name of the newest complete checkpoint, replaced atomically after COMPLETE
+    damaged_step_00000900/   a checkpoint refused at resume (kept for inspection, never loaded)
 
 A checkpoint counts only when ``COMPLETE`` exists, so a crash mid-save (even SIGKILL) never leaves one that
-resume would pick; leftovers of an interrupted save are removed at the next save. The last ``keep`` complete
-checkpoints are kept. With ``mirror_url`` each complete checkpoint is copied to that fsspec URL (marker last) and
-resume falls back to the mirror when the local directory has none. State files load with ``weights_only=True``.
+resume would pick; leftovers of an interrupted save are removed at the next save. Before a resume every rank checks
+its share of the files against the marker: a truncated or changed checkpoint is refused with a log line, renamed
+``damaged_*`` and the previous complete one is used. The last ``keep`` complete checkpoints are kept. With
+``mirror_url`` each complete checkpoint is copied to that fsspec URL in the background (:mod:`trainer.mirror`,
+marker last), and resume falls back to the mirror's newest intact copy when the local directory has none. State
+files load with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ import numpy as np
 import torch
 
 from trainer.config import CheckpointConfig
-from trainer.distributed import DistEnv, barrier
+from trainer.distributed import DistEnv, barrier, gather_objects
 from trainer.export import atomic_write_text
+from trainer.integrity import check_share, checkpoint_files, digest_share
+from trainer.mirror import MirrorUploader
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 LATEST = "latest"
 UNIVERSAL_SUFFIX = "_universal"
+DAMAGED_PREFIX = "damaged_"
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,13 @@ class CheckpointInfo:
 def _info(tag: str, meta: dict[str, Any], path: Path) -> CheckpointInfo:
     stage = meta.get("zero_stage")
     return CheckpointInfo(tag, int(meta["step"]), int(meta["world_size"]), path, None if stage is None else int(stage))
+
+
+def checkpoint_bytes(num_params: int, precision: str) -> int:
+    """Expected size of a checkpoint: the weights in the training precision, plus fp32 master weights under
+    bf16/fp16 and AdamW's two fp32 moments (per-rank state files are small beside them)."""
+    per_param = {"bf16": 2 + 4, "fp16": 2 + 4}.get(precision, 4) + 8
+    return num_params * per_param
 
 
 def step_tag(step: int) -> str:
@@ -103,6 +118,9 @@ class Checkpointer:
         self.root = root
         self.cfg = cfg
         self.env = env
+        self.last_save_s: float | None = None
+        """Wall time of the last save (all ranks' files, hashes and marker)."""
+        self.uploader = MirrorUploader(cfg.mirror_url, cfg.mirror_queue) if cfg.mirror_url and env.is_main else None
         root.mkdir(parents=True, exist_ok=True)
 
     # -- finding ---------------------------------------------------------------------------------------------
@@ -111,13 +129,36 @@ class Checkpointer:
         found = []
         for directory in self.root.iterdir() if self.root.is_dir() else []:
             meta = _read_marker(directory) if directory.is_dir() else None
-            if meta is not None and not directory.name.endswith(UNIVERSAL_SUFFIX):
+            if (
+                meta is not None
+                and directory.name.startswith("step_")
+                and not directory.name.endswith(UNIVERSAL_SUFFIX)
+            ):
                 found.append(_info(directory.name, meta, directory))
         return sorted(found, key=lambda c: c.step)
 
     def find_latest(self) -> CheckpointInfo | None:
-        """The checkpoint to resume from: the ``latest`` pointer if it names a complete one, else the newest
-        complete one, else one fetched from the mirror; None for a fresh run."""
+        """The checkpoint to resume from (collective): the ``latest`` pointer if it names a complete one, else the
+        newest complete one, else one fetched from the mirror; None for a fresh run. Each candidate is verified
+        first; a damaged one is set aside and the previous complete one tried."""
+        while True:
+            candidate = self._newest_local()
+            if candidate is None:
+                return self._fetch_from_mirror() if self.cfg.mirror_url else None
+            problems = self.verify(candidate)
+            if not problems:
+                return candidate
+            if self.env.is_main:
+                log.error(
+                    "checkpoint %s is damaged (%s); it is kept as %s%s and the previous complete checkpoint is used",
+                    candidate.tag, "; ".join(problems), DAMAGED_PREFIX, candidate.tag,
+                )  # fmt: skip
+                os.replace(candidate.path, self.root / f"{DAMAGED_PREFIX}{candidate.tag}")
+                if (self.root / LATEST).is_file() and (self.root / LATEST).read_text().strip() == candidate.tag:
+                    (self.root / LATEST).unlink()
+            barrier()
+
+    def _newest_local(self) -> CheckpointInfo | None:
         pointer = self.root / LATEST
         if pointer.is_file():
             tag = pointer.read_text().strip()
@@ -126,11 +167,17 @@ class Checkpointer:
                 return _info(tag, meta, self.root / tag)
             log.warning("checkpoint pointer names %s, which is not complete; using the newest complete one", tag)
         complete = self.complete()
-        if complete:
-            return complete[-1]
-        if self.cfg.mirror_url:
-            return self._fetch_from_mirror()
-        return None
+        return complete[-1] if complete else None
+
+    def verify(self, info: CheckpointInfo) -> list[str]:
+        """Collective: what is wrong with ``info``'s files against the sizes and sha256 its marker recorded, each
+        rank checking its share; the same list on every rank. Markers written before hashes were recorded have
+        nothing to check against."""
+        recorded = (_read_marker(info.path) or {}).get("files")
+        if not recorded:
+            return []
+        mine = check_share(info.path, recorded, self.env.rank, self.env.world_size)
+        return sorted(p for share in gather_objects(mine) for p in share)
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save(self, engine: Any, step: int, rank_state: dict[str, Any]) -> CheckpointInfo:
@@ -147,27 +194,61 @@ class Checkpointer:
         torch.save(state, tmp)
         os.replace(tmp, directory / f"rank_{self.env.rank:05d}.pt")
         barrier()
+        files = checkpoint_files(directory, {MARKER})
+        digests = {
+            k: v
+            for share in gather_objects(digest_share(directory, files, self.env.rank, self.env.world_size))
+            for k, v in share.items()
+        }
         zero_stage = int(engine.zero_optimization_stage())
         info = CheckpointInfo(tag, step, self.env.world_size, directory, zero_stage)
         if self.env.is_main:
-            marker = {"step": step, "world_size": self.env.world_size, "zero_stage": zero_stage, "time": time.time()}
+            marker = {
+                "step": step,
+                "world_size": self.env.world_size,
+                "zero_stage": zero_stage,
+                "time": time.time(),
+                "files": digests,
+            }
             atomic_write_text(directory / MARKER, json.dumps(marker))
             atomic_write_text(self.root / LATEST, tag)
+            if self.uploader is not None:
+                self.uploader.submit(directory)
             self._retain()
-            if self.cfg.mirror_url:
-                self._mirror(info)
-            log.info("checkpoint %s saved in %.1fs", directory, time.perf_counter() - started)
         barrier()
+        self.last_save_s = time.perf_counter() - started
+        if self.env.is_main:
+            size = sum(int(d["bytes"]) for d in digests.values())
+            log.info("checkpoint %s saved in %.1fs (%.0f MB)", directory, self.last_save_s, size / 1e6)
         return info
+
+    def wait_for_uploads(self, timeout_s: float | None) -> bool:
+        """Rank 0: let the background upload finish within ``timeout_s``; False (and a log line naming what the
+        mirror lacks) when it does not. True on other ranks and without a mirror."""
+        if self.uploader is None:
+            return True
+        pending = self.uploader.busy()
+        if pending is None or self.uploader.wait(timeout_s):
+            return not self.uploader.failed or self.uploader.failed[-1][0] != pending
+        newest = self.uploader.done[-1].tag if self.uploader.done else "none"
+        log.error(
+            "mirror upload of %s to %s did not finish in %.0fs: the mirror's newest complete checkpoint is %s",
+            pending, self.cfg.mirror_url, timeout_s or 0.0, newest,
+        )  # fmt: skip
+        return False
 
     def _retain(self) -> None:
         complete = self.complete()
         keep = {c.tag for c in complete[-self.cfg.keep :]}
+        if self.uploader is not None:
+            keep |= self.uploader.in_use()  # still to be read by the background upload
         newest = complete[-1].step if complete else -1
         for directory in self.root.iterdir():
             if not directory.is_dir():
                 continue
             name = directory.name.removesuffix(UNIVERSAL_SUFFIX)
+            if name.startswith(DAMAGED_PREFIX):
+                continue  # set aside at a resume: for the user to inspect
             meta = _read_marker(self.root / name)
             stale_partial = meta is None and name.startswith("step_") and int(name[5:] or -1) < newest
             if (meta is not None and name not in keep) or stale_partial:
@@ -234,40 +315,45 @@ class Checkpointer:
             time.sleep(1.0)
 
     # -- mirror ----------------------------------------------------------------------------------------------
-    def _mirror(self, info: CheckpointInfo) -> None:
-        from data.storage import url_to_fs
-
-        assert self.cfg.mirror_url is not None
-        fs, base = url_to_fs(self.cfg.mirror_url)
-        remote = f"{base.rstrip('/')}/{info.tag}"
-        for file in sorted(info.path.rglob("*")):
-            if file.is_file() and file.name != MARKER:
-                fs.put_file(str(file), f"{remote}/{file.relative_to(info.path).as_posix()}")
-        fs.put_file(str(info.path / MARKER), f"{remote}/{MARKER}")
-        with fs.open(f"{base.rstrip('/')}/{LATEST}", "w") as f:
-            f.write(info.tag)
-        log.info("checkpoint %s mirrored to %s", info.tag, self.cfg.mirror_url)
-
     def _fetch_from_mirror(self) -> CheckpointInfo | None:
+        """Rank 0 fetches the mirror's newest checkpoint whose copy is intact (marker present, files as recorded),
+        setting damaged copies aside in the log; every rank then uses what rank 0 fetched."""
+        tag = self._fetch_intact_copy() if self.env.is_main else None
+        tag = gather_objects(tag)[0]
+        if tag is None:
+            return None
+        meta = _read_marker(self.root / tag)
+        if meta is None:
+            raise RuntimeError(f"fetched checkpoint {tag} from {self.cfg.mirror_url} is incomplete")
+        return _info(tag, meta, self.root / tag)
+
+    def _fetch_intact_copy(self) -> str | None:
         from data.storage import url_to_fs
 
         assert self.cfg.mirror_url is not None
         fs, base = url_to_fs(self.cfg.mirror_url)
         base = base.rstrip("/")
-        if not fs.exists(f"{base}/{LATEST}"):
+        if not fs.exists(base):
             return None
-        tag = fs.cat_file(f"{base}/{LATEST}").decode().strip()
-        if not fs.exists(f"{base}/{tag}/{MARKER}"):
-            raise RuntimeError(f"mirror {self.cfg.mirror_url} points at {tag}, which has no {MARKER} marker")
-        if self.env.is_main:
+        steps = []
+        for entry in fs.ls(base, detail=False):
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("step_") and fs.exists(f"{base}/{name}/{MARKER}"):
+                steps.append(name)
+        for tag in sorted(steps, reverse=True):
             staging = self.root / f".fetch_{tag}"
             shutil.rmtree(staging, ignore_errors=True)
             fs.get(f"{base}/{tag}/", str(staging) + "/", recursive=True)
+            meta = _read_marker(staging) or {}
+            problems = check_share(staging, meta.get("files") or {}, 0, 1)
+            if problems:
+                log.error(
+                    "mirror copy of %s is damaged (%s): trying the previous one", tag, "; ".join(problems)
+                )  # fmt: skip
+                shutil.rmtree(staging, ignore_errors=True)
+                continue
             os.replace(staging, self.root / tag)
             atomic_write_text(self.root / LATEST, tag)
             log.warning("resuming from the mirror: fetched %s from %s", tag, self.cfg.mirror_url)
-        barrier()
-        meta = _read_marker(self.root / tag)
-        if meta is None:
-            raise RuntimeError(f"fetched checkpoint {tag} from {self.cfg.mirror_url} is incomplete")
-        return _info(tag, meta, self.root / tag)
+            return tag
+        return None

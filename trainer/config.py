@@ -97,6 +97,9 @@ class DataConfig(_Section):
     image_size: int = Field(224, ge=32, description="training crop size; a multiple of 32 for FCMAE")
     batch_size: int = Field(64, ge=1, description="micro-batch per device")
     num_workers: int = Field(4, ge=0, description="dataloader worker processes per rank")
+    shuffle_window: int = Field(
+        1024, ge=0, description="samples shuffled together within each worker's contiguous share (0: shard order)"
+    )
 
     @model_validator(mode="after")
     def _check_sources(self) -> DataConfig:
@@ -167,7 +170,17 @@ class ScheduleConfig(_Section):
     epochs: float = Field(800, gt=0, description="training epochs")
     warmup_epochs: float = Field(40, ge=0, description="linear warmup epochs")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (demos, tests)")
-    max_skipped_steps: int = Field(10, ge=1, description="stop with an error after this many non-finite steps in a row")
+    max_skipped_steps: int = Field(
+        10, ge=1, description="after this many non-finite steps in a row, roll back (or stop when none are left)"
+    )
+    spike_factor: float | None = Field(
+        3.0,
+        gt=1.0,
+        description="a log interval whose loss exceeds this multiple of the recent median is a spike: "
+        "roll back to the last checkpoint before it and skip its samples (None: off)",
+    )
+    spike_window: int = Field(20, ge=2, description="log intervals the spike median is taken over")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks a run may make before it fails")
 
 
 class DeepSpeedConfig(_Section):
@@ -189,8 +202,22 @@ class CheckpointConfig(_Section):
     """When checkpoints are written, how many are kept, and where they are mirrored."""
 
     every_steps: int = Field(1000, ge=1, description="save a checkpoint every N optimizer steps")
+    every_minutes: float | None = Field(
+        None, gt=0, description="also save when this many minutes passed since the last save (rank 0's clock)"
+    )
     keep: int = Field(3, ge=1, description="complete checkpoints kept locally")
-    mirror_url: str | None = Field(None, description="fsspec URL that each complete checkpoint is copied to")
+    mirror_url: str | None = Field(
+        None, description="fsspec URL each complete checkpoint is copied to, in the background"
+    )
+    mirror_queue: int = Field(
+        2, ge=1, description="checkpoints waiting for upload; a newer one drops the oldest waiting (never the step)"
+    )
+    write_mb_per_s: float = Field(
+        1000.0,
+        gt=0,
+        description="expected checkpoint write bandwidth (MB/s), to check a save fits in the "
+        "preemption warning window (cluster.signal_delay_s) before the first measured save",
+    )
 
 
 class TrackingConfig(_Section):

@@ -42,7 +42,7 @@ from trainer.layer_decay import lr_scales
 from trainer.optim import build_optimizer
 from trainer.pretrained import load_detector_backbone
 from trainer.run_loader import build_eval_loader, build_train_loader
-from trainer.stage import Batch, Evaluation, autocast
+from trainer.stage import Batch, Evaluation, StopCheck, autocast
 from trainer.zero import gathered_parameters
 
 COCO_STATS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
@@ -217,8 +217,9 @@ class DetectionStage:
         """Nothing to do after a detection step."""
 
     @torch.no_grad()
-    def evaluate(self, engine: Any, step: int) -> Evaluation:
-        """COCO box and mask AP on ``data.val_url`` (rank 0 scores what every rank predicted)."""
+    def evaluate(self, engine: Any, step: int, stop: StopCheck) -> Evaluation:
+        """COCO box and mask AP on ``data.val_url`` (rank 0 scores what every rank predicted); gives way to a
+        preemption between batches."""
         model = self.model
         was_training = model.training
         model.eval()
@@ -226,13 +227,16 @@ class DetectionStage:
         images: list[EvalImage] = []
         detections: list[dict] = []
         with gathered_parameters(model, engine), autocast(self.cfg.deepspeed.precision, self.env.device):
-            for batch, infos in self.val_loader:
+            for done, (batch, infos) in enumerate(self.val_loader, start=1):
                 outputs = model(list(batch.to(self.env.device)))
                 for output, info in zip(outputs, infos, strict=True):
                     if info is None:  # a slot that pads the last batch
                         continue
                     images.append(info)
                     detections.extend(coco_detections(output, info, category_ids))
+                if stop():
+                    model.train(was_training)
+                    return Evaluation(stopped=(done, len(self.val_loader)))
         model.train(was_training)
         all_images = _gather_to_main(images, self.env)
         all_detections = _gather_to_main(detections, self.env)

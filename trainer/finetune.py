@@ -39,7 +39,7 @@ from trainer.metrics import FlopCount, flop_counter
 from trainer.optim import build_optimizer
 from trainer.pretrained import load_pretrained
 from trainer.run_loader import build_eval_loader, build_train_loader
-from trainer.stage import Batch, Evaluation, autocast
+from trainer.stage import Batch, Evaluation, StopCheck, autocast
 from trainer.zero import gathered_parameters
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,9 @@ class FinetuneStage:
             self.ema.update(self.model)
 
     @torch.no_grad()
-    def evaluate(self, engine: Any, step: int) -> Evaluation:
-        """Top-1/top-5 over the whole validation set (each rank its slice, counts summed); keep the best."""
+    def evaluate(self, engine: Any, step: int, stop: StopCheck) -> Evaluation:
+        """Top-1/top-5 over the whole validation set (each rank its slice, counts summed); keep the best. Gives
+        way to a preemption between batches."""
         model = self.model
         was_training = model.training
         model.eval()
@@ -202,12 +203,15 @@ class FinetuneStage:
         self.val_loader.set_epoch(0)  # the same fixed pass every time
         with gathered_parameters(model, engine):
             with autocast(self.cfg.deepspeed.precision, self.env.device):
-                for images, labels in self.val_loader:
+                for done, (images, labels) in enumerate(self.val_loader, start=1):
                     images = images.to(self.env.device, non_blocking=True)
                     labels = labels.to(self.env.device, non_blocking=True)
                     counts[:3] += eval_counts(model(images), labels)
                     if self.ema is not None:
                         counts[3:] += eval_counts(self.ema.module(images), labels)[:2]
+                    if stop():
+                        model.train(was_training)
+                        return Evaluation(stopped=(done, len(self.val_loader)))
             model.train(was_training)
             if dist.is_initialized():
                 dist.all_reduce(counts)

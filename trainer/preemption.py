@@ -1,20 +1,22 @@
 """Preemption as a distributed protocol.
 
-SLURM's warning signal (SIGUSR2, ``--signal=USR2@120``) and SIGTERM only set a flag here. At the next step
-boundary every rank all-reduces the flag; if any rank got a signal, all ranks save a checkpoint and leave the
-training loop, and the process exits with :data:`REQUEUE_EXIT_CODE`, which the cluster layer turns into a requeue.
-Nothing is saved inside a signal handler, and no rank decides alone.
+SLURM's warning signal (SIGUSR2, ``--signal=USR2@120``) and SIGTERM only set a flag here (and note when). At the
+next step boundary, and after every batch of an evaluation, every rank all-reduces the flag; if any rank got a
+signal, all ranks save a checkpoint and leave the training loop, and the process exits with
+:data:`REQUEUE_EXIT_CODE`, which the cluster layer turns into a requeue. Nothing is saved inside a signal handler,
+and no rank decides alone.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from types import FrameType
 
 import torch
 
-from trainer.distributed import any_rank
+from trainer.distributed import any_ranks
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ class PreemptionHandler:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.received_at: float | None = None
+        """``time.monotonic()`` when the first signal arrived."""
         self._previous: dict[int, object] = {}
 
     def install(self) -> PreemptionHandler:
@@ -42,11 +46,23 @@ class PreemptionHandler:
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received_at = time.monotonic()
         self.received = signum  # only a flag: the step boundary does the rest
 
     def should_stop(self, device: torch.device) -> bool:
         """Collective: true on every rank when any rank received a preemption signal."""
-        stop = any_rank(self.received is not None, device)
+        return self.poll(device)[0]
+
+    def poll(self, device: torch.device, save_due: bool = False) -> tuple[bool, bool]:
+        """Collective, one all-reduce: (any rank received a signal, any rank says a time-based save is due)."""
+        stop, due = any_ranks([self.received is not None, save_due], device)
         if stop and self.received is not None:
             log.warning("received %s: saving a checkpoint and exiting for requeue", signal.Signals(self.received).name)
-        return stop
+        return stop, due
+
+    def seconds_left(self, window_s: float) -> float | None:
+        """Seconds left of a ``window_s`` warning window since the signal (None without a signal on this rank)."""
+        if self.received_at is None:
+            return None
+        return window_s - (time.monotonic() - self.received_at)

@@ -24,7 +24,7 @@ from trainer.fcmae_eval import feature_cosine_distance, save_reconstructions
 from trainer.metrics import count_fcmae_flops
 from trainer.optim import build_optimizer
 from trainer.run_loader import build_train_loader
-from trainer.stage import Batch, Evaluation, autocast
+from trainer.stage import Batch, Evaluation, StopCheck, autocast
 from trainer.zero import gathered_parameters
 
 TAG_MASK = 21
@@ -107,8 +107,9 @@ class PretrainStage:
         """Nothing to do after an FCMAE step."""
 
     @torch.no_grad()
-    def evaluate(self, engine: Any, step: int) -> Evaluation:
-        """Reconstructions of a fixed batch and the feature cosine-distance statistic of the last stage."""
+    def evaluate(self, engine: Any, step: int, stop: StopCheck) -> Evaluation:
+        """Reconstructions of a fixed batch and the feature cosine-distance statistic of the last stage (one batch:
+        nothing to give way to)."""
         if self._eval_batch is None:
             return Evaluation()
         images, masks = self._eval_batch

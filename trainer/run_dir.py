@@ -19,7 +19,13 @@ RESTART_MUTABLE = (
     "tracking.",
     "eval.",
     "checkpoint.mirror_url",
+    "checkpoint.mirror_queue",
     "checkpoint.keep",
+    "checkpoint.every_minutes",
+    "checkpoint.write_mb_per_s",
+    "schedule.spike_factor",
+    "schedule.spike_window",
+    "schedule.max_rollbacks",
     "schedule.max_steps",
 )
 

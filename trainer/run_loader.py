@@ -104,6 +104,7 @@ def _build(
         require_labels=labels,
         decode=decode,
         label_field=cfg.data.label_field,
+        shuffle_window=cfg.data.shuffle_window,
         index_dir=str(run_dir / INDEX_DIR),
         pin_memory=env.device.type == "cuda",
         worker_ignored_signals=PREEMPTION_SIGNALS,

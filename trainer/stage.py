@@ -15,6 +15,7 @@ exposes two things:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +44,13 @@ class Evaluation:
 
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[tuple[str, Path]] = field(default_factory=list)
+    stopped: tuple[int, int] | None = None
+    """(batches done, batches in all) when a preemption stopped it; its metrics are then not reported."""
+
+
+StopCheck = Callable[[], bool]
+"""Collective: true on every rank once any rank received a preemption signal. An evaluation calls it after each
+batch (every rank the same number of times) and gives way when it turns true."""
 
 
 class Stage(Protocol):
@@ -71,8 +79,9 @@ class Stage(Protocol):
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
         """Called after every optimizer step (EMA updates; ``skipped``: the update was not applied)."""
 
-    def evaluate(self, engine: Any, step: int) -> Evaluation:
-        """Run on every rank (ZeRO-3 gathers parameters); rank 0's result is logged."""
+    def evaluate(self, engine: Any, step: int, stop: StopCheck) -> Evaluation:
+        """Run on every rank (ZeRO-3 gathers parameters); rank 0's result is logged. ``stop()`` after each batch:
+        when true, return at once with ``stopped`` set."""
 
     def export(self, engine: Any, out_dir: Path, summary: dict[str, Any]) -> None:
         """Write the stage's consolidated weights and ``metrics.json`` to ``out_dir`` (every rank calls it)."""

@@ -158,6 +158,11 @@ class Tracker:
         if self.enabled and self.run_id is not None:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def set_tag(self, key: str, value: str) -> None:
+        """Tag the run (a rollback, a mirror left incomplete): visible on the run's page and searchable."""
+        if self.enabled and self.run_id is not None:
+            self._client.set_tag(self.run_id, key, value)
+
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run: FINISHED, FAILED, or KILLED (preempted: it continues after the requeue)."""
         if self.enabled and self.run_id is not None:

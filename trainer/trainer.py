@@ -5,7 +5,8 @@ evaluation and export. :class:`Trainer` does the rest the same way for all of th
 
     __init__: preemption flag -> distributed -> stage -> newest checkpoint -> DeepSpeed engine
     resume:   engine, loader, stage and loop state from that checkpoint
-    train:    micro-batches -> train_step -> log -> evaluate -> checkpoint (or save and exit on preemption) -> export
+    train:    micro-batches -> train_step -> log (a loss spike rolls back) -> evaluate (gives way to a preemption)
+              -> checkpoint by steps or minutes (or save and exit on preemption) -> export -> mirror uploads
     close:    watchdog, loader workers, ledger, signal handlers, process group
 
 The step does not wait for the device: losses and the finiteness of each micro-batch stay on the device, and the
@@ -26,15 +27,16 @@ import torch
 import torch.distributed as dist
 
 from data.sampling import derive_seed
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, checkpoint_bytes
 from trainer.config import TrainConfig
-from trainer.distributed import init_distributed, teardown
+from trainer.distributed import gather_objects, init_distributed, teardown
 from trainer.engine import deepspeed_config, initialize
 from trainer.ledger import SampleLedger
 from trainer.logger import MetricsLogger
 from trainer.metrics import Meter, device_peak_flops
 from trainer.optim import lr_at, set_lr
 from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from trainer.recovery import Rollback, RollbackLog, SpikeDetector
 from trainer.stage import Batch, autocast, stage_class
 from trainer.tracking import Tracker, git_commit
 from trainer.watchdog import StepWatchdog
@@ -85,25 +87,41 @@ class StepResult:
 
 
 class SkipGuard:
-    """Counts skipped (non-finite) steps and stops the run after too many in a row."""
+    """Counts skipped (non-finite) steps; too many in a row exhaust the budget (the trainer rolls back or stops)."""
 
     def __init__(self, max_in_row: int) -> None:
         self.max_in_row = max_in_row
         self.in_row = 0
         self.total = 0
 
-    def update(self, skipped: bool, step: int, checkpoint_dir: Path) -> None:
-        """Record one step; raise :class:`TrainingError` when ``max_in_row`` steps in a row were skipped."""
+    def update(self, skipped: bool, step: int) -> bool:
+        """Record one step; True when ``max_in_row`` steps in a row were skipped."""
         self.in_row = self.in_row + 1 if skipped else 0
         self.total += int(skipped)
         if skipped:
             log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, self.in_row)
-        if self.in_row >= self.max_in_row:
-            raise TrainingError(
-                f"{self.in_row} steps in a row had a non-finite loss or gradient (last: step {step}); lower "
-                "optim.base_lr, set optim.grad_clip, or use deepspeed.precision=fp32. The last complete "
-                f"checkpoint is in {checkpoint_dir}"
-            )
+        return self.in_row >= self.max_in_row
+
+    def error(self, step: int, checkpoint_dir: Path, rollbacks: int) -> TrainingError:
+        """The error that ends a run whose budget is exhausted and cannot roll back."""
+        return TrainingError(
+            f"{self.in_row} steps in a row had a non-finite loss or gradient (last: step {step}; {rollbacks} "
+            "rollbacks made, schedule.max_rollbacks); lower optim.base_lr, set optim.grad_clip, or use "
+            f"deepspeed.precision=fp32. The last complete checkpoint is in {checkpoint_dir}"
+        )
+
+
+@dataclass
+class Spike:
+    """A reason to roll back, found at a log point (the same on every rank: it comes from all-reduced values)."""
+
+    step: int
+    """The step it was found at."""
+    first_step: int
+    """The first step of the bad stretch (the log interval's first step, or the first non-finite step)."""
+    cause: str
+    loss: float
+    threshold: float
 
 
 class Interval:
@@ -192,24 +210,37 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self.last_loss = float("nan")
         self.started = time.perf_counter()
+        self.spikes = SpikeDetector(cfg.schedule.spike_factor, cfg.schedule.spike_window)
+        self.rollbacks = RollbackLog(run_dir)
+        self.pending: Spike | None = None
+        self.recent_keys: list[tuple[int, list[str]]] = []
+        """This rank's sample keys per step since the second newest save (what a rollback may skip)."""
+        self.saved_steps: list[int] = []
+        self.last_save_time = time.monotonic()
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any: engine, loader position, stage and loop state."""
         if self.resume_from is None:
             return
         state = self.checkpointer.load(self.engine, self.resume_from, load_universal=self.universal)
-        self.step = int(state["step"])
-        self.skip_guard.total = int(state.get("skipped_total", 0))
+        self._restore(state)
         self.loop_state = LoopState.resumed(state.get("loop", {}))
+        self.spikes.load_state_dict(state.get("spikes", {}))
         if int(state.get("global_batch", self.global_batch)) != self.global_batch and self.env.is_main:
             log.warning(
                 "global batch changed from %d to %d on resume: the lr is rescaled and steps per epoch change",
                 int(state["global_batch"]), self.global_batch,
             )  # fmt: skip
-        self.stage.loader.load_state_dict(state["loader"])
-        self.stage.load_state_dict(state.get("stage", {}))
         if self.env.is_main:
             log.info("resumed from %s at step %d (epoch %d)", self.resume_from.path, self.step, self.stage.loader.epoch)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Step, skip count, loader position and stage state of a loaded checkpoint."""
+        self.step = int(state["step"])
+        self.skip_guard.total = int(state.get("skipped_total", 0))
+        self.stage.loader.load_state_dict(state["loader"])
+        self.stage.load_state_dict(state.get("stage", {}))
+        self.saved_steps = [self.step]
 
     def run(self) -> int:
         """Resume, start tracking, train and close; returns 0 or :data:`REQUEUE_EXIT_CODE`."""
@@ -241,6 +272,7 @@ class Trainer:
         meter = Meter(self.global_batch, env.world_size, self.total, self.stage.flops, peak)
         interval = Interval(env.device)
         self.groups = micro_batch_groups(self.stage.loader, self.accum, env.device)
+        self._check_save_window(self._estimated_save_s(), "estimated")
         while self.step < self.total:
             t0 = time.perf_counter()
             epoch, group = next(self.groups)
@@ -248,17 +280,27 @@ class Trainer:
             lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, cfg.optim.min_lr)
             result = self.train_step(group, lr)
             self._after_step(epoch, group, result, interval)
-            if self.step % cfg.tracking.log_every == 0 or self.step == self.total:
+            if self.step % cfg.tracking.log_every == 0 or self.step == self.total or self.pending is not None:
                 self._log(epoch, lr, interval, meter)
+            if self.pending is not None:
+                self._rollback(self.pending)
+                continue
             epoch_end = cfg.eval.each_epoch and self.step % self.steps_per_epoch == 0
             if self.step % cfg.eval.every_steps == 0 or self.step == self.total or epoch_end:
-                meter.exclude(self.evaluate())
-            stop = self.preemption.should_stop(env.device)
-            if stop or self.step % cfg.checkpoint.every_steps == 0 or self.step == self.total:
+                seconds, interrupted = self.evaluate()
+                meter.exclude(seconds)
+                if interrupted:  # a preemption signal: the save comes first
+                    self.save()
+                    self._finish_uploads(at_preemption=True)
+                    return REQUEUE_EXIT_CODE
+            stop, due = self.preemption.poll(env.device, save_due=self._save_due())
+            if stop or due or self.step % cfg.checkpoint.every_steps == 0 or self.step == self.total:
                 self.save()
             if stop:
+                self._finish_uploads(at_preemption=True)
                 return REQUEUE_EXIT_CODE
         self.export()
+        self._finish_uploads(at_preemption=False)
         return 0
 
     def train_step(self, group: list[Batch], lr: float) -> StepResult:
@@ -308,8 +350,13 @@ class Trainer:
         self.watchdog.beat(self.step)
         if self.ledger is not None:
             self.ledger.record(self.step, epoch, [key for _, _, keys in group for key in keys])
+        self.recent_keys.append((self.step, [key for _, _, keys in group for key in keys]))
         self.stage.after_step(self.engine, self.step, result.skipped)
-        self.skip_guard.update(result.skipped, self.step, self.checkpointer.root)
+        if self.skip_guard.update(result.skipped, self.step):
+            if self.rollbacks.count() >= self.cfg.schedule.max_rollbacks:
+                raise self.skip_guard.error(self.step, self.checkpointer.root, self.rollbacks.count())
+            first = self.step - self.skip_guard.in_row + 1
+            self.pending = Spike(self.step, first, "non-finite steps", float("nan"), float("nan"))
         if self.loop_state.first_loss is None and not result.skipped:
             # sync: once per run, the first step's loss (the summary's "first_loss")
             self.loop_state.first_loss = float(result.loss_sum / result.loss_count)
@@ -332,16 +379,33 @@ class Trainer:
         if mixture:  # samples served per source since the run began, all ranks
             scalars.update({f"samples_{source.name}": float(n) for source, n in zip(mixture, served, strict=True)})
         self.logger.train(self.step, progress, scalars, perf)
+        threshold = self.spikes.check(self.last_loss)  # the all-reduced loss: every rank decides the same
+        if threshold is not None and self.pending is None:
+            first = self.step - (self.step - 1) % self.cfg.tracking.log_every
+            self.pending = Spike(self.step, first, "loss spike", self.last_loss, threshold)
 
-    def evaluate(self) -> float:
-        """The stage's evaluation, logged with its duration; returns the seconds it took."""
+    def evaluate(self) -> tuple[float, bool]:
+        """The stage's evaluation, logged with its duration; returns the seconds it took and whether a preemption
+        signal stopped it (all ranks agree after every evaluation batch)."""
         t0 = time.perf_counter()
+        if self.env.is_main:
+            log.info("step %d: evaluating", self.step)
         with self.watchdog.phase("evaluation"):
-            evaluation = self.stage.evaluate(self.engine, self.step)
+            evaluation = self.stage.evaluate(
+                self.engine, self.step, lambda: self.preemption.should_stop(self.env.device)
+            )
         seconds = time.perf_counter() - t0
+        if evaluation.stopped is not None:
+            if self.env.is_main:
+                done, total = evaluation.stopped
+                log.warning(
+                    "evaluation at step %d stopped after %d of %d batches: preemption (%.1fs)",
+                    self.step, done, total, seconds,
+                )  # fmt: skip
+            return seconds, True
         self.eval_metrics = evaluation.metrics
         self.logger.eval(self.step, evaluation.metrics, seconds, evaluation.artifacts)
-        return seconds
+        return seconds, False
 
     def save(self) -> None:
         """A checkpoint of the engine, this rank's loader and stage state, and the loop state."""
@@ -351,9 +415,104 @@ class Trainer:
             "skipped_total": self.skip_guard.total,
             "global_batch": self.global_batch,
             "loop": self.loop_state.to_dict(time.perf_counter() - self.started),
+            "spikes": self.spikes.state_dict(),
         }
         with self.watchdog.phase("checkpoint save"):
             self.checkpointer.save(self.engine, self.step, rank_state)
+        self.last_save_time = time.monotonic()
+        self.saved_steps = [*self.saved_steps[-1:], self.step]
+        self.recent_keys = [(step, keys) for step, keys in self.recent_keys if step > self.saved_steps[0]]
+        upload = (
+            self.checkpointer.uploader.done[-1].seconds
+            if self.checkpointer.uploader and self.checkpointer.uploader.done
+            else 0.0
+        )
+        self._check_save_window((self.checkpointer.last_save_s or 0.0) + upload, "measured")
+
+    def _save_due(self) -> bool:
+        """Rank 0's clock says ``checkpoint.every_minutes`` passed since the last save (agreed in the step's poll)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        return minutes is not None and self.env.is_main and time.monotonic() - self.last_save_time >= 60 * minutes
+
+    def _estimated_save_s(self) -> float:
+        """A save's duration before one was measured: the checkpoint's size over ``checkpoint.write_mb_per_s``."""
+        params = sum(p.numel() for p in self.stage.model.parameters())
+        return checkpoint_bytes(params, self.cfg.deepspeed.precision) / (self.cfg.checkpoint.write_mb_per_s * 1e6)
+
+    def _check_save_window(self, seconds: float, how: str) -> None:
+        """Warn (rank 0) when a save, and the mirror upload after it, would not fit in the preemption warning window."""
+        window = self.cfg.cluster.signal_delay_s
+        if self.env.is_main and seconds > 0.8 * window:
+            log.warning(
+                "a checkpoint save%s takes %.0fs (%s), more than 80%% of the %ds preemption warning window "
+                "(cluster.signal_delay_s): a preemption may kill it; raise cluster.signal_delay_s, save to faster "
+                "storage, or lower checkpoint.write_mb_per_s's estimate to match",
+                " and its mirror upload" if self.cfg.checkpoint.mirror_url else "", seconds, how, window,
+            )  # fmt: skip
+
+    def _finish_uploads(self, at_preemption: bool) -> None:
+        """Let the background mirror upload finish: within what is left of the warning window at a preemption,
+        within ``watchdog.phase_timeout_s`` at the end of the run; a mirror left behind is reported."""
+        if self.checkpointer.uploader is None:
+            return
+        timeout = self.cfg.watchdog.phase_timeout_s
+        if at_preemption:
+            left = self.preemption.seconds_left(self.cfg.cluster.signal_delay_s)
+            timeout = max(0.0, (left if left is not None else self.cfg.cluster.signal_delay_s) - 10.0)
+        with self.watchdog.phase("mirror upload"):
+            if not self.checkpointer.wait_for_uploads(timeout):
+                self.tracker.set_tag("mirror_incomplete", self.checkpointer.uploader.busy() or "failed")
+
+    def _rollback(self, spike: Spike) -> None:
+        """Restore the newest checkpoint saved before ``spike.first_step`` and skip the samples of the steps after
+        it up to the spike (all ranks, in lockstep: every decision comes from all-reduced values)."""
+        self.pending = None
+        made = self.rollbacks.count()
+        target = next((c for c in reversed(self.checkpointer.complete()) if c.step < spike.first_step), None)
+        if made >= self.cfg.schedule.max_rollbacks or target is None:
+            if spike.cause == "non-finite steps":
+                raise self.skip_guard.error(self.step, self.checkpointer.root, made)
+            if self.env.is_main:
+                why = "no checkpoint precedes it" if target is None else f"{made} rollbacks made already"
+                log.warning(
+                    "loss spike at step %d (%.4g > %.4g) not rolled back: %s",
+                    spike.step,
+                    spike.loss,
+                    spike.threshold,
+                    why,
+                )
+            return
+        skipped = [(step, keys) for step, keys in self.recent_keys if target.step < step <= spike.step]
+        keys = [key for share in gather_objects([k for _, ks in skipped for k in ks]) for key in share]
+        assert self.groups is not None
+        self.groups.close()  # stops the loader's workers before its position changes
+        state = self.checkpointer.load(self.engine, target, load_universal=False)
+        self._restore(state)
+        self.stage.loader.skip((spike.step - target.step) * self.accum)
+        self.groups = micro_batch_groups(self.stage.loader, self.accum, self.env.device)
+        self.skip_guard.in_row = 0
+        self.recent_keys = []
+        record = Rollback(
+            spike.step,
+            spike.cause,
+            spike.loss,
+            spike.threshold,
+            target.step,
+            [target.step + 1, spike.step],
+            keys,
+            time.time(),
+        )
+        if self.env.is_main:
+            self.rollbacks.append(record)
+            log.warning(
+                "%s at step %d (loss %.4g > %.4g): rolled back to %s and skipped the %d samples of steps %d-%d "
+                "(rollback %d of at most %d; %s)",
+                spike.cause, spike.step, spike.loss, spike.threshold, target.tag, len(keys), target.step + 1,
+                spike.step, made + 1, self.cfg.schedule.max_rollbacks, self.rollbacks.path,
+            )  # fmt: skip
+            self.tracker.log_metrics({"rollbacks": float(made + 1)}, spike.step)
+            self.tracker.set_tag("rollbacks", str(made + 1))
+            self.tracker.log_artifact(self.rollbacks.path, "rollbacks")
 
     def export(self) -> None:
         """The stage's weights and ``metrics.json`` (the run's summary) for the next stage."""

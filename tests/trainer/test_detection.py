@@ -170,7 +170,7 @@ def test_coco_scoring_of_the_val_set_is_one_for_the_truth_and_near_zero_for_misp
 
     def score(truth_of: Callable[[int], EvalImage | None], shift: int = 0) -> dict[str, float]:
         stage.model = _Oracle([_truth_as_output(truth_of(k), size, category_ids, shift) for k in range(len(slots))])
-        return stage.evaluate(_Engine(), step=0).metrics
+        return stage.evaluate(_Engine(), step=0, stop=lambda: False).metrics
 
     perfect = score(lambda k: slots[k])
     assert perfect["eval_images"] == 8
@@ -242,7 +242,7 @@ def test_training_raises_ap_above_the_untrained_detector(
     ]  # fmt: skip
     cfg = load_config("demo_maskrcnn", [*overrides, "data.num_workers=0"])
     torch.manual_seed(cfg.seed)  # the initial weights of the run below (the Trainer seeds the same way)
-    untrained = DetectionStage(cfg, CPU, tmp_path / "untrained").evaluate(_Engine(), step=0).metrics
+    untrained = DetectionStage(cfg, CPU, tmp_path / "untrained").evaluate(_Engine(), step=0, stop=lambda: False).metrics
     assert launch(tmp_path / "run", *overrides, config="demo_maskrcnn") == 0
     trained = json.loads((tmp_path / "run" / "export" / "metrics.json").read_text())
     assert trained["steps"] == 60

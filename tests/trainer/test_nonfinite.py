@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,9 @@ def test_nan_on_one_rank_skips_the_step_on_all(stage: int, tmp_path: Path) -> No
 
 def test_too_many_skips_in_a_row_stop_with_advice(tmp_path: Path) -> None:
     guard = SkipGuard(max_in_row=3)
-    for step, skipped in enumerate([True, True, False, True, True]):
-        guard.update(skipped, step, tmp_path)
+    assert not any(guard.update(skipped, step) for step, skipped in enumerate([True, True, False, True, True]))
     assert guard.total == 4
-    with pytest.raises(TrainingError, match=r"3 steps in a row .* optim\.grad_clip"):
-        guard.update(True, 5, tmp_path)
+    assert guard.update(True, 5)  # the third in a row: the budget is spent (the trainer rolls back or stops)
+    error = guard.error(5, tmp_path, rollbacks=3)
+    assert isinstance(error, TrainingError)
+    assert re.search(r"3 steps in a row .* 3 rollbacks made.* optim\.grad_clip", str(error))

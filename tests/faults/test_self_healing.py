@@ -1,0 +1,229 @@
+"""Runs that heal themselves: loss-spike rollback past a window of bad data, evaluations that give way to a
+preemption save, checkpoints mirrored in the background, and checkpoints verified before a resume.
+
+Real processes throughout: the launcher with 2 ranks on gloo, real Fashion-MNIST shards, moto's S3 server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from data.sampling import EpochOrder
+from tests.support.launch import launch_cmd, logged_steps, preempt, run, start, wait_for
+from trainer.checkpoint import LATEST, MARKER
+from trainer.preemption import REQUEUE_EXIT_CODE
+from trainer.recovery import ROLLBACKS_FILE
+
+SHARD = 8  # samples per shard = the batch size: a bad shard fills exactly one batch of one rank
+
+
+def _shard(path: Path, prefix: str, images: list[np.ndarray]) -> list[str]:
+    """A tar shard in webdataset's layout (``.png`` + ``.cls``), written without our writer."""
+    keys = []
+    with tarfile.open(path, "w") as tar:
+        for i, pixels in enumerate(images):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(pixels).save(buf, format="PNG")
+            key = f"{prefix}{i:03d}"
+            for name, data in ((f"{key}.png", buf.getvalue()), (f"{key}.cls", b"0")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            keys.append(key)
+    return keys
+
+
+def _calm(seed: int) -> np.ndarray:
+    """A low-contrast image near ImageNet's mean colour: smooth shapes of +-20 levels, what the run learns on."""
+    rng = np.random.default_rng(seed)
+    coarse = PIL.Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((64, 64), PIL.Image.BICUBIC)
+    mean = np.array([124, 116, 104], dtype=np.float32)
+    return (mean + (np.asarray(coarse, dtype=np.float32) - 128) * 20 / 128).clip(0, 255).astype(np.uint8)
+
+
+def _noise(seed: int) -> np.ndarray:
+    """Salt and pepper: every pixel black or white, another distribution entirely."""
+    return ((np.random.default_rng(seed).random((64, 64, 3)) < 0.5) * 255).astype(np.uint8)
+
+
+def _seed_hitting_noise_once(num_shards: int, bad: int) -> tuple[int, int]:
+    """A run seed whose epoch 0 serves shard ``bad`` at a step in 6..9 (after the spike statistic's warm-up and a
+    checkpoint) and whose epoch 1 does not serve it in the two steps a rollback borrows from it. The loader's own
+    shard order decides (2 ranks x 1 shard per step: rank 0 serves order positions 0..9, rank 1 10..19)."""
+    steps = num_shards // 2
+    for seed in range(200):
+        first = int(np.flatnonzero(EpochOrder([SHARD] * num_shards, seed, 0, True).shard_order == bad)[0])
+        second = int(np.flatnonzero(EpochOrder([SHARD] * num_shards, seed, 1, True).shard_order == bad)[0])
+        if 6 <= first % steps + 1 <= 9 and second % steps >= 3:
+            return seed, first % steps + 1
+    raise AssertionError("no seed places the bad shard where the test needs it")
+
+
+@pytest.mark.slow
+def test_a_loss_spike_from_a_window_of_noise_rolls_back_and_skips_it(tmp_path: Path) -> None:
+    """20 shards of 8 in webdataset's layout, one of them noise, placed (by the run seed's shard order) in one
+    batch of one rank at a step after the spike statistic's warm-up; pixel MSE without per-patch normalization so
+    the noise stands out. The run rolls back to the checkpoint before it, skips the noise, and ends far below the
+    spike; the same run with a calm shard in its place never rolls back."""
+    clean, bad, good = tmp_path / "calm", tmp_path / "noise", tmp_path / "calm_too"
+    for directory in (clean, bad, good):
+        directory.mkdir()
+    for shard in range(19):
+        _shard(clean / f"calm-{shard:03d}.tar", f"calm{shard:02d}_", [_calm(shard * SHARD + i) for i in range(SHARD)])
+    noise_keys = _shard(bad / "noise-000.tar", "noise", [_noise(i) for i in range(SHARD)])
+    _shard(good / "calm-019.tar", "calm19_", [_calm(19 * SHARD + i) for i in range(SHARD)])  # the control's 20th
+    seed, noisy_step = _seed_hitting_noise_once(20, bad=19)
+    common = (
+        f"seed={seed}", "data.batch_size=8", "data.shuffle_window=8", "schedule.max_steps=10",
+        "model.norm_pix_loss=false", "checkpoint.every_steps=2", "checkpoint.keep=5",
+        "schedule.spike_factor=3", "schedule.spike_window=3", "tracking.sample_ledger=true",
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    assert run(launch_cmd(run_dir, f"data.train_url=[{clean}, {bad}]", *common, ranks=2)) == 0
+    (rollback,) = [json.loads(line) for line in (run_dir / ROLLBACKS_FILE).read_text().splitlines()]
+    assert rollback["cause"] == "loss spike" and rollback["detected_at_step"] == noisy_step
+    assert rollback["restored_step"] == noisy_step - 1 - (noisy_step - 1) % 2  # the newest checkpoint before it
+    assert rollback["skipped_steps"] == [rollback["restored_step"] + 1, noisy_step]
+    assert set(noise_keys) <= set(rollback["skipped_keys"])
+    losses = {r["step"]: r["loss"] for r in logged_steps(run_dir)}  # the last record of each step wins
+    assert losses[10] < rollback["loss"] / 3  # the run ended far below the spike
+    # Control: the same run with a calm shard in the noise's place never rolls back.
+    control_run = tmp_path / "control_run"
+    assert run(launch_cmd(control_run, f"data.train_url=[{clean}, {good}]", *common, ranks=2)) == 0
+    assert not (control_run / ROLLBACKS_FILE).exists()
+
+
+def _first_line(log: Path, pattern: str) -> re.Match[str] | None:
+    return re.search(pattern, log.read_text()) if log.exists() else None
+
+
+@pytest.mark.slow
+def test_a_signal_during_an_evaluation_saves_and_exits_within_the_window(
+    tmp_path: Path, fmnist_shards: str, fmnist_test_shards: str
+) -> None:
+    """Fine-tuning evaluates on 500 images every 3 steps. SIGUSR2 during the first evaluation: the evaluation gives
+    way (all ranks agree at the next batch), the step's checkpoint is saved, exit 75, in a fraction of the time the
+    whole evaluation takes (measured by the resumed run, which evaluates completely)."""
+    run_dir = tmp_path / "run"
+    cmd = launch_cmd(
+        run_dir, f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}", "data.batch_size=8",
+        "schedule.max_steps=3", "eval.every_steps=3", "model.num_classes=10", "model.pretrained=null",
+        "data.num_workers=1", ranks=2, config="demo_finetune",
+    )  # fmt: skip
+    log = tmp_path / "first.log"
+    proc = start(cmd, log)
+    wait_for(lambda: _first_line(log, r"step 3: evaluating") is not None, what="the evaluation", proc=proc)
+    signalled = time.monotonic()
+    assert preempt(proc) == REQUEUE_EXIT_CODE
+    stopped_in = time.monotonic() - signalled
+    assert (run_dir / "checkpoints" / LATEST).read_text().strip() == "step_00000003"
+    assert _first_line(log, r"evaluation at step 3 stopped after \d+ of \d+ batches: preemption") is not None
+    assert run(cmd) == 0  # the resumed run evaluates step 3 completely
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (full,) = [r for r in evals if r["kind"] == "eval" and r["step"] == 3]
+    assert full["val_images"] == 500
+    assert stopped_in < full["eval_s"] / 2 + 3.0, (stopped_in, full["eval_s"])  # 3 s: the save and the exit
+
+
+@pytest.mark.slow
+def test_checkpoints_upload_in_the_background_and_resume_from_the_mirror(
+    tmp_path: Path, s3_bucket: str, fmnist_shards: str
+) -> None:
+    import fsspec
+
+    mirror = f"{s3_bucket}/runs/bg"
+    run_dir = tmp_path / "run"
+    common = (
+        f"data.train_url={fmnist_shards}", "data.batch_size=8", "checkpoint.every_steps=3", "checkpoint.keep=4",
+        f"checkpoint.mirror_url={mirror}",
+    )  # fmt: skip
+    log = tmp_path / "first.log"
+    proc = start(launch_cmd(run_dir, *common, "schedule.max_steps=9", ranks=2), log)
+    assert proc.wait(timeout=300) == 0
+    text = log.read_text()
+    uploads = {m[0]: float(m[1]) for m in re.findall(r"checkpoint (step_\d+) mirrored to \S+ in ([\d.]+)s", text)}
+    local = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert sorted(uploads) == local == ["step_00000003", "step_00000006", "step_00000009"]
+    fs = fsspec.filesystem("s3")
+    for tag in local:  # every complete checkpoint, marker included, file for file
+        remote = {p.split(f"{tag}/", 1)[1] for p in fs.find(f"{mirror}/{tag}")}
+        assert remote == {p.relative_to(run_dir / "checkpoints" / tag).as_posix()
+                          for p in (run_dir / "checkpoints" / tag).rglob("*") if p.is_file()}  # fmt: skip
+    # The steps after a save do not wait for its upload: each is shorter than the upload running beside it.
+    steps = {r["step"]: r["step_time_s"] for r in logged_steps(run_dir)}
+    for tag, seconds in uploads.items():
+        after = int(tag.removeprefix("step_")) + 1
+        if after in steps:
+            assert steps[after] < seconds, (tag, steps[after], seconds)
+    # The node's disk is lost: the run resumes from the mirror.
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints")
+    log2 = tmp_path / "second.log"
+    proc = start(launch_cmd(run_dir, *common, "schedule.max_steps=11", ranks=2), log2)
+    assert proc.wait(timeout=300) == 0
+    assert "resuming from the mirror: fetched step_00000009" in log2.read_text()
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_refused_and_the_previous_one_used(
+    tmp_path: Path, s3_bucket: str, fmnist_shards: str
+) -> None:
+    import fsspec
+
+    mirror = f"{s3_bucket}/runs/damaged"
+    common = (
+        f"data.train_url={fmnist_shards}", "data.batch_size=8", "checkpoint.every_steps=2", "checkpoint.keep=3",
+        f"checkpoint.mirror_url={mirror}",
+    )  # fmt: skip
+    base = tmp_path / "base"
+    assert run(launch_cmd(base, *common, "schedule.max_steps=6", ranks=2)) == 0
+    marker = json.loads((base / "checkpoints" / "step_00000006" / MARKER).read_text())
+    biggest = max(marker["files"], key=lambda name: marker["files"][name]["bytes"])
+
+    def resumed_from(run_dir: Path, label: str) -> tuple[int, str]:
+        log = tmp_path / f"{label}.log"
+        proc = start(launch_cmd(run_dir, *common, "schedule.max_steps=8", ranks=2), log)
+        assert proc.wait(timeout=300) == 0
+        text = log.read_text()
+        return int(re.findall(r"resumed from \S+ at step (\d+)", text)[0]), text
+
+    import shutil
+
+    cases = {}
+    for label in ("intact", "truncated", "changed"):
+        run_dir = tmp_path / label
+        shutil.copytree(base, run_dir)
+        path = run_dir / "checkpoints" / "step_00000006" / biggest
+        data = path.read_bytes()
+        if label == "truncated":
+            path.write_bytes(data[: len(data) // 2])
+        elif label == "changed":  # the same size, one byte flipped in the middle
+            path.write_bytes(data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1 :])
+        cases[label] = resumed_from(run_dir, label)
+    assert cases["intact"][0] == 6  # the control: an undamaged checkpoint is used
+    for label in ("truncated", "changed"):
+        step, text = cases[label]
+        assert step == 4, label
+        assert re.search(rf"checkpoint step_00000006 is damaged \({re.escape(biggest)} ", text), label
+        assert (tmp_path / label / "checkpoints" / "damaged_step_00000006").is_dir()  # kept for inspection
+
+    # On the mirror: the local checkpoints are gone and the mirror's newest copy has changed bytes.
+    fs = fsspec.filesystem("s3")
+    remote = f"{mirror}/step_00000006/{biggest}"
+    data = fs.cat_file(remote)
+    fs.pipe_file(remote, data[:-1] + bytes([data[-1] ^ 0xFF]))
+    run_dir = tmp_path / "from_mirror"
+    shutil.copytree(base, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    step, text = resumed_from(run_dir, "mirror")
+    assert step == 4 and "mirror copy of step_00000006 is damaged" in text
