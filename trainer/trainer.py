@@ -217,6 +217,8 @@ class Trainer:
         """This rank's sample keys per step since the second newest save (what a rollback may skip)."""
         self.saved_steps: list[int] = []
         self.last_save_time = time.monotonic()
+        self.eval_pending = False
+        """A preemption stopped the evaluation of the checkpoint's step: the resumed run evaluates it first."""
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any: engine, loader position, stage and loop state."""
@@ -226,6 +228,7 @@ class Trainer:
         self._restore(state)
         self.loop_state = LoopState.resumed(state.get("loop", {}))
         self.spikes.load_state_dict(state.get("spikes", {}))
+        self.eval_pending = bool(state.get("eval_pending", False))
         if int(state.get("global_batch", self.global_batch)) != self.global_batch and self.env.is_main:
             log.warning(
                 "global batch changed from %d to %d on resume: the lr is rescaled and steps per epoch change",
@@ -273,6 +276,8 @@ class Trainer:
         interval = Interval(env.device)
         self.groups = micro_batch_groups(self.stage.loader, self.accum, env.device)
         self._check_save_window(self._estimated_save_s(), "estimated")
+        if self.eval_pending and self._evaluate_or_stop(meter):  # the one a preemption stopped
+            return REQUEUE_EXIT_CODE
         while self.step < self.total:
             t0 = time.perf_counter()
             epoch, group = next(self.groups)
@@ -286,13 +291,9 @@ class Trainer:
                 self._rollback(self.pending)
                 continue
             epoch_end = cfg.eval.each_epoch and self.step % self.steps_per_epoch == 0
-            if self.step % cfg.eval.every_steps == 0 or self.step == self.total or epoch_end:
-                seconds, interrupted = self.evaluate()
-                meter.exclude(seconds)
-                if interrupted:  # a preemption signal: the save comes first
-                    self.save()
-                    self._finish_uploads(at_preemption=True)
-                    return REQUEUE_EXIT_CODE
+            eval_due = self.step % cfg.eval.every_steps == 0 or self.step == self.total or epoch_end
+            if eval_due and self._evaluate_or_stop(meter):
+                return REQUEUE_EXIT_CODE
             stop, due = self.preemption.poll(env.device, save_due=self._save_due())
             if stop or due or self.step % cfg.checkpoint.every_steps == 0 or self.step == self.total:
                 self.save()
@@ -416,6 +417,7 @@ class Trainer:
             "global_batch": self.global_batch,
             "loop": self.loop_state.to_dict(time.perf_counter() - self.started),
             "spikes": self.spikes.state_dict(),
+            "eval_pending": self.eval_pending,
         }
         with self.watchdog.phase("checkpoint save"):
             self.checkpointer.save(self.engine, self.step, rank_state)
@@ -428,6 +430,15 @@ class Trainer:
             else 0.0
         )
         self._check_save_window((self.checkpointer.last_save_s or 0.0) + upload, "measured")
+
+    def _evaluate_or_stop(self, meter: Meter) -> bool:
+        """Evaluate; when a preemption stops the evaluation, save (marking it pending) and return True."""
+        seconds, self.eval_pending = self.evaluate()
+        meter.exclude(seconds)
+        if self.eval_pending:  # the save comes first; the resumed run evaluates this step again
+            self.save()
+            self._finish_uploads(at_preemption=True)
+        return self.eval_pending
 
     def _save_due(self) -> bool:
         """Rank 0's clock says ``checkpoint.every_minutes`` passed since the last save (agreed in the step's poll)."""

@@ -38,11 +38,12 @@ def launch(run_dir: Path, *overrides: str, ranks: int = 1, config: str = "demo_f
     return launch_main([*args, *overrides])
 
 
-def launch_cmd(run_dir: Path, *overrides: str, ranks: int = 1) -> list[str]:
+def launch_cmd(run_dir: Path, *overrides: str, ranks: int = 1, config: str = "demo_fcmae") -> list[str]:
     """The command a user types, with the tiny test settings."""
+    tiny = TINY if config == "demo_fcmae" else TINY_ANY_STAGE
     return [
-        sys.executable, str(REPO / "cluster" / "launch.py"), "--config", "demo_fcmae", "--local", "--run-dir",
-        str(run_dir), *TINY, f"cluster.cpu_ranks_per_node={ranks}", *overrides,
+        sys.executable, str(REPO / "cluster" / "launch.py"), "--config", config, "--local", "--run-dir",
+        str(run_dir), *tiny, f"cluster.cpu_ranks_per_node={ranks}", *overrides,
     ]  # fmt: skip
 
 
