@@ -265,7 +265,7 @@ def checkpoint_line(cfg: TrainConfig, num_params: int) -> str:
     """The checkpoint's size and write time against the preemption warning window (``cluster.signal_delay_s``)."""
     from trainer.checkpoint import checkpoint_bytes
 
-    size = checkpoint_bytes(num_params, cfg.deepspeed.precision)
+    size = checkpoint_bytes(num_params, cfg.deepspeed.precision, cfg.deepspeed.zero_stage)
     seconds = size / (cfg.checkpoint.write_mb_per_s * 1e6)
     window = cfg.cluster.signal_delay_s
     verdict = "fits" if seconds <= 0.8 * window else "DOES NOT FIT (raise cluster.signal_delay_s)"

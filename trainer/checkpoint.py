@@ -66,11 +66,12 @@ def _info(tag: str, meta: dict[str, Any], path: Path) -> CheckpointInfo:
     return CheckpointInfo(tag, int(meta["step"]), int(meta["world_size"]), path, None if stage is None else int(stage))
 
 
-def checkpoint_bytes(num_params: int, precision: str) -> int:
-    """Expected size of a checkpoint: the weights in the training precision, plus fp32 master weights under
-    bf16/fp16 and AdamW's two fp32 moments (per-rank state files are small beside them)."""
-    per_param = {"bf16": 2 + 4, "fp16": 2 + 4}.get(precision, 4) + 8
-    return num_params * per_param
+def checkpoint_bytes(num_params: int, precision: str, zero_stage: int) -> int:
+    """Expected size of a DeepSpeed checkpoint: the weights in the training precision, fp32 master weights (kept by
+    ZeRO's optimizers and by bf16/fp16 training) and AdamW's two fp32 moments; per-rank state files are small."""
+    weights = 4 if precision == "fp32" else 2
+    master = 0 if precision == "fp32" and zero_stage == 0 else 4
+    return num_params * (weights + master + 8)
 
 
 def step_tag(step: int) -> str:
@@ -229,11 +230,11 @@ class Checkpointer:
             return True
         pending = self.uploader.busy()
         if pending is None or self.uploader.wait(timeout_s):
-            return not self.uploader.failed or self.uploader.failed[-1][0] != pending
-        newest = self.uploader.done[-1].tag if self.uploader.done else "none"
+            return pending not in {tag for tag, _ in self.uploader.failed}
         log.error(
-            "mirror upload of %s to %s did not finish in %.0fs: the mirror's newest complete checkpoint is %s",
-            pending, self.cfg.mirror_url, timeout_s or 0.0, newest,
+            "mirror upload of %s to %s did not finish in %.0fs: that copy has no %s marker, so a resume from the "
+            "mirror uses the newest complete one before it",
+            pending, self.cfg.mirror_url, timeout_s or 0.0, MARKER,
         )  # fmt: skip
         return False
 

@@ -448,7 +448,8 @@ class Trainer:
     def _estimated_save_s(self) -> float:
         """A save's duration before one was measured: the checkpoint's size over ``checkpoint.write_mb_per_s``."""
         params = sum(p.numel() for p in self.stage.model.parameters())
-        return checkpoint_bytes(params, self.cfg.deepspeed.precision) / (self.cfg.checkpoint.write_mb_per_s * 1e6)
+        size = checkpoint_bytes(params, self.cfg.deepspeed.precision, self.cfg.deepspeed.zero_stage)
+        return size / (self.cfg.checkpoint.write_mb_per_s * 1e6)
 
     def _check_save_window(self, seconds: float, how: str) -> None:
         """Warn (rank 0) when a save, and the mirror upload after it, would not fit in the preemption warning window."""

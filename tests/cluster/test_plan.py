@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cluster.launch import main
-from cluster.plan import GiB, make_plan
+from cluster.plan import GiB, checkpoint_line, make_plan
 from models.convnextv2 import SIZES
+from trainer.checkpoint import checkpoint_bytes
 from trainer.config import load_config
 
 
@@ -54,6 +57,20 @@ def test_huge_on_16_nodes_plan_numbers() -> None:
     assert m.total < 80 * GiB  # fits an 80 GB H100
     assert "--nodes=16" in plan.sbatch and "--gpus-per-node=8" in plan.sbatch
     assert "--signal=USR2@120" in plan.sbatch and "--requeue" in plan.sbatch
+
+
+def test_the_dry_run_checks_that_a_save_fits_the_preemption_window() -> None:
+    """huge in bf16 checkpoints 14 bytes per parameter (weights, fp32 master, two AdamW moments): 9.3 GB, 9 s at
+    1 GB/s in a 120 s window; at 50 MB/s the save would outlast the window (the trainer's own test checks the
+    estimate against a real checkpoint's size)."""
+    cfg = load_config("huge_fcmae", ["cluster.nodes=16"])
+    num_params = make_plan(cfg).num_params
+    assert checkpoint_bytes(num_params, "bf16", 2) == num_params * 14
+    assert re.search(
+        r"checkpoint +9\.3 GB, ~9s to save at 1000 MB/s .*: fits in the 120s", checkpoint_line(cfg, num_params)
+    )
+    slow = load_config("huge_fcmae", ["cluster.nodes=16", "checkpoint.write_mb_per_s=50"])
+    assert "~186s to save at 50 MB/s (checkpoint.write_mb_per_s): DOES NOT FIT" in checkpoint_line(slow, num_params)
 
 
 def test_zero_stage_changes_the_memory_split() -> None:
