@@ -94,6 +94,15 @@ def test_a_loss_spike_from_a_window_of_noise_rolls_back_and_skips_it(tmp_path: P
     assert rollback["restored_step"] == noisy_step - 1 - (noisy_step - 1) % 2  # the newest checkpoint before it
     assert rollback["skipped_steps"] == [rollback["restored_step"] + 1, noisy_step]
     assert set(noise_keys) <= set(rollback["skipped_keys"])
+    from mlflow.tracking import MlflowClient  # the run's page shows the rollback: a tag, a metric, the ledger
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    mlflow_run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert mlflow_run.data.tags["rollbacks"] == "1"
+    assert [(m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "rollbacks")] == [
+        (noisy_step, 1.0)
+    ]
+    assert [a.path for a in client.list_artifacts(mlflow_run.info.run_id, "rollbacks")] == ["rollbacks/rollbacks.jsonl"]
     losses = {r["step"]: r["loss"] for r in logged_steps(run_dir)}  # the last record of each step wins
     assert losses[10] < rollback["loss"] / 3  # the run ended far below the spike
     # Control: the same run with a calm shard in the noise's place never rolls back. (It also saves by the clock
