@@ -80,10 +80,10 @@ def _all_keys(directory: str) -> list[str]:
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_resume_at_a_random_batch_reproduces_the_uninterrupted_sequence(shard_dir: str, rank: int) -> None:
+def test_resume_at_a_random_batch_reproduces_the_uninterrupted_sequence(any_shard_dir: str, rank: int) -> None:
     def make() -> ShardLoader:
         return build_loader(
-            shard_dir,
+            any_shard_dir,
             batch_size=3,
             rank=rank,
             world_size=2,
@@ -114,7 +114,8 @@ def test_resume_at_a_random_batch_reproduces_the_uninterrupted_sequence(shard_di
     assert keys_of(reference[:10]) != keys_of(reference[10:])  # epochs are shuffled differently
 
 
-def test_resume_on_other_world_sizes_repeats_nothing_and_skips_within_bound(shard_dir: str) -> None:
+def test_resume_on_other_world_sizes_repeats_nothing_and_skips_within_bound(any_shard_dir: str) -> None:
+    shard_dir = any_shard_dir
     layouts = [(3, 2, 2), (2, 1, 3), (1, 0, 4)]  # (world_size, num_workers, batch_size), changed twice in epoch 0
     rng = random.Random(3)
     served: list[str] = []
