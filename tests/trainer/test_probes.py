@@ -3,13 +3,19 @@ is known, per-stage outputs of the encoder."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from models.convnextv2 import build_encoder
+from data.loader import build_loader
+from data.transforms import eval_transform
+from models.convnextv2 import build, build_encoder
+from tests.support.launch import launch
 from trainer.probes import effective_rank, knn_top1, pooled, stage_outputs
 
 
@@ -53,3 +59,39 @@ def test_stage_outputs_are_the_four_stages_of_the_dense_encoder() -> None:
     assert torch.allclose(outputs[-1], encoder.forward_features(images))
     assert pooled(outputs[-1]).norm(dim=1).allclose(torch.ones(2))
     assert not math.isnan(effective_rank(pooled(outputs[-1])))
+
+
+@pytest.mark.slow
+def test_online_knn_and_rank_are_logged_and_equal_an_offline_computation(
+    tmp_path: Path, fmnist_shards: str, fmnist_test_shards: str
+) -> None:
+    """Pretraining on 2 ranks evaluates kNN top-1 (bank: 768 Fashion-MNIST training images; queries: 500 test
+    images, split over the ranks and gathered once), the effective rank and the cosine distance of all four stages.
+    The last evaluation, on the exported weights, equals the same probes computed here in one process."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}", f"eval.knn_bank_url={fmnist_shards}",
+        "data.batch_size=8", "schedule.max_steps=4", "eval.every_steps=2",
+    ]  # fmt: skip
+    assert launch(run_dir, *overrides, ranks=2) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    last = evals[-1]
+    assert {f"feature_cosine_distance_s{i}" for i in range(1, 5)} <= last.keys()
+    encoder = build("atto", num_classes=0)
+    encoder.load_state_dict(load_file(str(run_dir / "export" / "model.safetensors")))
+    encoder.eval()
+
+    def features(url: str) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = build_loader(url, batch_size=8, shuffle=False, remainder="pad", transform=eval_transform(64))
+        out = [(pooled(encoder.forward_features(images)), labels) for images, labels in loader]
+        return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
+
+    with torch.no_grad():
+        bank, bank_labels = features(fmnist_shards)
+        queries, query_labels = features(fmnist_test_shards)
+    offline = knn_top1(bank, bank_labels, queries, query_labels, num_classes=10)
+    assert last["knn_top1"] == pytest.approx(offline, abs=0.41)  # at most one of 500 queries on a tie
+    assert last["effective_rank"] == pytest.approx(effective_rank(queries), rel=1e-3)
+    assert last["knn_images"] == 500.0 and last["knn_bank_images"] == 768.0  # each image once, padding dropped
