@@ -84,7 +84,7 @@ def main() -> None:
     ]
     for claim, run, pretrain in rows:
         loss = _cell(column(pretrain, "final_loss")) if pretrain else "-"
-        distance = _cell(column(pretrain, "feature_cosine_distance")) if pretrain else "-"
+        distance = _cell(column(pretrain, "feature_cosine_distance_s4")) if pretrain else "-"
         top1 = _cell(column(run, "top1"), digits=1) if run in FINETUNE else "-"
         print(f"| {claim} | {run} | {loss} | {distance} | {top1} |", flush=True)
 

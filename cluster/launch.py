@@ -113,8 +113,11 @@ def _index_data(cfg: TrainConfig, run_dir: Path) -> None:
     from trainer.run_loader import INDEX_DIR
 
     specs = [cfg.data.train_url]
-    if cfg.stage != "pretrain" and cfg.data.val_url:  # pretraining never reads the validation set
+    if cfg.data.val_url:  # pretraining reads it only for its kNN probe, with the bank
         specs.append(cfg.data.val_url)
+    bank = getattr(cfg.eval, "knn_bank_url", None)
+    if bank:
+        specs.append(bank)
     for spec in specs:
         if not spec:
             continue

@@ -238,6 +238,21 @@ class EvalConfig(_Section):
     each_epoch: bool = Field(False, description="also evaluate at the end of every epoch")
 
 
+class PretrainEvalConfig(EvalConfig):
+    """Pretraining's evaluation, plus the representation probes: online kNN on a labeled bank, effective rank."""
+
+    knn_bank_url: str | list[str] | None = Field(
+        None,
+        description="labeled shards whose pooled encoder features are the kNN bank (a subset of the training "
+        "set, e.g. a brace pattern over a few shards); the queries are data.val_url. None: no kNN",
+    )
+    knn_k: int = Field(20, ge=1, description="neighbours that vote")
+    knn_temperature: float = Field(0.07, gt=0, description="vote weight exp(similarity / T)")
+    collapse_fraction: float = Field(
+        0.5, gt=0, lt=1, description="warn when the effective rank falls below this fraction of its first value"
+    )
+
+
 class WatchdogConfig(_Section):
     """The step watchdog: a rank silent for longer than its timeout dumps its stacks and exits non-zero."""
 
@@ -327,12 +342,18 @@ class PretrainConfig(RunConfig):
     stage: Literal["pretrain"] = Field("pretrain", description="what this run trains")
     model: FCMAEModelConfig = Field(default_factory=FCMAEModelConfig)
     data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
+    eval: PretrainEvalConfig = Field(default_factory=PretrainEvalConfig)
 
     @model_validator(mode="after")
     def _patch_rules(self) -> PretrainConfig:
         if self.data.image_size % 32:
             raise ValueError(
                 f"data.image_size={self.data.image_size} must be a multiple of 32 for FCMAE (32-px patches)"
+            )
+        if bool(self.eval.knn_bank_url) != bool(self.data.val_url):
+            raise ValueError(
+                "pretraining's kNN probe needs both eval.knn_bank_url (the labeled bank) and data.val_url (the "
+                "queries); set both, or neither"
             )
         return self
 

@@ -1,12 +1,14 @@
 """FCMAE pretraining stage: streaming shards -> masked ConvNeXt V2 -> normalized-pixel loss on masked patches.
 
 Masks come from (run seed, epoch, sample key), so every world size and every restart draws the same mask for a
-sample. Evaluation logs a reconstruction grid of a fixed batch and the paper's feature cosine-distance statistic;
+sample. Evaluation logs a reconstruction grid of a fixed batch, the paper's feature cosine-distance statistic for
+each of the four stages and, with ``eval.knn_bank_url``, the kNN top-1 and effective rank (:mod:`trainer.probes`);
 the export is the encoder in the layout ``build(size, num_classes=0)`` loads, plus the whole FCMAE.
 """
 
 from __future__ import annotations
 
+import logging
 import zlib
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from data.sampling import derive_seed
-from data.transforms import pretrain_transform
+from data.transforms import eval_transform, pretrain_transform
 from models.fcmae import FCMAE
 from models.masking import random_mask
 from trainer.config import PretrainConfig
@@ -23,9 +25,12 @@ from trainer.export import write_metrics, write_weights
 from trainer.fcmae_eval import feature_cosine_distance, save_reconstructions
 from trainer.metrics import count_fcmae_flops
 from trainer.optim import build_optimizer
-from trainer.run_loader import build_train_loader
+from trainer.probes import effective_rank, gather_rows, knn_top1, labeled, loader_features, stage_outputs
+from trainer.run_loader import build_eval_loader, build_train_loader
 from trainer.stage import Batch, Evaluation, StopCheck, autocast
 from trainer.zero import gathered_parameters
+
+log = logging.getLogger(__name__)
 
 TAG_MASK = 21
 
@@ -78,6 +83,13 @@ class PretrainStage:
         self.num_patches = grid * grid
         self.visible = model.visible_patches(grid, grid)
         self._eval_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.bank_loader = self.val_loader = None
+        if cfg.eval.knn_bank_url:  # the kNN probe: a labeled bank, the validation set as queries
+            probe = eval_transform(cfg.data.image_size)
+            self.bank_loader = build_eval_loader(cfg, env, run_dir, probe, url=cfg.eval.knn_bank_url)
+            self.val_loader = build_eval_loader(cfg, env, run_dir, probe)
+        self.first_rank: float | None = None
+        """The effective rank at the first evaluation: the reference of the collapse warning."""
 
     def describe(self) -> str:
         """Size and the FLOPs the masked encoder really does per image."""
@@ -118,13 +130,47 @@ class PretrainStage:
         model.eval()
         with gathered_parameters(model, engine), autocast(self.cfg.deepspeed.precision, self.env.device):
             _, pred, _ = model(images, masks, visible=self.visible)
-            features = model.encoder.forward_features(images)
+            stages = stage_outputs(model.encoder, images)
+            probes = self._knn(stop) if self.bank_loader is not None else Evaluation()
         model.train(was_training)
-        if not self.env.is_main:
-            return Evaluation()
+        if probes.stopped is not None or not self.env.is_main:
+            return probes
+        metrics = {f"feature_cosine_distance_s{i}": feature_cosine_distance(f) for i, f in enumerate(stages, start=1)}
         path = self.run_dir / "images" / f"recon_{step:08d}.png"
         save_reconstructions(model, images, masks, pred, path)
-        return Evaluation({"feature_cosine_distance": feature_cosine_distance(features)}, [("reconstructions", path)])
+        return Evaluation({**metrics, **probes.metrics}, [("reconstructions", path)], tags=probes.tags)
+
+    def _knn(self, stop: StopCheck) -> Evaluation:
+        """kNN top-1 of the validation set against the bank, and the effective rank of its features: every rank
+        embeds its slice (stopping with the others on a preemption), the features are gathered once."""
+        assert self.bank_loader is not None and self.val_loader is not None
+        device, ev = self.env.device, self.cfg.eval
+        sets = []
+        for loader in (self.bank_loader, self.val_loader):
+            loader.set_epoch(0)  # the same fixed pass every time
+            features, labels, stopped = loader_features(self.model.encoder, loader, device, stop)
+            if stopped:
+                return Evaluation(stopped=(0, len(loader)))
+            sets.append(labeled(gather_rows(features), gather_rows(labels)))
+        (bank, bank_labels), (queries, query_labels) = sets
+        classes = int(max(bank_labels.max(), query_labels.max())) + 1
+        top1 = knn_top1(bank, bank_labels, queries, query_labels, classes, ev.knn_k, ev.knn_temperature)
+        rank = effective_rank(queries)
+        tags = {}
+        if self.first_rank is None:
+            self.first_rank = rank
+        elif rank < ev.collapse_fraction * self.first_rank:
+            message = f"effective rank {rank:.1f} < {ev.collapse_fraction:g} x its first value {self.first_rank:.1f}"
+            if self.env.is_main:
+                log.warning("feature collapse? %s", message)
+            tags["collapse_warning"] = message
+        metrics = {
+            "knn_top1": top1,
+            "effective_rank": rank,
+            "knn_images": float(len(queries)),
+            "knn_bank_images": float(len(bank)),
+        }
+        return Evaluation(metrics, tags=tags)
 
     def export(self, engine: Any, out_dir: Path, summary: dict[str, Any]) -> None:
         """``model.safetensors``: the encoder for ``build(size, num_classes=0)``; ``fcmae.safetensors``: all."""
@@ -141,8 +187,10 @@ class PretrainStage:
         barrier()
 
     def state_dict(self) -> dict[str, Any]:
-        """No state beyond the engine and the loader."""
-        return {}
+        """The collapse warning's reference (the first evaluation's effective rank)."""
+        return {"first_rank": self.first_rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """No state beyond the engine and the loader."""
+        """Inverse of :meth:`state_dict`."""
+        first = state.get("first_rank")
+        self.first_rank = None if first is None else float(first)

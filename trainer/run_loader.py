@@ -53,15 +53,15 @@ def build_eval_loader(
     run_dir: Path,
     transform: ImageTransform | None = None,
     sample_transform: SampleTransform | None = None,
+    url: DataSpec | None = None,
 ) -> Any:
     """This rank's slice of ``data.val_url`` in a fixed order. Every sample is served once over all ranks; the
     slots that pad the last batches carry the label :data:`data.loader.IGNORE_LABEL` (``None`` targets with a
-    ``sample_transform``) and must not be counted."""
-    if not cfg.data.val_url:
+    ``sample_transform``) and must not be counted. ``url`` reads another labeled set the same way (a kNN bank)."""
+    url = url or cfg.data.val_url
+    if not url:
         raise ValueError("data.val_url is empty: set it to the validation shard set (path or s3:// URL)")
-    return _build(
-        cfg, env, run_dir, cfg.data.val_url, transform, sample_transform, shuffle=False, remainder="pad", labels=True
-    )
+    return _build(cfg, env, run_dir, url, transform, sample_transform, shuffle=False, remainder="pad", labels=True)
 
 
 def _build(

@@ -46,6 +46,8 @@ class Evaluation:
     artifacts: list[tuple[str, Path]] = field(default_factory=list)
     stopped: tuple[int, int] | None = None
     """(batches done, batches in all) when a preemption stopped it; its metrics are then not reported."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """MLflow tags to set (a collapse warning)."""
 
 
 StopCheck = Callable[[], bool]

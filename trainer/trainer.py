@@ -406,6 +406,8 @@ class Trainer:
             return seconds, True
         self.eval_metrics = evaluation.metrics
         self.logger.eval(self.step, evaluation.metrics, seconds, evaluation.artifacts)
+        for key, value in evaluation.tags.items():
+            self.tracker.set_tag(key, value)
         return seconds, False
 
     def save(self) -> None:

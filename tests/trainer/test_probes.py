@@ -16,7 +16,7 @@ from data.loader import build_loader
 from data.transforms import eval_transform
 from models.convnextv2 import build, build_encoder
 from tests.support.launch import launch
-from trainer.probes import effective_rank, knn_top1, pooled, stage_outputs
+from trainer.probes import effective_rank, knn_top1, labeled, pooled, stage_outputs
 
 
 def _clusters(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +86,7 @@ def test_online_knn_and_rank_are_logged_and_equal_an_offline_computation(
     def features(url: str) -> tuple[torch.Tensor, torch.Tensor]:
         loader = build_loader(url, batch_size=8, shuffle=False, remainder="pad", transform=eval_transform(64))
         out = [(pooled(encoder.forward_features(images)), labels) for images, labels in loader]
-        return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
+        return labeled(torch.cat([f for f, _ in out]), torch.cat([y for _, y in out]))  # padding slots dropped
 
     with torch.no_grad():
         bank, bank_labels = features(fmnist_shards)

@@ -101,10 +101,10 @@ def test_a_run_reaches_the_tracking_server(
     losses = client.get_metric_history(run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3, 4]
     metrics = run.data.metrics
-    for name in ("lr", "grad_norm", "step_time_s", "peak_mem_gb", "eta_s", "feature_cosine_distance"):
+    for name in ("lr", "grad_norm", "step_time_s", "peak_mem_gb", "eta_s", "feature_cosine_distance_s4"):
         assert math.isfinite(metrics[name]), name
     assert metrics["images_per_s"] > 0 and 0 <= metrics["data_wait_pct"] <= 100
-    assert 0 < metrics["feature_cosine_distance"] <= 2
+    assert 0 < metrics["feature_cosine_distance_s4"] <= 2
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "reconstructions", "export"} <= artifacts
     images = [a.path for a in client.list_artifacts(run_id, "reconstructions")]
