@@ -53,6 +53,8 @@ def overrides(args: argparse.Namespace, train_url: str, workers: int) -> list[st
         f"schedule.max_steps={args.warmup + args.steps}",
         f"tracking.log_every={args.log_every}",
         "eval.every_steps=1000000",
+        "data.val_url=null",  # no kNN probe: the arms compare training steps
+        "eval.knn_bank_url=null",
         "checkpoint.every_steps=1000000",
     ]
 

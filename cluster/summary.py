@@ -12,7 +12,10 @@ from trainer.metrics import format_duration
 def _result(metrics: dict) -> str:
     stage = metrics.get("stage")
     if stage == "pretrain":
-        return f"loss {metrics.get('first_loss', float('nan')):.3f} -> {metrics.get('final_loss', float('nan')):.3f}"
+        text = f"loss {metrics.get('first_loss', float('nan')):.3f} -> {metrics.get('final_loss', float('nan')):.3f}"
+        if "knn_top1" in metrics:
+            text += f", kNN top-1 {metrics['knn_top1']:.1f}% (random init {metrics['knn_top1_random']:.1f}%)"
+        return text
     if stage == "finetune":
         text = f"top-1 {metrics.get('top1', float('nan')):.1f}%"
         if "ema_top1" in metrics:

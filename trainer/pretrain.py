@@ -17,6 +17,7 @@ import torch
 
 from data.sampling import derive_seed
 from data.transforms import eval_transform, pretrain_transform
+from models.convnextv2 import ConvNeXtV2Encoder, build_encoder
 from models.fcmae import FCMAE
 from models.masking import random_mask
 from trainer.config import PretrainConfig
@@ -33,6 +34,7 @@ from trainer.zero import gathered_parameters
 log = logging.getLogger(__name__)
 
 TAG_MASK = 21
+TAG_RANDOM_ENCODER = 23
 
 
 def sample_masks(keys: list[str], seed: int, epoch: int, num_patches: int, ratio: float) -> torch.Tensor:
@@ -90,6 +92,8 @@ class PretrainStage:
             self.val_loader = build_eval_loader(cfg, env, run_dir, probe)
         self.first_rank: float | None = None
         """The effective rank at the first evaluation: the reference of the collapse warning."""
+        self.random_top1: float | None = None
+        """The kNN top-1 of a randomly initialized encoder (measured once): the baseline pretraining must beat."""
 
     def describe(self) -> str:
         """Size and the FLOPs the masked encoder really does per image."""
@@ -143,18 +147,20 @@ class PretrainStage:
     def _knn(self, stop: StopCheck) -> Evaluation:
         """kNN top-1 of the validation set against the bank, and the effective rank of its features: every rank
         embeds its slice (stopping with the others on a preemption), the features are gathered once."""
-        assert self.bank_loader is not None and self.val_loader is not None
-        device, ev = self.env.device, self.cfg.eval
-        sets = []
-        for loader in (self.bank_loader, self.val_loader):
-            loader.set_epoch(0)  # the same fixed pass every time
-            features, labels, stopped = loader_features(self.model.encoder, loader, device, stop)
-            if stopped:
-                return Evaluation(stopped=(0, len(loader)))
-            sets.append(labeled(gather_rows(features), gather_rows(labels)))
-        (bank, bank_labels), (queries, query_labels) = sets
-        classes = int(max(bank_labels.max(), query_labels.max())) + 1
-        top1 = knn_top1(bank, bank_labels, queries, query_labels, classes, ev.knn_k, ev.knn_temperature)
+        ev = self.cfg.eval
+        if self.random_top1 is None:  # the baseline, once: the same probe on a randomly initialized encoder
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.cfg.seed, TAG_RANDOM_ENCODER))
+                random_encoder = build_encoder(self.cfg.model.size).to(self.env.device).eval()
+            embedded = self._embed(random_encoder, stop)
+            if embedded is None:
+                return Evaluation(stopped=(0, len(self.bank_loader or [])))
+            self.random_top1 = knn_top1(*embedded, ev.knn_k, ev.knn_temperature)
+        embedded = self._embed(self.model.encoder, stop)
+        if embedded is None:
+            return Evaluation(stopped=(0, len(self.bank_loader or [])))
+        top1 = knn_top1(*embedded, ev.knn_k, ev.knn_temperature)
+        queries = embedded[2]
         rank = effective_rank(queries)
         tags = {}
         if self.first_rank is None:
@@ -166,11 +172,29 @@ class PretrainStage:
             tags["collapse_warning"] = message
         metrics = {
             "knn_top1": top1,
+            "knn_top1_random": self.random_top1,
             "effective_rank": rank,
             "knn_images": float(len(queries)),
-            "knn_bank_images": float(len(bank)),
+            "knn_bank_images": float(len(embedded[0])),
         }
         return Evaluation(metrics, tags=tags)
+
+    def _embed(
+        self, encoder: ConvNeXtV2Encoder, stop: StopCheck
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """Bank features and labels, query features and labels (all ranks' slices, gathered once, padding
+        dropped) and the class count; None when a preemption stopped it."""
+        assert self.bank_loader is not None and self.val_loader is not None
+        sets = []
+        for loader in (self.bank_loader, self.val_loader):
+            loader.set_epoch(0)  # the same fixed pass every time
+            features, labels, stopped = loader_features(encoder, loader, self.env.device, stop)
+            if stopped:
+                return None
+            sets.append(labeled(gather_rows(features), gather_rows(labels)))
+        (bank, bank_labels), (queries, query_labels) = sets
+        classes = int(max(bank_labels.max(), query_labels.max())) + 1
+        return bank, bank_labels, queries, query_labels, classes
 
     def export(self, engine: Any, out_dir: Path, summary: dict[str, Any]) -> None:
         """``model.safetensors``: the encoder for ``build(size, num_classes=0)``; ``fcmae.safetensors``: all."""
@@ -188,9 +212,10 @@ class PretrainStage:
 
     def state_dict(self) -> dict[str, Any]:
         """The collapse warning's reference (the first evaluation's effective rank)."""
-        return {"first_rank": self.first_rank}
+        return {"first_rank": self.first_rank, "random_top1": self.random_top1}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
-        first = state.get("first_rank")
+        first, random_top1 = state.get("first_rank"), state.get("random_top1")
         self.first_rank = None if first is None else float(first)
+        self.random_top1 = None if random_top1 is None else float(random_top1)

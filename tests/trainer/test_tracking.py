@@ -77,12 +77,14 @@ def test_a_run_reaches_the_tracking_server(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    # Secrets where users put them: a password in a data URL and in the tracking URI, a token in DeepSpeed's keys.
+    # Secrets where users put them: a password in a URL and in the tracking URI, a token in DeepSpeed's keys. (Any
+    # string holding a URL with a password is redacted; the URL sits in a data key synthetic pretraining never reads.)
     secret_url = "s3://alice:hunter2@bucket/val"
     secret_uri = mlflow_server.replace("http://", "http://bob:pa55word@")
     code = launch(
         tmp_path, "data.batch_size=4", "schedule.max_steps=4", "eval.every_steps=2", "tracking.experiment=ci",
-        f"data.val_url={secret_url}", f"tracking.tracking_uri={secret_uri}", "deepspeed.overrides.api_token=sekrit42",
+        f"data.label_field={secret_url}", f"tracking.tracking_uri={secret_uri}",
+        "deepspeed.overrides.api_token=sekrit42",
     )  # fmt: skip
     assert code == 0
     console = "".join(capfd.readouterr())
@@ -114,7 +116,8 @@ def test_a_run_reaches_the_tracking_server(
     # The same command with a longer schedule resumes the run and continues the same MLflow run.
     code = launch(
         tmp_path, "data.batch_size=4", "schedule.max_steps=6", "eval.every_steps=2", "tracking.experiment=ci",
-        f"data.val_url={secret_url}", f"tracking.tracking_uri={secret_uri}", "deepspeed.overrides.api_token=sekrit42",
+        f"data.label_field={secret_url}", f"tracking.tracking_uri={secret_uri}",
+        "deepspeed.overrides.api_token=sekrit42",
     )  # fmt: skip
     assert code == 0
     assert (tmp_path / "mlflow_run_id").read_text().strip() == run_id
