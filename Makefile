@@ -17,7 +17,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_DATA  := runs/data/fashion-mnist-64
 DET_DATA   := runs/data/fmnist-det
 DEMO_SETS  := $(DEMO_DATA)/train/manifest.json $(DEMO_DATA)/test/manifest.json \
-              $(DEMO_DATA)/probe-train/manifest.json $(DEMO_DATA)/probe-test/manifest.json \
+              $(DEMO_DATA)/knn-train/manifest.json $(DEMO_DATA)/knn-test/manifest.json \
               $(DET_DATA)/train/manifest.json $(DET_DATA)/val/manifest.json
 
 .PHONY: setup system-deps demo test lint typecheck pytest bench minkowski clean
@@ -55,10 +55,10 @@ $(DEMO_DATA)/%/manifest.json: | setup
 	$(BIN)/python -m data.write_shards --source fashion-mnist --split $* --image-size 64 \
 	    --samples-per-shard 5000 --output $(DEMO_DATA)/$* --overwrite --quiet
 
-# The pretraining probes' sets: the first 1000 training images (the kNN bank) and 1000 test images (the queries).
-$(DEMO_DATA)/probe-%/manifest.json: | setup
-	$(BIN)/python -m data.write_shards --source fashion-mnist --split $* --image-size 64 --limit 1000 \
-	    --samples-per-shard 1000 --output $(DEMO_DATA)/probe-$* --overwrite --quiet
+# The pretraining probes' sets: the first 500 training images (the kNN bank) and 500 test images (the queries).
+$(DEMO_DATA)/knn-%/manifest.json: | setup
+	$(BIN)/python -m data.write_shards --source fashion-mnist --split $* --image-size 64 --limit 500 \
+	    --samples-per-shard 500 --output $(DEMO_DATA)/knn-$* --overwrite --quiet
 
 $(DET_DATA)/%/manifest.json: | setup
 	$(BIN)/python -m data.fmnist_detection --split $* --images $(if $(filter train,$*),2000,200) \

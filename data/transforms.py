@@ -8,6 +8,7 @@ dataloader workers draw exactly what the uninterrupted run draws.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -77,14 +78,17 @@ def finetune_transform(size: int, auto_augment: str = "rand-m9-mstd0.5-inc1", re
 
 
 def eval_transform(size: int, crop_pct: float = 0.875) -> ImageTransform:
-    """Evaluation: resize the shorter side to ``size / crop_pct`` (bicubic), center crop ``size``, normalize."""
-    return create_transform(
-        input_size=size,
-        is_training=False,
-        interpolation="bicubic",
-        crop_pct=crop_pct,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
+    """Evaluation: resize the shorter side to ``floor(size / crop_pct)`` (bicubic), center crop ``size``, normalize
+    (timm's evaluation transform, made of torchvision v2 ops so that it takes uint8 tensors as well as PIL)."""
+    return v2.Compose(
+        [
+            v2.Resize(math.floor(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD)),
+            v2.ToPureTensor(),
+        ]
     )
 
 

@@ -88,8 +88,9 @@ class PretrainStage:
         self.bank_loader = self.val_loader = None
         if cfg.eval.knn_bank_url:  # the kNN probe: a labeled bank, the validation set as queries
             probe = eval_transform(cfg.data.image_size)
-            self.bank_loader = build_eval_loader(cfg, env, run_dir, probe, url=cfg.eval.knn_bank_url)
-            self.val_loader = build_eval_loader(cfg, env, run_dir, probe)
+            bank = cfg.eval.knn_bank_url
+            self.bank_loader = build_eval_loader(cfg, env, run_dir, probe, url=bank, decode="tensor")
+            self.val_loader = build_eval_loader(cfg, env, run_dir, probe, decode="tensor")
         self.first_rank: float | None = None
         """The effective rank at the first evaluation: the reference of the collapse warning."""
         self.random_top1: float | None = None

@@ -54,6 +54,7 @@ def build_eval_loader(
     transform: ImageTransform | None = None,
     sample_transform: SampleTransform | None = None,
     url: DataSpec | None = None,
+    decode: Decode = "pil",
 ) -> Any:
     """This rank's slice of ``data.val_url`` in a fixed order. Every sample is served once over all ranks; the
     slots that pad the last batches carry the label :data:`data.loader.IGNORE_LABEL` (``None`` targets with a
@@ -61,7 +62,9 @@ def build_eval_loader(
     url = url or cfg.data.val_url
     if not url:
         raise ValueError("data.val_url is empty: set it to the validation shard set (path or s3:// URL)")
-    return _build(cfg, env, run_dir, url, transform, sample_transform, shuffle=False, remainder="pad", labels=True)
+    return _build(
+        cfg, env, run_dir, url, transform, sample_transform, shuffle=False, remainder="pad", labels=True, decode=decode
+    )
 
 
 def _build(
