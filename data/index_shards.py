@@ -38,7 +38,7 @@ from data.manifest import (
     manifest_url,
     write_manifest,
 )
-from data.storage import RetryPolicy, open_url, url_to_fs, with_retries
+from data.storage import RetryPolicy, open_url, parent_url, url_to_fs, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +172,21 @@ def ensure_indexes(
     own, no cached index); returns the manifests written. Shard sets with a manifest, single shards listed in their
     directory's manifest, and ``synthetic://`` need nothing."""
     written = []
+    has_manifest: dict[str, bool] = {}  # directory -> holds a manifest (looked up once for all its shards)
     for spec in data_specs(source):
-        if spec.startswith("synthetic://") or find_manifest(spec, fallback_dir, storage_options) is not None:
+        if spec.startswith("synthetic://"):
             continue
         if spec.endswith(".tar") and "{" not in spec:
-            fs, path = url_to_fs(manifest_url(spec.rsplit("/", 1)[0] if "/" in spec else "."), storage_options)
-            if fs.exists(path):
+            directory = parent_url(spec)
+            if directory not in has_manifest:
+                fs, path = url_to_fs(manifest_url(directory), storage_options)
+                has_manifest[directory] = bool(fs.exists(path))
+            if has_manifest[directory]:
                 continue  # listed in its directory's manifest (resolve_shards names it if it is not)
-        written.append(build_index(spec, fallback_dir=fallback_dir, workers=workers, storage_options=storage_options))
+        if find_manifest(spec, fallback_dir, storage_options) is None:
+            written.append(
+                build_index(spec, fallback_dir=fallback_dir, workers=workers, storage_options=storage_options)
+            )
     return written
 
 

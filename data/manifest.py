@@ -273,7 +273,7 @@ def resolve_shards(
     shards: list[ShardRef] = []
     descriptions: list[dict[str, Any]] = []
     num_classes: int | None = None
-    cache: dict[str, Manifest | None] = {}
+    cache: dict[str, _Listing] = {}
     for item in items:
         listed = (
             _listed_shard(item, cache, storage_options, retry) if item.endswith(".tar") and "{" not in item else None
@@ -299,21 +299,26 @@ def resolve_shards(
     return ShardSet(shards=shards, num_classes=num_classes, descriptions=descriptions)
 
 
+_Listing = tuple[Manifest, dict[str, ShardInfo]] | None
+"""A directory's manifest and its entries by shard name (None: the directory has no manifest)."""
+
+
 def _listed_shard(
-    item: str, cache: dict[str, Manifest | None], storage_options: Mapping[str, Any] | None, retry: RetryPolicy | None
+    item: str, cache: dict[str, _Listing], storage_options: Mapping[str, Any] | None, retry: RetryPolicy | None
 ) -> tuple[Manifest, ShardInfo] | None:
     """The manifest of ``item``'s directory and its entry there; None when the directory has no manifest (the shard
-    is then read through its own index)."""
+    is then read through its own index). Each directory's manifest is read and indexed once per ``cache``."""
     base = parent_url(item)
     if base not in cache:
         try:
-            cache[base] = read_manifest(base, storage_options=storage_options, retry=retry)
+            man = read_manifest(base, storage_options=storage_options, retry=retry)
+            cache[base] = (man, {s.name: s for s in man.shards})
         except MissingShardError:
             cache[base] = None
-    man = cache[base]
-    if man is None:
+    listing = cache[base]
+    if listing is None:
         return None
-    by_name = {s.name: s for s in man.shards}
+    man, by_name = listing
     name = item[len(base) + 1 :]
     if name not in by_name:
         raise MissingShardError(f"{item} is not listed in {manifest_url(base)}")

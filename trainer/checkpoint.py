@@ -39,7 +39,6 @@ from trainer.config import CheckpointConfig
 from trainer.distributed import DistEnv, barrier, gather_objects
 from trainer.export import atomic_write_text
 from trainer.integrity import check_share, checkpoint_files, digest_share
-from trainer.mirror import MirrorUploader
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +120,8 @@ class Checkpointer:
         self.env = env
         self.last_save_s: float | None = None
         """Wall time of the last save (all ranks' files, hashes and marker)."""
+        from trainer.mirror import MirrorUploader  # it imports this module's names
+
         self.uploader = MirrorUploader(cfg.mirror_url, cfg.mirror_queue) if cfg.mirror_url and env.is_main else None
         root.mkdir(parents=True, exist_ok=True)
 

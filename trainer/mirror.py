@@ -17,10 +17,9 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from trainer.checkpoint import LATEST, MARKER
 
-MARKER = "COMPLETE"
-LATEST = "latest"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

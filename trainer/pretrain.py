@@ -125,8 +125,8 @@ class PretrainStage:
 
     @torch.no_grad()
     def evaluate(self, engine: Any, step: int, stop: StopCheck) -> Evaluation:
-        """Reconstructions of a fixed batch and the feature cosine-distance statistic of the last stage (one batch:
-        nothing to give way to)."""
+        """Reconstructions of a fixed batch, the feature cosine-distance statistic of each encoder stage and, with a
+        kNN bank, the kNN top-1 and effective rank (:meth:`_knn`, which gives way to a preemption between batches)."""
         if self._eval_batch is None:
             return Evaluation()
         images, masks = self._eval_batch

@@ -349,9 +349,10 @@ class Trainer:
     def _after_step(self, epoch: int, group: list[Batch], result: StepResult, interval: Interval) -> None:
         self.step += 1
         self.watchdog.beat(self.step)
+        keys = [key for _, _, batch_keys in group for key in batch_keys]
         if self.ledger is not None:
-            self.ledger.record(self.step, epoch, [key for _, _, keys in group for key in keys])
-        self.recent_keys.append((self.step, [key for _, _, keys in group for key in keys]))
+            self.ledger.record(self.step, epoch, keys)
+        self.recent_keys.append((self.step, keys))
         self.stage.after_step(self.engine, self.step, result.skipped)
         if self.skip_guard.update(result.skipped, self.step):
             if self.rollbacks.count() >= self.cfg.schedule.max_rollbacks:
