@@ -1,15 +1,20 @@
 """The paper's claims at small scale on Fashion-MNIST, each with the same budgets and seeds.
 
-1. FCMAE pretraining helps fine-tuning: fine-tune top-1 from FCMAE weights vs from scratch.
-2. GRN keeps features diverse: feature cosine distance after pretraining, ConvNeXt V2 blocks vs V1-style blocks
-   (LayerScale, no GRN). The paper reports feature collapse (low distance) for V1 under FCMAE.
-3. Sparse convolution matters: fine-tune top-1 (and pretraining loss) after FCMAE with the sparse encoder vs dense
-   convolutions on the masked image.
+1. FCMAE pretraining helps: fine-tune top-1 from FCMAE weights vs from scratch, and the pretrained encoder's kNN
+   top-1 against the same kNN on its random initialization.
+2. GRN keeps features diverse: per-stage feature cosine distance and the effective rank (RankMe) of pooled features
+   after pretraining, ConvNeXt V2 blocks vs V1-style blocks (LayerScale, no GRN). The paper reports feature collapse
+   (low distance) for V1 under FCMAE.
+3. Sparse convolution matters: fine-tune top-1, kNN top-1 and pretraining loss after FCMAE with the sparse encoder
+   vs dense convolutions on the masked image.
 
 Every run goes through ``cluster/launch.py --local`` with the demo configs and overrides, so this measures the
-product, not a separate script. Prints a table with mean and spread over seeds.
+product, not a separate script. Pretraining and fine-tuning run at ``--image-size`` (128 px: a 4x4 patch grid);
+the kNN probe uses ``--probe-images`` training images as its bank and as many test images as queries, which are
+also the fine-tuning evaluation set (written once under runs/data/ if missing). Prints a table with mean and
+standard deviation over seeds.
 
-    python bench/fidelity.py --seeds 0 1 --pretrain-steps 300 --finetune-steps 300
+    python bench/fidelity.py --seeds 0 1 --pretrain-steps 1000 --finetune-steps 200
 """
 
 from __future__ import annotations
@@ -17,43 +22,56 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from cluster.launch import main as launch
 
+DATA = Path("runs/data/fashion-mnist-64")
 PRETRAIN = {"fcmae_v2_sparse": [], "fcmae_v1_sparse": ["model.block=v1"], "fcmae_v2_dense": ["model.sparse=false"]}
 FINETUNE = {"scratch": None, "from_fcmae_v2_sparse": "fcmae_v2_sparse", "from_fcmae_v2_dense": "fcmae_v2_dense"}
+STAGES = ("s1", "s2", "s3", "s4")
 
 
-def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "export" / "metrics.json").read_text())
+def probe_set(split: str, images: int) -> Path:
+    """The first ``images`` samples of a Fashion-MNIST split at 64 px, written once."""
+    out = DATA / f"{split}-{images}"
+    if not (out / "manifest.json").exists():
+        cmd = [sys.executable, "-m", "data.write_shards", "--source", "fashion-mnist", "--split", split]
+        cmd += ["--image-size", "64", "--limit", str(images), "--samples-per-shard", "1000"]
+        subprocess.run([*cmd, "--output", str(out), "--overwrite", "--quiet"], check=True)
+    return out
 
 
 def _launch(config: str, run_dir: Path, overrides: list[str]) -> dict:
-    if not (run_dir / "export" / "metrics.json").exists():
+    metrics = run_dir / "export" / "metrics.json"
+    if not metrics.exists():
         code = launch(["--config", config, "--local", "--run-dir", str(run_dir), *overrides])
         if code != 0:
             raise RuntimeError(f"{config} in {run_dir} exited with {code}")
-    return _metrics(run_dir)
+    return json.loads(metrics.read_text())
 
 
-def run_seed(seed: int, out: Path, pretrain_steps: int, finetune_steps: int, val_url: str | None) -> dict[str, dict]:
+def run_seed(seed: int, args: argparse.Namespace, bank: Path, queries: Path) -> dict[str, dict]:
     """All runs of one seed; returns metrics per run name."""
     results: dict[str, dict] = {}
+    size = f"data.image_size={args.image_size}"
     for name, extra in PRETRAIN.items():
-        overrides = [f"seed={seed}", f"schedule.max_steps={pretrain_steps}", "tracking.log_every=50", *extra]
-        results[name] = _launch("demo_fcmae", out / f"seed{seed}" / name, overrides)
+        overrides = [f"seed={seed}", f"schedule.max_steps={args.pretrain_steps}", size, "tracking.log_every=50"]
+        # One evaluation, at the end (plus the random-encoder baseline before the first step).
+        overrides += [f"eval.every_steps={args.pretrain_steps}", f"eval.knn_bank_url={bank}", f"data.val_url={queries}"]
+        results[name] = _launch("demo_fcmae", args.out / f"seed{seed}" / name, [*overrides, *extra])
     for name, source in FINETUNE.items():
-        weights = "null" if source is None else str(out / f"seed{seed}" / source / "export" / "model.safetensors")
-        overrides = [f"seed={seed}", f"schedule.max_steps={finetune_steps}", f"model.pretrained={weights}"]
-        if val_url:
-            overrides.append(f"data.val_url={val_url}")
-        results[name] = _launch("demo_finetune", out / f"seed{seed}" / name, overrides)
+        weights = "null" if source is None else str(args.out / f"seed{seed}" / source / "export" / "model.safetensors")
+        overrides = [f"seed={seed}", f"schedule.max_steps={args.finetune_steps}", size, f"model.pretrained={weights}"]
+        results[name] = _launch(
+            "demo_finetune", args.out / f"seed{seed}" / name, [*overrides, f"data.val_url={queries}"]
+        )
     return results
 
 
-def _cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
-    values = [v * scale for v in values]
+def _cell(values: list[float], digits: int = 3) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
@@ -61,19 +79,24 @@ def _cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--probe-images", type=int, default=2000, help="kNN bank size = query and fine-tune eval size")
     parser.add_argument("--out", type=Path, default=Path("runs/fidelity"))
-    parser.add_argument("--val-url", help="fine-tune evaluation set (default: the demo's 10k test split)")
     args = parser.parse_args()
-    per_seed = [run_seed(s, args.out, args.pretrain_steps, args.finetune_steps, args.val_url) for s in args.seeds]
+    bank, queries = probe_set("train", args.probe_images), probe_set("test", args.probe_images)
+    per_seed = [run_seed(seed, args, bank, queries) for seed in args.seeds]
 
-    def column(run: str, key: str) -> list[float]:
-        return [float(r[run][key]) for r in per_seed]
+    def cell(run: str | None, key: str, digits: int = 3) -> str:
+        return "-" if run is None else _cell([float(r[run][key]) for r in per_seed], digits)
 
-    print(f"\n# seeds {args.seeds}, pretrain {args.pretrain_steps} steps, fine-tune {args.finetune_steps} steps")
-    print("| claim | run | pretrain loss | feature cosine distance | fine-tune top-1 % |")
-    print("|---|---|---|---|---|")
+    print(
+        f"\n# seeds {args.seeds}, {args.image_size} px, pretrain {args.pretrain_steps} steps x 32 images, "
+        f"fine-tune {args.finetune_steps} steps x 64 images, kNN bank/queries/eval {args.probe_images} images"
+    )
+    print("| claim | run | pretrain loss | kNN top-1 % | kNN top-1 % at init | effective rank | fine-tune top-1 % |")
+    print("|---|---|---|---|---|---|---|")
     rows = [
         ("FCMAE vs scratch", "scratch", None),
         ("FCMAE vs scratch", "from_fcmae_v2_sparse", "fcmae_v2_sparse"),
@@ -83,10 +106,16 @@ def main() -> None:
         ("sparse vs dense conv", "from_fcmae_v2_dense", "fcmae_v2_dense"),
     ]
     for claim, run, pretrain in rows:
-        loss = _cell(column(pretrain, "final_loss")) if pretrain else "-"
-        distance = _cell(column(pretrain, "feature_cosine_distance_s4")) if pretrain else "-"
-        top1 = _cell(column(run, "top1"), digits=1) if run in FINETUNE else "-"
-        print(f"| {claim} | {run} | {loss} | {distance} | {top1} |", flush=True)
+        top1 = cell(run, "top1", 1) if run in FINETUNE else "-"
+        print(
+            f"| {claim} | {run} | {cell(pretrain, 'final_loss')} | {cell(pretrain, 'knn_top1', 1)} "
+            f"| {cell(pretrain, 'knn_top1_random', 1)} | {cell(pretrain, 'effective_rank', 1)} | {top1} |"
+        )
+    print("\n| pretraining run | " + " | ".join(f"feature cosine distance {s}" for s in STAGES) + " |")
+    print("|---|" + "---|" * len(STAGES))
+    for run in PRETRAIN:
+        cells = " | ".join(cell(run, f"feature_cosine_distance_{s}") for s in STAGES)
+        print(f"| {run} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":
