@@ -229,6 +229,21 @@ class TrackingConfig(_Section):
     sample_ledger: bool = Field(
         False, description="write the sample keys of every step to ledger/rank_N.jsonl in the run directory"
     )
+    profile_steps: tuple[int, int] | None = Field(
+        None,
+        description="[first, last] optimizer steps to profile on every rank: a PyTorch profiler trace, the ops' "
+        "table and on CUDA a memory snapshot in profile/ of the run directory, logged as MLflow artifacts",
+    )
+    system_metrics: bool = Field(False, description="log CPU, memory, disk, network and GPU metrics to MLflow")
+    system_metrics_interval_s: float = Field(10, gt=0, description="seconds between two system metrics samples")
+
+    @model_validator(mode="after")
+    def _check_profile_steps(self) -> TrackingConfig:
+        if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+            raise ValueError(
+                f"tracking.profile_steps {list(self.profile_steps)}: [first, last] with 1 <= first <= last"
+            )
+        return self
 
 
 class EvalConfig(_Section):

@@ -36,6 +36,7 @@ from trainer.logger import MetricsLogger
 from trainer.metrics import Meter, device_peak_flops
 from trainer.optim import lr_at, set_lr
 from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from trainer.profiling import StepProfiler, SystemMetrics
 from trainer.recovery import Rollback, RollbackLog, SpikeDetector
 from trainer.stage import Batch, autocast, stage_class
 from trainer.tracking import Tracker, git_commit
@@ -205,6 +206,8 @@ class Trainer:
         self.tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, enabled=env.is_main)
         self.logger = MetricsLogger(run_dir, self.tracker, self.total, enabled=env.is_main)
         self.watchdog = StepWatchdog(cfg.watchdog, run_dir, env.rank)
+        self.profiler = StepProfiler(cfg.tracking.profile_steps, run_dir, env, self.tracker)
+        self.system_metrics: SystemMetrics | None = None
         self.ledger: SampleLedger | None = None
         self.groups: Generator[tuple[int, list[Batch]], None, None] | None = None
         self.eval_metrics: dict[str, float] = {}
@@ -247,19 +250,18 @@ class Trainer:
 
     def run(self) -> int:
         """Resume, start tracking, train and close; returns 0 or :data:`REQUEUE_EXIT_CODE`."""
-        failed = True
+        status = "FAILED"
         try:
             self.resume()
             self._start_tracking()
             code = self.train()
-            self.tracker.finish("FINISHED" if code == 0 else "KILLED")
-            failed = False
+            status = "FINISHED" if code == 0 else "KILLED"
             return code
-        except BaseException:
-            self.tracker.finish("FAILED")
-            raise
         finally:
-            self.close(failed)
+            if self.system_metrics is not None:  # its last samples go in before the run ends
+                self.system_metrics.close()
+            self.tracker.finish(status)
+            self.close(failed=status == "FAILED")
 
     def train(self) -> int:
         """The loop: steps until the total, then the export; a preemption saves and returns the requeue code."""
@@ -279,12 +281,13 @@ class Trainer:
         if self.eval_pending and self._evaluate_or_stop(meter):  # the one a preemption stopped
             return REQUEUE_EXIT_CODE
         while self.step < self.total:
-            t0 = time.perf_counter()
-            epoch, group = next(self.groups)
-            meter.add(data_s=time.perf_counter() - t0)
-            lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, cfg.optim.min_lr)
-            result = self.train_step(group, lr)
-            self._after_step(epoch, group, result, interval)
+            with self.profiler.step(self.step + 1):
+                t0 = time.perf_counter()
+                epoch, group = next(self.groups)
+                meter.add(data_s=time.perf_counter() - t0)
+                lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, cfg.optim.min_lr)
+                result = self.train_step(group, lr)
+                self._after_step(epoch, group, result, interval)
             if self.step % cfg.tracking.log_every == 0 or self.step == self.total or self.pending is not None:
                 self._log(epoch, lr, interval, meter)
             if self.pending is not None:
@@ -552,6 +555,7 @@ class Trainer:
         """Stop the watchdog, the loader workers (they ignore SIGTERM and would block exit), the ledger and the
         signal handlers; tear the process group down (locally only after a failure)."""
         self.watchdog.stop()
+        self.profiler.close()
         if self.groups is not None:
             self.groups.close()
         if self.ledger is not None:
@@ -564,6 +568,10 @@ class Trainer:
         self.tracker.start(
             params=cfg.model_dump(mode="json"), tags=self._tags(), run_name=f"{cfg.name}-{self.run_dir.name}"
         )
+        if cfg.tracking.system_metrics:  # every rank: other nodes receive rank 0's run id
+            self.system_metrics = SystemMetrics(
+                cfg.tracking.system_metrics_interval_s, env, self.tracker, self._nodes()
+            )
         if not env.is_main:
             return
         if self.tracker.restart_count == 0:
@@ -573,14 +581,22 @@ class Trainer:
             cfg.stage, self.stage.describe(), env.world_size, self.global_batch, cfg.data.batch_size, self.accum,
             env.world_size, self.peak_lr, self.steps_per_epoch, self.total,
         )  # fmt: skip
+        profile = cfg.tracking.profile_steps
+        if profile is not None and (profile[0] > self.total or profile[1] <= self.step):
+            log.warning("tracking.profile_steps %s: outside steps %d-%d, nothing will be profiled",
+                        list(profile), self.step + 1, self.total)  # fmt: skip
 
-    def _tags(self) -> dict[str, str]:
+    def _nodes(self) -> int:
+        """How many hosts the job spans."""
         env = self.env
         per_node = torch.cuda.device_count() if env.device.type == "cuda" else self.cfg.cluster.cpu_ranks_per_node
+        return int(os.environ.get("SLURM_JOB_NUM_NODES", max(1, env.world_size // max(1, per_node))))
+
+    def _tags(self) -> dict[str, str]:
         return {
             "git_commit": git_commit(),
-            "world_size": str(env.world_size),
-            "hosts": str(int(os.environ.get("SLURM_JOB_NUM_NODES", max(1, env.world_size // max(1, per_node))))),
+            "world_size": str(self.env.world_size),
+            "hosts": str(self._nodes()),
             "slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or "none",
             "stage": self.cfg.stage,
         }

@@ -1,7 +1,7 @@
 """What only a GPU can show: bf16 autocast and channels_last on CUDA, the gather backend on CUDA, one step of every
-size, single-GPU DeepSpeed on NCCL through the launcher, and huge's measured peak memory against the dry-run plan
-with and without activation checkpointing. Marked ``cuda``: skipped on machines without one (``bench/gpu_check.sh``
-runs them where a GPU is lent)."""
+size, single-GPU DeepSpeed on NCCL through the launcher, huge's measured peak memory against the dry-run plan with
+and without activation checkpointing, and a profile's CUDA kernels, memory snapshot and NVML metrics. Marked
+``cuda``: skipped on machines without one (``bench/gpu_check.sh`` runs them where a GPU is lent)."""
 
 from __future__ import annotations
 
@@ -85,3 +85,28 @@ def test_huge_on_one_gpu_through_deepspeed_nccl_fits_the_plan(checkpointing: boo
     measured = max(r["peak_mem_gb"] for r in records)
     print(f"huge bf16 batch {batch} checkpointing={checkpointing}: measured {measured:.2f} GiB, plan {planned:.2f} GiB")
     assert measured == pytest.approx(planned, rel=0.2)
+
+
+def test_a_cuda_profile_has_kernels_and_a_memory_snapshot_and_gpu_metrics_reach_mlflow(tmp_path: Path) -> None:
+    """atto at 224 px on one GPU, steps 2-3 profiled: the trace holds CUDA kernels inside the marked steps, the ops'
+    table is by device time, the memory snapshot loads with its allocator segments, and NVML's GPU metrics are in
+    the MLflow run."""
+    import gzip
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "profiled"
+    _launch(run_dir, "model.size=atto", "data.batch_size=32", "tracking.profile_steps=[2,3]",
+            "tracking.system_metrics=true", "tracking.system_metrics_interval_s=1")  # fmt: skip
+    folder = run_dir / "profile" / "steps_2-3"
+    events = json.loads(gzip.decompress((folder / "rank_0.trace.json.gz").read_bytes()))["traceEvents"]
+    assert {"ProfilerStep#2", "ProfilerStep#3"} <= {e.get("name") for e in events}
+    assert sum(e.get("cat") == "kernel" for e in events) > 100
+    assert "Self CUDA" in (folder / "rank_0.ops.txt").read_text()
+    snapshot = pickle.loads((folder / "rank_0.memory.pickle").read_bytes())
+    assert snapshot["segments"] and snapshot["device_traces"][0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent}/mlflow-{run_dir.name}.db")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert client.get_metric_history(run_id, "system/gpu_0_memory_usage_megabytes")
+    assert "rank_0.memory.pickle" in {Path(a.path).name for a in client.list_artifacts(run_id, "profile/steps_2-3")}
