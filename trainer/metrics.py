@@ -145,7 +145,7 @@ class Meter:
         self._steps += 1
 
     def exclude(self, seconds: float) -> None:
-        """Leave ``seconds`` (an evaluation, reported apart) out of the current interval's wall time."""
+        """Leave ``seconds`` (an evaluation, reported apart; a profile's writing) out of the interval's wall time."""
         self._window_start += seconds
 
     def flush(self, step: int, device: torch.device) -> dict[str, float]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,7 @@ class StepProfiler:
         self._profiler: Any = None
         self._started_at = 0
         self._cuda = env.device.type == "cuda"
+        self._write_s = 0.0
 
     @contextmanager
     def step(self, step: int) -> Iterator[None]:
@@ -74,7 +76,13 @@ class StepProfiler:
         if self.env.is_main:
             log.info("profiling steps %d-%d (tracking.profile_steps)", step, self.last)
 
+    def written_seconds(self) -> float:
+        """Seconds spent writing files since the last call (the trainer leaves them out of the images/s)."""
+        seconds, self._write_s = self._write_s, 0.0
+        return seconds
+
     def _finish(self, step: int) -> None:
+        t0 = time.perf_counter()
         profiler, self._profiler = self._profiler, None
         if self._cuda:
             torch.cuda.synchronize()
@@ -92,10 +100,12 @@ class StepProfiler:
             torch.cuda.memory._dump_snapshot(str(files[-1]))
             torch.cuda.memory._record_memory_history(enabled=None)
         written = [f for share in gather_objects([str(f) for f in files]) for f in share]  # all ranks wrote theirs
+        if self.env.is_main:
+            for path in written:
+                self.tracker.log_artifact(Path(path), f"{PROFILE_DIR}/{folder.name}")
+        self._write_s += time.perf_counter() - t0
         if not self.env.is_main:
             return
-        for path in written:
-            self.tracker.log_artifact(Path(path), f"{PROFILE_DIR}/{folder.name}")
         top = sorted(averages, key=lambda e: getattr(e, sort_by), reverse=True)[:5]
         total = sum(getattr(e, sort_by) for e in averages) or 1
         ops = ", ".join(f"{e.key} {100 * getattr(e, sort_by) / total:.0f}%" for e in top)

@@ -288,6 +288,7 @@ class Trainer:
                 lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, cfg.optim.min_lr)
                 result = self.train_step(group, lr)
                 self._after_step(epoch, group, result, interval)
+            meter.exclude(self.profiler.written_seconds())
             if self.step % cfg.tracking.log_every == 0 or self.step == self.total or self.pending is not None:
                 self._log(epoch, lr, interval, meter)
             if self.pending is not None:
