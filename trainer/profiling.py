@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from trainer.distributed import DistEnv, gather_objects
 from trainer.tracking import Tracker
+from trainer.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,13 @@ MEMORY_HISTORY_ENTRIES = 200_000
 class StepProfiler:
     """Profiles the optimizer steps of ``tracking.profile_steps`` on every rank (see the module docstring)."""
 
-    def __init__(self, steps: tuple[int, int] | None, run_dir: Path, env: DistEnv, tracker: Tracker) -> None:
+    def __init__(
+        self, steps: tuple[int, int] | None, run_dir: Path, env: DistEnv, tracker: Tracker, watchdog: StepWatchdog
+    ) -> None:
         self.first, self.last = steps if steps is not None else (0, -1)
-        self.run_dir, self.env, self.tracker = run_dir, env, tracker
+        self.run_dir, self.env, self.tracker, self.watchdog = run_dir, env, tracker, watchdog
+        self._done = False
+        """Written once: a rollback into the range does not profile it again."""
         self._profiler: Any = None
         self._started_at = 0
         self._cuda = env.device.type == "cuda"
@@ -55,7 +60,7 @@ class StepProfiler:
         """Around optimizer step ``step`` (its data wait included): starts the profiler at the range's first step
         (or the first one this run reaches inside it), marks the step, and writes the files after the last one.
         Every rank calls it at the same steps (the writes end with a gather)."""
-        if self._profiler is None and self.first <= step <= self.last:
+        if self._profiler is None and not self._done and self.first <= step <= self.last:
             self._start(step)
         if self._profiler is None:
             yield
@@ -63,7 +68,8 @@ class StepProfiler:
         with torch.profiler.record_function(f"ProfilerStep#{step}"):
             yield
         if step >= self.last:
-            self._finish(step)
+            with self.watchdog.phase("profile export"):
+                self._finish(step)
 
     def _start(self, step: int) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -83,7 +89,7 @@ class StepProfiler:
 
     def _finish(self, step: int) -> None:
         t0 = time.perf_counter()
-        profiler, self._profiler = self._profiler, None
+        profiler, self._profiler, self._done = self._profiler, None, True
         if self._cuda:
             torch.cuda.synchronize()
         profiler.stop()

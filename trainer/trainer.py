@@ -206,7 +206,7 @@ class Trainer:
         self.tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, enabled=env.is_main)
         self.logger = MetricsLogger(run_dir, self.tracker, self.total, enabled=env.is_main)
         self.watchdog = StepWatchdog(cfg.watchdog, run_dir, env.rank)
-        self.profiler = StepProfiler(cfg.tracking.profile_steps, run_dir, env, self.tracker)
+        self.profiler = StepProfiler(cfg.tracking.profile_steps, run_dir, env, self.tracker, self.watchdog)
         self.system_metrics: SystemMetrics | None = None
         self.ledger: SampleLedger | None = None
         self.groups: Generator[tuple[int, list[Batch]], None, None] | None = None
