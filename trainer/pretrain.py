@@ -46,6 +46,14 @@ def sample_masks(keys: list[str], seed: int, epoch: int, num_patches: int, ratio
     return torch.cat(masks)
 
 
+def random_encoder(cfg: PretrainConfig) -> ConvNeXtV2Encoder:
+    """The kNN probe's baseline: an encoder of the run's architecture (size and block kind), randomly initialized
+    from the run's seed (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, TAG_RANDOM_ENCODER))
+        return build_encoder(cfg.model.size, block=cfg.model.block)
+
+
 def build_model(cfg: PretrainConfig) -> FCMAE:
     """The FCMAE of a pretraining config (the stage contract's ``build_model``, :mod:`trainer.stage`), initialized
     from the current torch RNG state (the run seeds it with ``cfg.seed`` first, so the same call reproduces a
@@ -150,10 +158,7 @@ class PretrainStage:
         embeds its slice (stopping with the others on a preemption), the features are gathered once."""
         ev = self.cfg.eval
         if self.random_top1 is None:  # the baseline, once: the same probe on a randomly initialized encoder
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.cfg.seed, TAG_RANDOM_ENCODER))
-                random_encoder = build_encoder(self.cfg.model.size).to(self.env.device).eval()
-            embedded = self._embed(random_encoder, stop)
+            embedded = self._embed(random_encoder(self.cfg).to(self.env.device).eval(), stop)
             if embedded is None:
                 return Evaluation(stopped=(0, len(self.bank_loader or [])))
             self.random_top1 = knn_top1(*embedded, ev.knn_k, ev.knn_temperature)

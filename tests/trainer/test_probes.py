@@ -16,6 +16,8 @@ from data.loader import build_loader
 from data.transforms import eval_transform
 from models.convnextv2 import build, build_encoder
 from tests.support.launch import launch
+from trainer.config import PretrainConfig, load_config
+from trainer.pretrain import random_encoder
 from trainer.probes import effective_rank, knn_top1, labeled, pooled, stage_outputs
 
 
@@ -67,7 +69,8 @@ def test_online_knn_and_rank_are_logged_and_equal_an_offline_computation(
 ) -> None:
     """Pretraining on 2 ranks evaluates kNN top-1 (bank: 768 Fashion-MNIST training images; queries: 500 test
     images, split over the ranks and gathered once), the effective rank and the cosine distance of all four stages.
-    The last evaluation, on the exported weights, equals the same probes computed here in one process."""
+    The last evaluation, on the exported weights, equals the same probes computed here in one process, and so
+    does the baseline on the randomly initialized encoder."""
     run_dir = tmp_path / "run"
     overrides = [
         f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}", f"eval.knn_bank_url={fmnist_shards}",
@@ -83,15 +86,38 @@ def test_online_knn_and_rank_are_logged_and_equal_an_offline_computation(
     encoder.load_state_dict(load_file(str(run_dir / "export" / "model.safetensors")))
     encoder.eval()
 
-    def features(url: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(url: str, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         loader = build_loader(url, batch_size=8, shuffle=False, remainder="pad", transform=eval_transform(64))
-        out = [(pooled(encoder.forward_features(images)), labels) for images, labels in loader]
+        out = [(pooled(net.forward_features(images)), labels) for images, labels in loader]  # type: ignore[operator]
         return labeled(torch.cat([f for f, _ in out]), torch.cat([y for _, y in out]))  # padding slots dropped
 
     with torch.no_grad():
-        bank, bank_labels = features(fmnist_shards)
-        queries, query_labels = features(fmnist_test_shards)
+        bank, bank_labels = features(fmnist_shards, encoder)
+        queries, query_labels = features(fmnist_test_shards, encoder)
+        cfg = load_config("demo_fcmae")
+        assert isinstance(cfg, PretrainConfig)
+        initial = random_encoder(cfg).eval()
+        random_top1 = knn_top1(
+            *features(fmnist_shards, initial), *features(fmnist_test_shards, initial), num_classes=10
+        )
+    assert last["knn_top1_random"] == pytest.approx(random_top1, abs=0.41)
     offline = knn_top1(bank, bank_labels, queries, query_labels, num_classes=10)
     assert last["knn_top1"] == pytest.approx(offline, abs=0.41)  # at most one of 500 queries on a tie
     assert last["effective_rank"] == pytest.approx(effective_rank(queries), rel=1e-3)
     assert last["knn_images"] == 500.0 and last["knn_bank_images"] == 768.0  # each image once, padding dropped
+
+
+def test_the_random_baseline_is_an_encoder_of_the_runs_architecture_seeded_by_the_run() -> None:
+    def parameters(net: torch.nn.Module) -> set[str]:
+        return {name for name, _ in net.named_parameters()}
+
+    v1 = load_config("demo_fcmae", ["model.block=v1"])
+    assert isinstance(v1, PretrainConfig)
+    baseline = random_encoder(v1)
+    assert parameters(baseline) == parameters(build_encoder("atto", block="v1"))
+    assert parameters(baseline) != parameters(build_encoder("atto"))  # the control: V2 blocks have other parameters
+    again = random_encoder(v1)
+    pairs = zip(baseline.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    other = random_encoder(v1.model_copy(update={"seed": v1.seed + 1}))
+    assert not torch.equal(baseline.stem.conv.weight, other.stem.conv.weight)
