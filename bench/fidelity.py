@@ -3,8 +3,8 @@
 1. FCMAE pretraining helps: fine-tune top-1 from FCMAE weights vs from scratch, and the pretrained encoder's kNN
    top-1 against the same kNN on its random initialization.
 2. GRN keeps features diverse: per-stage feature cosine distance and the effective rank (RankMe) of pooled features
-   after pretraining, ConvNeXt V2 blocks vs V1-style blocks (LayerScale, no GRN). The paper reports feature collapse
-   (low distance) for V1 under FCMAE.
+   after pretraining (and of the same architecture at initialization), ConvNeXt V2 blocks vs V1-style blocks
+   (LayerScale, no GRN). The paper reports feature collapse (low distance) for V1 under FCMAE.
 3. Sparse convolution matters: fine-tune top-1, kNN top-1 and pretraining loss after FCMAE with the sparse encoder
    vs dense convolutions on the masked image.
 
@@ -25,8 +25,16 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from cluster.launch import main as launch
+from data.loader import build_loader
+from data.transforms import eval_transform
+from trainer.config import PretrainConfig, load_config
+from trainer.pretrain import random_encoder
+from trainer.probes import effective_rank, labeled, loader_features
 
 DATA = Path("runs/data/fashion-mnist-64")
 PRETRAIN = {"fcmae_v2_sparse": [], "fcmae_v1_sparse": ["model.block=v1"], "fcmae_v2_dense": ["model.sparse=false"]}
@@ -53,6 +61,24 @@ def _launch(config: str, run_dir: Path, overrides: list[str]) -> dict:
     return json.loads(metrics.read_text())
 
 
+def rank_at_init(overrides: list[str], queries: Path, image_size: int) -> float:
+    """The effective rank of the query features of a run's encoder before training: the run's own kNN baseline
+    encoder (:func:`trainer.pretrain.random_encoder`) through the probe's decoding, transform and pooling."""
+    cfg = load_config("demo_fcmae", overrides)
+    assert isinstance(cfg, PretrainConfig)
+    loader: Any = build_loader(  # labeled batches: (images, label tensor)
+        str(queries),
+        batch_size=64,
+        shuffle=False,
+        remainder="pad",
+        transform=eval_transform(image_size),
+        decode="tensor",
+    )
+    with torch.no_grad():
+        features, labels, _ = loader_features(random_encoder(cfg).eval(), loader, torch.device("cpu"), lambda: False)
+    return effective_rank(labeled(features, labels)[0])
+
+
 def run_seed(seed: int, args: argparse.Namespace, bank: Path, queries: Path) -> dict[str, dict]:
     """All runs of one seed; returns metrics per run name."""
     results: dict[str, dict] = {}
@@ -62,6 +88,7 @@ def run_seed(seed: int, args: argparse.Namespace, bank: Path, queries: Path) -> 
         # One evaluation, at the end (plus the random-encoder baseline before the first step).
         overrides += [f"eval.every_steps={args.pretrain_steps}", f"eval.knn_bank_url={bank}", f"data.val_url={queries}"]
         results[name] = _launch("demo_fcmae", args.out / f"seed{seed}" / name, [*overrides, *extra])
+        results[name]["effective_rank_init"] = rank_at_init([*overrides, *extra], queries, args.image_size)
     for name, source in FINETUNE.items():
         weights = "null" if source is None else str(args.out / f"seed{seed}" / source / "export" / "model.safetensors")
         overrides = [f"seed={seed}", f"schedule.max_steps={args.finetune_steps}", size, f"model.pretrained={weights}"]
@@ -95,8 +122,11 @@ def main() -> None:
         f"\n# seeds {args.seeds}, {args.image_size} px, pretrain {args.pretrain_steps} steps x 32 images, "
         f"fine-tune {args.finetune_steps} steps x 64 images, kNN bank/queries/eval {args.probe_images} images"
     )
-    print("| claim | run | pretrain loss | kNN top-1 % | kNN top-1 % at init | effective rank | fine-tune top-1 % |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| claim | run | pretrain loss | kNN top-1 % | kNN top-1 % at init | effective rank | effective rank at init "
+        "| fine-tune top-1 % |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     rows = [
         ("FCMAE vs scratch", "scratch", None),
         ("FCMAE vs scratch", "from_fcmae_v2_sparse", "fcmae_v2_sparse"),
@@ -109,7 +139,8 @@ def main() -> None:
         top1 = cell(run, "top1", 1) if run in FINETUNE else "-"
         print(
             f"| {claim} | {run} | {cell(pretrain, 'final_loss')} | {cell(pretrain, 'knn_top1', 1)} "
-            f"| {cell(pretrain, 'knn_top1_random', 1)} | {cell(pretrain, 'effective_rank', 1)} | {top1} |"
+            f"| {cell(pretrain, 'knn_top1_random', 1)} | {cell(pretrain, 'effective_rank', 1)} "
+            f"| {cell(pretrain, 'effective_rank_init', 1)} | {top1} |"
         )
     print("\n| pretraining run | " + " | ".join(f"feature cosine distance {s}" for s in STAGES) + " |")
     print("|---|" + "---|" * len(STAGES))
