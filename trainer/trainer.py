@@ -588,10 +588,9 @@ class Trainer:
                         list(profile), self.step + 1, self.total)  # fmt: skip
 
     def _nodes(self) -> int:
-        """How many hosts the job spans."""
-        env = self.env
-        per_node = torch.cuda.device_count() if env.device.type == "cuda" else self.cfg.cluster.cpu_ranks_per_node
-        return int(os.environ.get("SLURM_JOB_NUM_NODES", max(1, env.world_size // max(1, per_node))))
+        """How many hosts the job spans (SLURM's count, else the world over the config's ranks per node)."""
+        per_node = self.cfg.cluster.ranks_per_node
+        return int(os.environ.get("SLURM_JOB_NUM_NODES", max(1, self.env.world_size // max(1, per_node))))
 
     def _tags(self) -> dict[str, str]:
         return {
