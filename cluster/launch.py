@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, check_runnable, load_config
 from trainer.run_dir import prepare_run_dir
+from trainer.run_lock import RunDirLocked, RunLock
 from trainer.tracking import default_tracking_uri, redact, redacted_yaml
 
 log = logging.getLogger("launch")
@@ -177,6 +178,29 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    locks: list[RunLock] = []
+    try:
+        for _, run_dir in configs:
+            if args.local:  # held by this process until the ranks are gone
+                lock = RunLock(run_dir)
+                lock.acquire()
+                locks.append(lock)
+            else:  # the job takes it when it starts; refuse now if a live run or a queued job has the directory
+                from cluster.slurm import check_no_job_queued
+
+                RunLock(run_dir).check_free()
+                check_no_job_queued(run_dir)
+        return _launch(args, configs, locks)
+    except RunDirLocked as err:
+        print(f"run directory error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _launch(args: argparse.Namespace, configs: list[tuple[TrainConfig, Path]], locks: list[RunLock]) -> int:
+    """Index the data, store the configs, then run here or submit (the run directories are locked)."""
     for cfg, run_dir in configs:
         try:
             _index_data(cfg, run_dir)
@@ -197,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.local import run_local
 
     walls: list[float] = []
-    for cfg, run_dir in configs:
+    for (cfg, run_dir), lock in zip(configs, locks, strict=True):
         started = time.perf_counter()
-        code = run_local(run_dir, local_world_size(cfg))
+        code = run_local(run_dir, local_world_size(cfg), lock)
         walls.append(time.perf_counter() - started)
         if code != 0:
             return code
@@ -212,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:
-    from cluster.slurm import make_executor, submit
+    from cluster.slurm import JOBS_FILE, make_executor, submit
 
     previous_job = None
     for cfg, run_dir in configs:
@@ -227,7 +251,7 @@ def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:
             )
             job = executor.submit(TrainJob(str(run_dir), cfg.cluster.max_requeues, cfg.cluster.max_failure_retries))
         previous_job = job
-        with open(run_dir / "slurm" / "jobs.txt", "a") as f:  # submitted job ids, newest last
+        with open(run_dir / "slurm" / JOBS_FILE, "a") as f:  # submitted job ids, newest last
             f.write(f"{job.job_id}\n")
         uri = redact("uri", default_tracking_uri(run_dir, cfg.tracking.tracking_uri))
         print(

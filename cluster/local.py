@@ -15,8 +15,9 @@ from types import FrameType
 import torch
 
 from trainer.distributed import free_port
-from trainer.failure import FAILURES, failures_since
-from trainer.preemption import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
+from trainer.failure import FAILURES, failures_since, root_cause
+from trainer.preemption import LAUNCHER_PID_ENV, REQUEUE_EXIT_CODE
+from trainer.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def rank_env(rank: int, world_size: int, port: int, threads: int) -> dict[str, s
         MASTER_PORT=str(port),
         OMP_NUM_THREADS=str(threads),
     )
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the rank stops when this process dies
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed compiles a communication op on first use; keep it next to the project, not in $HOME.
@@ -40,45 +42,71 @@ def rank_env(rank: int, world_size: int, port: int, threads: int) -> dict[str, s
     return env
 
 
-def run_local(run_dir: Path, world_size: int, grace_s: float = 30.0) -> int:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop a local run: the ranks save at the next step boundary and exit; the launcher exits with
+128 + the signal's number. A second one kills the ranks at once."""
+
+
+def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace_s: float = 30.0) -> int:
     """Start ``world_size`` worker processes for ``run_dir`` and wait for them.
 
-    SIGTERM/SIGUSR2 sent to this launcher are forwarded to every rank (which then save and exit through the
-    preemption protocol). When a rank fails, the others get SIGTERM (a healthy rank saves and exits) and, after
-    ``grace_s``, SIGKILL; each rank runs in its own process group, which is killed at the end, so no rank or
-    dataloader worker outlives the launcher. Returns 0, :data:`REQUEUE_EXIT_CODE` when the ranks stopped for
-    preemption, or the first failing rank's code, after logging which rank failed and why.
+    SIGUSR2 (a preemption) is forwarded to every rank, which saves and exits through the preemption protocol; the
+    launcher returns :data:`REQUEUE_EXIT_CODE`. SIGINT, SIGTERM and SIGHUP (Ctrl-C, ``kill``, a closed terminal)
+    reach the ranks as SIGTERM, the same protocol, and the launcher returns 128 + the signal's number; a second such
+    signal SIGKILLs the ranks. Each rank gets SIGTERM from the kernel if the launcher itself dies
+    (:func:`trainer.preemption.stop_with_launcher`). When a rank fails, the others get SIGTERM (a healthy rank saves
+    and exits) and, after ``grace_s``, SIGKILL; each rank runs in its own process group, which is killed at the
+    end, so no rank or dataloader worker outlives the launcher. Failures are reported with the rank that failed
+    first and why (:func:`trainer.failure.root_cause`).
     """
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world_size)
     started = time.time()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "trainer.worker", str(run_dir)],
-            env=rank_env(rank, world_size, port, threads),
-            start_new_session=True,  # its own process group: the rank and its dataloader workers end together
-        )
-        for rank in range(world_size)
-    ]
+    stopped_by: list[int] = []
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        stopped_by.append(signum)
+        if len(stopped_by) == 1:
+            log.warning("received %s: the ranks save a checkpoint at the next step boundary and exit (send it "
+                        "again to kill them at once)", signal.Signals(signum).name)  # fmt: skip
+            forward(signal.SIGTERM, None)
+        else:
+            log.error("received %s again: killing the ranks", signal.Signals(signum).name)
+            for proc in procs:
+                _kill_group(proc, wait=False)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (*PREEMPTION_SIGNALS, signal.SIGINT)}
+    procs: list[subprocess.Popen] = []
+    # Installed before the ranks start: a signal from now on is never lost nor kills the launcher alone.
+    previous = {sig: signal.signal(sig, on_stop) for sig in STOP_SIGNALS}
+    previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, forward)
     first_failure: tuple[int, int] | None = None  # (rank, exit code)
     try:
+        for rank in range(world_size):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "trainer.worker", str(run_dir)],
+                    env=rank_env(rank, world_size, port, threads),
+                    start_new_session=True,  # its own process group: the rank and its dataloader workers end together
+                )
+            )
+        if stopped_by:  # a signal arrived while the ranks were starting
+            forward(signal.SIGTERM, None)
+        if lock is not None:
+            lock.add_pids([p.pid for p in procs])
         failed_at: float | None = None
         while any(p.poll() is None for p in procs):
             if first_failure is None:
-                for rank, proc in enumerate(procs):
-                    if proc.poll() not in (None, 0, REQUEUE_EXIT_CODE):
-                        first_failure = (rank, int(proc.returncode))
-                        failed_at = time.monotonic()
-                        log.error("rank %d exited with code %d; stopping the other ranks", rank, proc.returncode)
-                        forward(signal.SIGTERM, None)
-                        break
+                bad = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() not in (None, 0, REQUEUE_EXIT_CODE)]
+                if bad:
+                    first_failure = (bad[0][0], int(bad[0][1]))
+                    failed_at = time.monotonic()
+                    log.error("rank %d exited with code %d; stopping the other ranks", *first_failure)
+                    forward(signal.SIGTERM, None)
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 for rank, proc in enumerate(procs):
                     if proc.poll() is None:
@@ -86,33 +114,45 @@ def run_local(run_dir: Path, world_size: int, grace_s: float = 30.0) -> int:
                         _kill_group(proc)
             time.sleep(0.2)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for proc in procs:  # leftovers: dataloader workers of a rank that was killed or exited hard
             _kill_group(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     codes = [int(p.returncode) for p in procs]
-    if first_failure is None:
-        bad = [(rank, code) for rank, code in enumerate(codes) if code not in (0, REQUEUE_EXIT_CODE)]
-        first_failure = bad[0] if bad else None
-    if first_failure is not None:
-        _report(run_dir, first_failure, codes, started)
-        return first_failure[1]
+    if any(code not in (0, REQUEUE_EXIT_CODE) for code in codes):
+        _report(run_dir, codes, started)
+        return first_failure[1] if first_failure is not None else next(c for c in codes if c not in (0, 75))
+    if stopped_by:
+        name = signal.Signals(stopped_by[0]).name
+        log.error("run stopped by %s%s; re-run the same command to resume", name, _saved(run_dir))
+        return 128 + int(stopped_by[0])
     return REQUEUE_EXIT_CODE if REQUEUE_EXIT_CODE in codes else 0
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _saved(run_dir: Path) -> str:
+    """ ", checkpoint step_N saved" from the ``latest`` pointer, or nothing."""
+    try:
+        return f" (newest checkpoint {(run_dir / 'checkpoints' / 'latest').read_text().strip()})"
+    except OSError:
+        return " (no checkpoint saved yet)"
+
+
+def _kill_group(proc: subprocess.Popen, wait: bool = True) -> None:
     """SIGKILL the process group of a rank (the rank and its dataloader workers)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    if proc.poll() is None:
+    if wait and proc.poll() is None:
         proc.wait(timeout=10)
 
 
-def _report(run_dir: Path, first: tuple[int, int], codes: list[int], started: float) -> None:
-    """Say which rank failed first and why (from the ranks' failure records), and how each rank ended."""
-    reasons = failures_since(run_dir, started)
-    rank, code = first
-    why = reasons.get(rank) or next(iter(reasons.values()), "no error recorded (killed by a signal?)")
-    endings = ", ".join(f"rank {r}: {c}" for r, c in enumerate(codes))
-    log.error("run failed: rank %d exited with code %d: %s\n  exit codes: %s\n  details: %s", rank, code, why,
-              endings, run_dir / FAILURES)  # fmt: skip
+def _report(run_dir: Path, codes: list[int], started: float) -> None:
+    """One summary line: the rank whose failure caused the others' and why (its failure record, or the signal
+    that killed it), then how each rank ended."""
+    rank, why = root_cause(failures_since(run_dir, started), codes)
+    endings = ", ".join(f"rank {r}: {_ending(c)}" for r, c in enumerate(codes))
+    log.error("run failed: rank %d %s\n  exit codes: %s\n  details: %s", rank, why, endings,
+              run_dir / FAILURES)  # fmt: skip
+
+
+def _ending(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else str(code)

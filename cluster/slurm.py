@@ -57,6 +57,33 @@ def claim_restart(run_dir: Path, cause: str, limit: int) -> tuple[int, bool]:
         return before, allowed
 
 
+JOBS_FILE = "jobs.txt"
+"""In ``<run_dir>/slurm/``: the job ids submitted for the run directory, newest last."""
+_LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")  # fmt: skip
+
+
+def check_no_job_queued(run_dir: Path) -> None:
+    """:class:`~trainer.run_lock.RunDirLocked` when the newest job submitted for ``run_dir`` is still queued or
+    running (a second submission would train beside it once both start)."""
+    from trainer.run_lock import RunDirLocked
+
+    jobs = run_dir / "slurm" / JOBS_FILE
+    if not jobs.is_file() or not jobs.read_text().split():
+        return
+    job = jobs.read_text().split()[-1]
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    state = out.stdout.strip().split("\n")[0].strip()
+    if out.returncode == 0 and state in _LIVE_STATES:
+        raise RunDirLocked(
+            f"{run_dir} belongs to SLURM job {job}, which is {state}: wait for it, `scancel {job}`, or pass "
+            "another --run-dir"
+        )
+
+
 def _requeue(job_id: str) -> None:
     """Put the job back in the queue; a job SLURM already requeued (partition preemption) is left as it is."""
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
@@ -76,14 +103,22 @@ class TrainJob:
         import submitit
 
         from trainer.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
+        from trainer.run_lock import RunDirLocked, RunLock
         from trainer.worker import run_run_dir, setup_logging
 
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         setup_logging(dist_env.rank)
         job_id = submitit.JobEnvironment().job_id
         run_dir = Path(self.run_dir)
+        lock = RunLock(run_dir, role="SLURM job") if dist_env.rank == 0 else None
         try:
+            if lock is not None:  # a requeued attempt takes over its predecessor's lock (the same job id)
+                lock.acquire()
             code = run_run_dir(run_dir)
+        except RunDirLocked as err:  # another run has the directory: retrying cannot help
+            record_exception(run_dir, dist_env.rank, err)
+            hard_exit(FAILURE_EXIT_CODE)
+            raise  # unreachable
         except BaseException as err:  # every error ends the task, with or without a retry
             record_exception(run_dir, dist_env.rank, err)
             # Any failing rank may requeue (one attempt counts once, a second request is harmless); the others
@@ -98,7 +133,10 @@ class TrainJob:
                       job_id, retries)  # fmt: skip
             hard_exit(FAILURE_EXIT_CODE)
         if code != REQUEUE_EXIT_CODE:
+            if lock is not None:
+                lock.release()
             return code
+        # Requeued (or failed): the lock stays, and the job's next attempt takes it over.
         if dist_env.rank == 0:
             requeues, allowed = claim_restart(run_dir, "preemption", self.max_requeues)
             if not allowed:

@@ -7,12 +7,22 @@ Layout of ``<run_dir>/checkpoints``::
         COMPLETE             written by rank 0 after every rank finished: JSON with step, world size and every
                              file's size and sha256 (hashed by all ranks in parallel)
     latest                   name of the newest complete checkpoint, replaced atomically after COMPLETE
-    damaged_step_00000900/   a checkpoint refused at resume (kept for inspection, never loaded)
+    damaged_step_00000900/   a checkpoint refused at resume (kept for inspection, never loaded; a step damaged
+                             again is kept as damaged_step_00000900.2, .3, ...)
 
-A checkpoint counts only when ``COMPLETE`` exists, so a crash mid-save (even SIGKILL) never leaves one that
-resume would pick; leftovers of an interrupted save are removed at the next save. Before a resume every rank checks
-its share of the files against the marker: a truncated or changed checkpoint is refused with a log line, renamed
-``damaged_*`` and the previous complete one is used. The last ``keep`` complete checkpoints are kept. With
+A checkpoint counts only when ``COMPLETE`` exists and parses as a checkpoint record, so a crash mid-save (even
+SIGKILL) never leaves one that resume would pick; leftovers of an interrupted save are removed at the next save.
+A save that fails for want of disk space removes its partial files and fails the run with the bytes it needs;
+the previous checkpoint stays the newest complete one.
+
+Rollbacks (:mod:`trainer.recovery`) abandon the checkpoints after the one they restore. Each marker records the
+run's *timeline* (how many rollbacks were made when it was written); rollback ``i`` (0-based, in
+``rollbacks.jsonl``) restored step ``S_i``, so a checkpoint of timeline ``t`` is abandoned when some rollback
+``i >= t`` restored a step before it. That rule holds from the moment the rollback is recorded, so a crash before
+``latest`` moves or the abandoned directories are deleted (locally and on the mirror) never resumes one of them.
+
+Before a resume every rank checks its share of the files against the marker: a truncated or changed checkpoint
+is refused with a log line, renamed ``damaged_*`` and the previous complete one is used. The last ``keep`` complete checkpoints are kept. With
 ``mirror_url`` each complete checkpoint is copied to that fsspec URL in the background (:mod:`trainer.mirror`,
 marker last), and resume falls back to the mirror's newest intact copy when the local directory has none. State
 files load with ``weights_only=True``.
@@ -28,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -35,9 +46,11 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from trainer import faults
 from trainer.config import CheckpointConfig
 from trainer.distributed import DistEnv, barrier, gather_objects
 from trainer.export import atomic_write_text
+from trainer.failure import DiskFullError, disk_full
 from trainer.integrity import check_share, checkpoint_files, digest_share
 
 log = logging.getLogger(__name__)
@@ -58,11 +71,16 @@ class CheckpointInfo:
     path: Path
     zero_stage: int | None = None
     """ZeRO stage of the run that wrote it (None: a checkpoint from before the marker recorded it)."""
+    timeline: int = 0
+    """Rollbacks made before it was written (see the module docstring)."""
 
 
 def _info(tag: str, meta: dict[str, Any], path: Path) -> CheckpointInfo:
     stage = meta.get("zero_stage")
-    return CheckpointInfo(tag, int(meta["step"]), int(meta["world_size"]), path, None if stage is None else int(stage))
+    return CheckpointInfo(
+        tag, int(meta["step"]), int(meta["world_size"]), path, None if stage is None else int(stage),
+        int(meta.get("timeline", 0)),
+    )  # fmt: skip
 
 
 def checkpoint_bytes(num_params: int, precision: str, zero_stage: int) -> int:
@@ -102,22 +120,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _read_marker(directory: Path) -> dict[str, Any] | None:
+    """The marker's record, or None when the directory is not a complete checkpoint: no marker, or one that does not
+    parse as a checkpoint record (``null``, ``{}``, a step that is not a number...), which is logged."""
     marker = directory / MARKER
     if not marker.is_file():
         return None
     try:
-        return dict(json.loads(marker.read_text()))
-    except (OSError, ValueError):
+        meta = json.loads(marker.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"it holds a {type(meta).__name__}, not a record")
+        int(meta["step"]), int(meta["world_size"]), int(meta.get("timeline", 0))
+        if not isinstance(meta.get("files", {}), dict):
+            raise ValueError("its files entry is not a record")
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s is not a checkpoint record (%s: %s): the directory is not used", marker,
+                    type(err).__name__, err)  # fmt: skip
         return None
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.2``, ``path.3``, ... : the first name not taken."""
+    n, candidate = 1, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 class Checkpointer:
     """Saves and finds complete checkpoints; every rank calls :meth:`save` and :meth:`load`."""
 
-    def __init__(self, root: Path, cfg: CheckpointConfig, env: DistEnv) -> None:
+    def __init__(self, root: Path, cfg: CheckpointConfig, env: DistEnv, rollback_targets: Sequence[int] = ()) -> None:
         self.root = root
         self.cfg = cfg
         self.env = env
+        self.rollback_targets = list(rollback_targets)
+        """The step each recorded rollback restored, in order (``rollbacks.jsonl``); see the module docstring."""
         self.last_save_s: float | None = None
         """Wall time of the last save (all ranks' files, hashes and marker)."""
         from trainer.mirror import MirrorUploader  # it imports this module's names
@@ -126,23 +165,62 @@ class Checkpointer:
         root.mkdir(parents=True, exist_ok=True)
 
     # -- finding ---------------------------------------------------------------------------------------------
-    def complete(self) -> list[CheckpointInfo]:
-        """Complete checkpoints, oldest first (by the step recorded in their markers, not by file names)."""
+    @property
+    def timeline(self) -> int:
+        """The timeline new checkpoints are written in: the rollbacks made so far."""
+        return len(self.rollback_targets)
+
+    def abandoned(self, info: CheckpointInfo) -> bool:
+        """Whether a rollback made after ``info`` was written restored a step before it."""
+        return any(target < info.step for target in self.rollback_targets[info.timeline :])
+
+    def _all_complete(self) -> list[CheckpointInfo]:
         found = []
         for directory in self.root.iterdir() if self.root.is_dir() else []:
-            meta = _read_marker(directory) if directory.is_dir() else None
-            if (
-                meta is not None
-                and directory.name.startswith("step_")
-                and not directory.name.endswith(UNIVERSAL_SUFFIX)
-            ):
+            if not directory.is_dir() or not directory.name.startswith("step_"):
+                continue
+            if directory.name.endswith(UNIVERSAL_SUFFIX):
+                continue
+            meta = _read_marker(directory)
+            if meta is not None:
                 found.append(_info(directory.name, meta, directory))
         return sorted(found, key=lambda c: c.step)
+
+    def complete(self) -> list[CheckpointInfo]:
+        """Complete checkpoints that no rollback abandoned, oldest first (by the step recorded in their markers,
+        not by file names)."""
+        return [c for c in self._all_complete() if not self.abandoned(c)]
+
+    def remove_abandoned(self) -> list[str]:
+        """Rank 0: delete the checkpoints rollbacks abandoned, here and on the mirror; returns their names."""
+        gone = [c for c in self._all_complete() if self.abandoned(c)]
+        for info in gone:
+            # The marker first: a deletion cut short leaves a directory without one, which nothing resumes.
+            (info.path / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(info.path, ignore_errors=True)
+            shutil.rmtree(self.root / (info.tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+        if gone:
+            log.warning("removed %s: abandoned by a rollback", ", ".join(c.tag for c in gone))
+        if self.uploader is not None and gone:
+            self.uploader.remove([c.tag for c in gone])
+        return [c.tag for c in gone]
+
+    def rolled_back(self, target: CheckpointInfo) -> None:
+        """Collective, after the rollback to ``target`` was recorded: every later checkpoint is abandoned from now
+        on; rank 0 points ``latest`` at ``target`` and deletes them."""
+        self.rollback_targets.append(target.step)
+        if self.env.is_main:
+            atomic_write_text(self.root / LATEST, target.tag)
+            self.remove_abandoned()
+        barrier()
 
     def find_latest(self) -> CheckpointInfo | None:
         """The checkpoint to resume from (collective): the ``latest`` pointer if it names a complete one, else the
         newest complete one, else one fetched from the mirror; None for a fresh run. Each candidate is verified
-        first; a damaged one is set aside and the previous complete one tried."""
+        first; a damaged one is set aside and the previous complete one tried. Checkpoints a rollback abandoned
+        are deleted first (a crash may have left them)."""
+        if self.env.is_main:
+            self.remove_abandoned()
         while True:
             candidate = self._newest_local()
             if candidate is None:
@@ -155,7 +233,7 @@ class Checkpointer:
                     "checkpoint %s is damaged (%s); it is kept as %s%s and the previous complete checkpoint is used",
                     candidate.tag, "; ".join(problems), DAMAGED_PREFIX, candidate.tag,
                 )  # fmt: skip
-                os.replace(candidate.path, self.root / f"{DAMAGED_PREFIX}{candidate.tag}")
+                os.replace(candidate.path, _free_name(self.root / f"{DAMAGED_PREFIX}{candidate.tag}"))
                 if (self.root / LATEST).is_file() and (self.root / LATEST).read_text().strip() == candidate.tag:
                     (self.root / LATEST).unlink()
             barrier()
@@ -164,8 +242,8 @@ class Checkpointer:
         pointer = self.root / LATEST
         if pointer.is_file():
             tag = pointer.read_text().strip()
-            meta = _read_marker(self.root / tag)
-            if meta is not None:
+            meta = _read_marker(self.root / tag) if tag.startswith("step_") else None
+            if meta is not None and not self.abandoned(_info(tag, meta, self.root / tag)):
                 return _info(tag, meta, self.root / tag)
             log.warning("checkpoint pointer names %s, which is not complete; using the newest complete one", tag)
         complete = self.complete()
@@ -183,18 +261,31 @@ class Checkpointer:
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save(self, engine: Any, step: int, rank_state: dict[str, Any]) -> CheckpointInfo:
-        """All ranks: DeepSpeed save, per-rank state, then (rank 0) marker, pointer, retention and mirror."""
+        """All ranks: DeepSpeed save, per-rank state, then (rank 0) marker, pointer, retention and mirror. A step
+        already saved in this timeline (a save repeated at the same step: an evaluation stopped twice) is kept as
+        it is; a directory of the step that is partial or abandoned is replaced."""
         tag = step_tag(step)
         directory = self.root / tag
-        if self.env.is_main and directory.exists() and _read_marker(directory) is None:
-            shutil.rmtree(directory)  # leftovers of an interrupted save of the same step
+        existing = _read_marker(directory) if directory.exists() else None
+        if existing is not None and not self.abandoned(_info(tag, existing, directory)):
+            if self.env.is_main:
+                log.info("checkpoint %s is already saved", directory)
+            return _info(tag, existing, directory)
+        if self.env.is_main and directory.exists():
+            (directory / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(directory)  # leftovers of an interrupted save of the same step, or an abandoned one
         barrier()
         started = time.perf_counter()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        state = {"step": step, "rng": rng_state(), **rank_state}
-        tmp = directory / f".rank_{self.env.rank:05d}.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, directory / f"rank_{self.env.rank:05d}.pt")
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            state = {"step": step, "rng": rng_state(), **rank_state}
+            tmp = directory / f".rank_{self.env.rank:05d}.pt.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, directory / f"rank_{self.env.rank:05d}.pt")
+        except Exception as err:
+            self._fail_if_disk_full(err, directory)
+            raise
+        faults.at("save", step, self.root.parent)
         barrier()
         files = checkpoint_files(directory, {MARKER})
         digests = {
@@ -203,17 +294,23 @@ class Checkpointer:
             for k, v in share.items()
         }
         zero_stage = int(engine.zero_optimization_stage())
-        info = CheckpointInfo(tag, step, self.env.world_size, directory, zero_stage)
+        info = CheckpointInfo(tag, step, self.env.world_size, directory, zero_stage, self.timeline)
         if self.env.is_main:
             marker = {
                 "step": step,
                 "world_size": self.env.world_size,
                 "zero_stage": zero_stage,
+                "timeline": self.timeline,
                 "time": time.time(),
                 "files": digests,
             }
-            atomic_write_text(directory / MARKER, json.dumps(marker))
-            atomic_write_text(self.root / LATEST, tag)
+            try:
+                atomic_write_text(directory / MARKER, json.dumps(marker))
+                faults.at("marker", step, self.root.parent)
+                atomic_write_text(self.root / LATEST, tag)
+            except Exception as err:
+                self._fail_if_disk_full(err, directory)
+                raise
             if self.uploader is not None:
                 self.uploader.submit(directory)
             self._retain()
@@ -223,6 +320,28 @@ class Checkpointer:
             size = sum(int(d["bytes"]) for d in digests.values())
             log.info("checkpoint %s saved in %.1fs (%.0f MB)", directory, self.last_save_s, size / 1e6)
         return info
+
+    def _fail_if_disk_full(self, err: BaseException, directory: Path) -> None:
+        """A save that ran out of space: delete its partial directory (nothing resumes it, and the space is needed)
+        and raise :class:`~trainer.failure.DiskFullError` with the bytes a checkpoint takes; other errors pass."""
+        if not disk_full(err, self.root):
+            return
+        (directory / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+        previous = self.complete()
+        need = (
+            sum(int(d["bytes"]) for d in (_read_marker(previous[-1].path) or {}).get("files", {}).values())
+            if (previous)
+            else None
+        )
+        free = shutil.disk_usage(self.root).free
+        raise DiskFullError(
+            f"no space left on the device of {self.root} while saving {directory.name}"
+            + (f": a checkpoint takes {need / 1e6:.0f} MB" if need else "")
+            + f", {free / 1e6:.0f} MB are free after removing the partial save. Free space there (or move the run "
+            f"directory) and re-run the same command; the newest complete checkpoint "
+            f"({previous[-1].tag if previous else 'none'}) is intact."
+        ) from err
 
     def wait_for_uploads(self, timeout_s: float | None) -> bool:
         """Rank 0: let the background upload finish within ``timeout_s``; False (and a log line naming what the
@@ -303,6 +422,7 @@ class Checkpointer:
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"ds_to_universal failed on {info.path}:\n{result.stderr[-3000:]}")
+            faults.at("conversion", info.step, self.root.parent)
             atomic_write_text(tmp / MARKER, json.dumps({"step": info.step, "world_size": info.world_size}))
             os.replace(tmp, out)
             log.info("universal checkpoint %s written in %.1fs", out, time.perf_counter() - started)
@@ -343,6 +463,13 @@ class Checkpointer:
             if name.startswith("step_") and fs.exists(f"{base}/{name}/{MARKER}"):
                 steps.append(name)
         for tag in sorted(steps, reverse=True):
+            try:
+                remote = json.loads(fs.cat_file(f"{base}/{tag}/{MARKER}"))
+                if self.abandoned(_info(tag, remote, self.root / tag)):
+                    log.warning("mirror copy of %s was abandoned by a rollback: skipping it", tag)
+                    continue
+            except (ValueError, KeyError, TypeError, OSError):
+                pass  # checked again, with its files, once fetched
             staging = self.root / f".fetch_{tag}"
             shutil.rmtree(staging, ignore_errors=True)
             fs.get(f"{base}/{tag}/", str(staging) + "/", recursive=True)

@@ -21,11 +21,15 @@ from safetensors.torch import save_file
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` beside ``path``, flush it to disk, then rename it into place (the one atomic text writer)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: the half-written file must not take the space
+        raise
 
 
 def write_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -33,11 +37,18 @@ def write_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_metrics(out_dir: Path, summary: dict[str, Any]) -> None:
     """``out_dir/metrics.json`` (the stage's final metrics; written after its weights)."""
+    from trainer import faults
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    faults.at("export", None, out_dir.parent)
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))

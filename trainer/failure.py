@@ -9,8 +9,11 @@ and collectives of peers that may never answer, so a failed rank must not wait f
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -22,6 +25,31 @@ log = logging.getLogger(__name__)
 FAILURE_EXIT_CODE = 1
 HANG_EXIT_CODE = 124  # like timeout(1): the step watchdog ended a rank that stopped making progress
 FAILURES = "failures"
+
+
+class DiskFullError(OSError):
+    """A write ran out of space; the message names the directory, the bytes needed and what was kept."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def disk_full(err: BaseException, path: Path, margin_bytes: int = 1 << 20) -> bool:
+    """Whether ``err`` (or its cause) is a write that ran out of space on ``path``'s file system: ENOSPC, or an
+    error of a writer that hides the errno (torch's "file write failed") while less than ``margin_bytes`` are
+    free there."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(path).free < margin_bytes
+    except OSError:
+        return False
 
 
 def failure_path(run_dir: Path, rank: int) -> Path:
@@ -63,6 +91,38 @@ def failures_since(run_dir: Path, since: float) -> dict[int, str]:
         except (OSError, ValueError):
             continue
     return found
+
+
+_PEER_LOST = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|Socket Timeout|Connection refused|DistNetworkError|"
+    r"DistBackendError|NCCL communicator was aborted|ProcessGroup.*(abort|timed out)",
+    re.IGNORECASE,
+)
+"""How a rank's error reads when the cause was another rank's death (the collective lost its peer)."""
+
+
+def root_cause(reasons: dict[int, str], codes: list[int]) -> tuple[int, str]:
+    """The rank whose failure ended the run, and why, from the ranks' failure records and exit codes: a recorded
+    error of its own first, then a rank killed by a signal (it could record nothing), then a rank that lost its
+    peer, then the first bad exit code. A rank killed by SIGKILL reads as such, not as its peer's "Connection
+    reset"."""
+    import signal
+
+    def code_of(rank: int) -> str:
+        code = codes[rank]
+        return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+    own = [r for r, why in sorted(reasons.items()) if not _PEER_LOST.search(why)]
+    if own:
+        return own[0], f"{code_of(own[0])}: {reasons[own[0]]}"
+    killed = [r for r, code in enumerate(codes) if code < 0]
+    if killed:
+        return killed[0], f"{code_of(killed[0])} (no error recorded)"
+    if reasons:
+        rank = min(reasons)
+        return rank, f"{code_of(rank)}: {reasons[rank]}"
+    bad = [r for r, code in enumerate(codes) if code not in (0, 75)] or [0]
+    return bad[0], f"{code_of(bad[0])}: no error recorded"
 
 
 def hard_exit(code: int) -> None:

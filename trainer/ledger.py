@@ -45,6 +45,13 @@ class SampleLedger:
         self._file.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
         self._file.flush()
 
+    def rewind(self, step: int) -> None:
+        """Drop this rank's records after ``step`` (a rollback discarded those steps; they train again)."""
+        self._file.close()
+        kept = [r for r in _records(self.path) if int(r["step"]) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()
+
     def close(self) -> None:
         """Close the file."""
         self._file.close()

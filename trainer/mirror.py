@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer import faults
 from trainer.checkpoint import LATEST, MARKER
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,23 @@ class MirrorUploader:
                 self._cv.wait(timeout=left)
             return True
 
+    def remove(self, tags: list[str]) -> None:
+        """Delete checkpoints from the mirror (a rollback abandoned them): dropped from the queue, the upload in
+        flight finished first, each copy's marker deleted before its files. A mirror that cannot be reached is
+        logged; its abandoned copies are skipped at a resume from the mirror anyway."""
+        with self._cv:
+            self._pending = deque(p for p in self._pending if p.name not in tags)
+        self.wait(None)
+        for tag in tags:
+            try:
+                remote = f"{self.base}/{tag}"
+                if self.fs.exists(f"{remote}/{MARKER}"):
+                    self.fs.rm(f"{remote}/{MARKER}")
+                if self.fs.exists(remote):
+                    self.fs.rm(remote, recursive=True)
+            except Exception as exc:  # a network error must not kill training
+                log.error("mirror: could not delete %s/%s: %s: %s", self.url, tag, type(exc).__name__, exc)
+
     def close(self) -> None:
         """Stop the thread after the current upload (queued ones are dropped)."""
         with self._cv:
@@ -126,6 +144,7 @@ class MirrorUploader:
         for file in files:
             self.fs.put_file(str(file), f"{remote}/{file.relative_to(directory).as_posix()}")
             num_bytes += file.stat().st_size
+            faults.at("mirror")
         self.fs.put_file(str(directory / MARKER), f"{remote}/{MARKER}")  # last: the copy is complete
         with self.fs.open(f"{self.base}/{LATEST}", "w") as f:
             f.write(directory.name)

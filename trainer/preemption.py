@@ -9,7 +9,9 @@ and no rank decides alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import time
 from types import FrameType
@@ -22,10 +24,31 @@ log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 PREEMPTION_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+LAUNCHER_PID_ENV = "FCMAE_LAUNCHER_PID"
+"""Set by the local launcher in each rank's environment: the rank stops (SIGTERM) when that process dies."""
+
+
+def stop_with_launcher() -> None:
+    """Make the kernel send this process SIGTERM when the local launcher that started it dies (Linux
+    ``PR_SET_PDEATHSIG``), so a SIGKILLed launcher never leaves ranks training; the preemption protocol then saves
+    and exits. A launcher already gone by now ends the rank at once. No-op outside the local launcher."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(launcher):  # it died before the request took effect
+        raise SystemExit(f"the launcher (pid {launcher}) exited before this rank started; not training")
 
 
 class PreemptionHandler:
     """Installs the flag-setting handlers and answers "should all ranks stop now?"."""
+
+    last_received: int | None = None
+    """The last signal any handler of this process received (read by :mod:`trainer.faults`)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -49,6 +72,7 @@ class PreemptionHandler:
         if self.received is None:
             self.received_at = time.monotonic()
         self.received = signum  # only a flag: the step boundary does the rest
+        PreemptionHandler.last_received = signum
 
     def should_stop(self, device: torch.device) -> bool:
         """Collective: true on every rank when any rank received a preemption signal."""
@@ -58,7 +82,11 @@ class PreemptionHandler:
         """Collective, one all-reduce: (any rank received a signal, any rank says a time-based save is due)."""
         stop, due = any_ranks([self.received is not None, save_due], device)
         if stop and self.received is not None:
-            log.warning("received %s: saving a checkpoint and exiting for requeue", signal.Signals(self.received).name)
+            launcher = os.environ.get(LAUNCHER_PID_ENV)
+            why = signal.Signals(self.received).name
+            if launcher and os.getppid() != int(launcher):
+                why += f" (the launcher, pid {launcher}, died)"
+            log.warning("received %s: saving a checkpoint and exiting for requeue", why)
         return stop, due
 
     def seconds_left(self, window_s: float) -> float | None:

@@ -7,19 +7,31 @@ trainer then restores the newest checkpoint saved before the spiking interval be
 that checkpoint and the spike (:meth:`data.loader.ShardLoader.skip`, by index: nothing is read). Each rollback is a
 line of ``<run_dir>/rollbacks.jsonl`` (steps, losses, the skipped step range and sample keys), an MLflow metric and
 an artifact; after ``schedule.max_rollbacks`` the run fails with an error that says so.
+
+The line is the rollback's commit (written whole and synced; a line cut short by a crash is ignored): it carries
+the loader position and spike statistic the run continued with, so a crash before the next checkpoint resumes the
+restored checkpoint as the rollback left it, and it abandons the checkpoints after the restored one
+(:mod:`trainer.checkpoint`). ``segments.jsonl`` records every start of the run (what ``restarts`` counts).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import socket
 import statistics
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 ROLLBACKS_FILE = "rollbacks.jsonl"
+SEGMENTS_FILE = "segments.jsonl"
 
 
 class SpikeDetector:
@@ -72,6 +84,37 @@ class Rollback:
     """Keys of the skipped samples, all ranks."""
     time: float = 0.0
     """Unix time of the rollback."""
+    resume: dict[str, Any] = field(default_factory=dict)
+    """How training went on: ``loader`` (every rank's loader state after the spike) and ``spikes`` (the spike
+    statistic's history)."""
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The whole JSON lines of ``path`` (none when it does not exist); a line cut short by a crash is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            log.warning("%s: skipping a line cut short (a crash while it was written)", path)
+    return records
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line, synced to disk (after a torn last line, on a line of its own)."""
+    with path.open("a+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class RollbackLog:
@@ -85,12 +128,27 @@ class RollbackLog:
         return len(self.read())
 
     def read(self) -> list[dict[str, Any]]:
-        """All recorded rollbacks."""
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """All recorded rollbacks, oldest first."""
+        return read_records(self.path)
 
     def append(self, rollback: Rollback) -> None:
-        """Record one rollback (rank 0)."""
-        with self.path.open("a") as f:
-            f.write(json.dumps(asdict(rollback)) + "\n")
+        """Record one rollback (rank 0): its commit."""
+        append_record(self.path, asdict(rollback))
+
+
+class SegmentLog:
+    """``segments.jsonl``: one line per start of the run (rank 0), whether or not that segment saved."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / SEGMENTS_FILE
+
+    def start(self, resumed_from: str | None) -> None:
+        """Record this start."""
+        from trainer.run_lock import slurm_job_id
+
+        record = {"time": time.time(), "host": socket.gethostname(), "resumed_from": resumed_from}
+        append_record(self.path, {**record, "slurm_job_id": slurm_job_id()})
+
+    def restarts(self) -> int:
+        """Starts of the run before this one."""
+        return max(0, len(read_records(self.path)) - 1)

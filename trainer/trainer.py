@@ -27,17 +27,20 @@ import torch
 import torch.distributed as dist
 
 from data.sampling import derive_seed
-from trainer.checkpoint import Checkpointer, checkpoint_bytes
+from trainer import faults
+from trainer.checkpoint import Checkpointer, CheckpointInfo, checkpoint_bytes
 from trainer.config import TrainConfig
-from trainer.distributed import gather_objects, init_distributed, teardown
+from trainer.distributed import barrier, gather_objects, init_distributed, teardown
 from trainer.engine import deepspeed_config, initialize
+from trainer.failure import DiskFullError, disk_full
 from trainer.ledger import SampleLedger
 from trainer.logger import MetricsLogger
 from trainer.metrics import Meter, device_peak_flops
 from trainer.optim import lr_at, set_lr
 from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from trainer.profiling import StepProfiler, SystemMetrics
-from trainer.recovery import Rollback, RollbackLog, SpikeDetector
+from trainer.recovery import Rollback, RollbackLog, SegmentLog, SpikeDetector
+from trainer.run_lock import slurm_job_id
 from trainer.stage import Batch, autocast, stage_class
 from trainer.tracking import Tracker, git_commit
 from trainer.watchdog import StepWatchdog
@@ -62,13 +65,14 @@ class LoopState:
     restarts: int = 0
 
     @classmethod
-    def resumed(cls, saved: dict[str, Any]) -> LoopState:
-        """The state of a checkpoint, one restart later."""
+    def resumed(cls, saved: dict[str, Any], restarts: int) -> LoopState:
+        """The state of a checkpoint in a run that has started ``restarts + 1`` times (all its segments count,
+        also those that ended before saving)."""
         first = saved.get("first_loss")
         return cls(
             first_loss=None if first is None else float(first),
             train_time_s=float(saved.get("train_time_s", 0.0)),
-            restarts=int(saved.get("restarts", 0)) + 1,
+            restarts=restarts,
         )
 
     def to_dict(self, segment_s: float) -> dict[str, Any]:
@@ -190,8 +194,14 @@ class Trainer:
         self.global_batch = cfg.global_batch(env.world_size)
         self.peak_lr = cfg.lr(env.world_size)
 
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, env)
+        self.rollbacks = RollbackLog(run_dir)
+        self.checkpointer = Checkpointer(
+            run_dir / "checkpoints", cfg.checkpoint, env, [r["restored_step"] for r in self.rollbacks.read()]
+        )
         self.resume_from = self.checkpointer.find_latest()
+        self.segments = SegmentLog(run_dir)
+        if env.is_main:
+            self.segments.start(self.resume_from.tag if self.resume_from else None)
         self.universal = self.resume_from is not None and self.checkpointer.needs_universal(self.resume_from)
         if self.universal and self.resume_from is not None:
             self.checkpointer.prepare_universal(self.resume_from, timeout_s=cfg.watchdog.phase_timeout_s)
@@ -202,7 +212,7 @@ class Trainer:
 
         self.step = 0
         self.skip_guard = SkipGuard(cfg.schedule.max_skipped_steps)
-        self.loop_state = LoopState()
+        self.loop_state = LoopState(restarts=self.segments.restarts() if env.is_main else 0)
         self.tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, enabled=env.is_main)
         self.logger = MetricsLogger(run_dir, self.tracker, self.total, enabled=env.is_main)
         self.watchdog = StepWatchdog(cfg.watchdog, run_dir, env.rank)
@@ -214,11 +224,10 @@ class Trainer:
         self.last_loss = float("nan")
         self.started = time.perf_counter()
         self.spikes = SpikeDetector(cfg.schedule.spike_factor, cfg.schedule.spike_window)
-        self.rollbacks = RollbackLog(run_dir)
         self.pending: Spike | None = None
         self.recent_keys: list[tuple[int, list[str]]] = []
-        """This rank's sample keys per step since the second newest save (what a rollback may skip)."""
-        self.saved_steps: list[int] = []
+        """This rank's sample keys per step since the oldest kept checkpoint (what a rollback may skip); saved with
+        every checkpoint, so a resumed run records whole rollbacks too."""
         self.last_save_time = time.monotonic()
         self.eval_pending = False
         """A preemption stopped the evaluation of the checkpoint's step: the resumed run evaluates it first."""
@@ -229,9 +238,11 @@ class Trainer:
             return
         state = self.checkpointer.load(self.engine, self.resume_from, load_universal=self.universal)
         self._restore(state)
-        self.loop_state = LoopState.resumed(state.get("loop", {}))
+        self.loop_state = LoopState.resumed(state.get("loop", {}), self.loop_state.restarts)
         self.spikes.load_state_dict(state.get("spikes", {}))
         self.eval_pending = bool(state.get("eval_pending", False))
+        self.recent_keys = [(int(step), list(keys)) for step, keys in state.get("recent_keys", [])]
+        self._continue_rollback(self.resume_from)
         if int(state.get("global_batch", self.global_batch)) != self.global_batch and self.env.is_main:
             log.warning(
                 "global batch changed from %d to %d on resume: the lr is rescaled and steps per epoch change",
@@ -246,7 +257,22 @@ class Trainer:
         self.skip_guard.total = int(state.get("skipped_total", 0))
         self.stage.loader.load_state_dict(state["loader"])
         self.stage.load_state_dict(state.get("stage", {}))
-        self.saved_steps = [self.step]
+
+    def _continue_rollback(self, info: CheckpointInfo) -> None:
+        """A checkpoint that a later recorded rollback restored resumes as that rollback left the run: the loader
+        after the skipped samples and the spike statistic of then (the crash came before the next save)."""
+        records = self.rollbacks.read()
+        after = [r for i, r in enumerate(records) if i >= info.timeline and r["restored_step"] == info.step]
+        if not after or "resume" not in after[-1]:
+            return
+        resume = after[-1]["resume"]
+        loaders = resume["loader"]
+        self.stage.loader.load_state_dict(loaders[self.env.rank if self.env.rank < len(loaders) else 0])
+        self.spikes.load_state_dict({"history": resume["spikes"]})
+        if self.env.is_main:
+            log.info(
+                "continuing the rollback of step %d: its skipped samples stay skipped", after[-1]["detected_at_step"]
+            )
 
     def run(self) -> int:
         """Resume, start tracking, train and close; returns 0 or :data:`REQUEUE_EXIT_CODE`."""
@@ -356,6 +382,7 @@ class Trainer:
         keys = [key for _, _, batch_keys in group for key in batch_keys]
         if self.ledger is not None:
             self.ledger.record(self.step, epoch, keys)
+        faults.at("step", self.step, self.run_dir)
         self.recent_keys.append((self.step, keys))
         self.stage.after_step(self.engine, self.step, result.skipped)
         if self.skip_guard.update(result.skipped, self.step):
@@ -397,9 +424,7 @@ class Trainer:
         if self.env.is_main:
             log.info("step %d: evaluating", self.step)
         with self.watchdog.phase("evaluation"):
-            evaluation = self.stage.evaluate(
-                self.engine, self.step, lambda: self.preemption.should_stop(self.env.device)
-            )
+            evaluation = self.stage.evaluate(self.engine, self.step, self._evaluation_stop)
         seconds = time.perf_counter() - t0
         if evaluation.stopped is not None:
             if self.env.is_main:
@@ -415,6 +440,11 @@ class Trainer:
             self.tracker.set_tag(key, value)
         return seconds, False
 
+    def _evaluation_stop(self) -> bool:
+        """Collective, after each evaluation batch: a preemption signal stops the evaluation."""
+        faults.at("evaluation", self.step, self.run_dir)
+        return self.preemption.should_stop(self.env.device)
+
     def save(self) -> None:
         """A checkpoint of the engine, this rank's loader and stage state, and the loop state."""
         rank_state = {
@@ -425,12 +455,14 @@ class Trainer:
             "loop": self.loop_state.to_dict(time.perf_counter() - self.started),
             "spikes": self.spikes.state_dict(),
             "eval_pending": self.eval_pending,
+            "recent_keys": self.recent_keys,
         }
         with self.watchdog.phase("checkpoint save"):
             self.checkpointer.save(self.engine, self.step, rank_state)
         self.last_save_time = time.monotonic()
-        self.saved_steps = [*self.saved_steps[-1:], self.step]
-        self.recent_keys = [(step, keys) for step, keys in self.recent_keys if step > self.saved_steps[0]]
+        kept = self.checkpointer.complete()
+        oldest = kept[0].step if kept else self.step  # no rollback restores a step before it
+        self.recent_keys = [(step, keys) for step, keys in self.recent_keys if step > oldest]
         upload = (
             self.checkpointer.uploader.done[-1].seconds
             if self.checkpointer.uploader and self.checkpointer.uploader.done
@@ -484,50 +516,59 @@ class Trainer:
 
     def _rollback(self, spike: Spike) -> None:
         """Restore the newest checkpoint saved before ``spike.first_step`` and skip the samples of the steps after
-        it up to the spike (all ranks, in lockstep: every decision comes from all-reduced values)."""
+        it up to the spike (all ranks, in lockstep: every decision comes from all-reduced values).
+
+        The line in ``rollbacks.jsonl`` is the commit: from then on the checkpoints after the target are abandoned
+        (:class:`trainer.checkpoint.Checkpointer`) and a resume from the target continues as this rollback left the
+        run (:meth:`_continue_rollback`), so a crash at any moment neither replays the skipped samples nor spends a
+        second rollback on the same spike. The loader goes on from where it is (after the spike), so repeated
+        rollbacks to one checkpoint skip every bad stretch."""
         self.pending = None
-        made = self.rollbacks.count()
+        made, limit = self.rollbacks.count(), self.cfg.schedule.max_rollbacks
         target = next((c for c in reversed(self.checkpointer.complete()) if c.step < spike.first_step), None)
-        if made >= self.cfg.schedule.max_rollbacks or target is None:
+        if made >= limit:
+            raise TrainingError(
+                f"{spike.cause} at step {spike.step} (loss {spike.loss:.4g}, threshold {spike.threshold:.4g}) after "
+                f"{made} rollbacks (schedule.max_rollbacks={limit}; see {self.rollbacks.path}): the run keeps "
+                "spiking. Lower optim.base_lr, set optim.grad_clip, check the data the rollbacks name, or raise "
+                f"schedule.max_rollbacks. The last complete checkpoint is in {self.checkpointer.root}"
+            )
+        if target is None:
             if spike.cause == "non-finite steps":
                 raise self.skip_guard.error(self.step, self.checkpointer.root, made)
             if self.env.is_main:
-                why = "no checkpoint precedes it" if target is None else f"{made} rollbacks made already"
-                log.warning(
-                    "loss spike at step %d (%.4g > %.4g) not rolled back: %s",
-                    spike.step,
-                    spike.loss,
-                    spike.threshold,
-                    why,
-                )
+                log.warning("loss spike at step %d (%.4g > %.4g) not rolled back: no checkpoint precedes it",
+                            spike.step, spike.loss, spike.threshold)  # fmt: skip
             return
         skipped = [(step, keys) for step, keys in self.recent_keys if target.step < step <= spike.step]
         keys = [key for share in gather_objects([k for _, ks in skipped for k in ks]) for key in share]
         assert self.groups is not None
         self.groups.close()  # stops the loader's workers before its position changes
+        here = self.stage.loader.state_dict()  # after the spike: where training goes on
+        loaders = gather_objects(here)
         state = self.checkpointer.load(self.engine, target, load_universal=False)
         self._restore(state)
-        self.stage.loader.skip((spike.step - target.step) * self.accum)
-        self.groups = micro_batch_groups(self.stage.loader, self.accum, self.env.device)
-        self.skip_guard.in_row = 0
-        self.recent_keys = []
+        self.stage.loader.load_state_dict(here)
         record = Rollback(
-            spike.step,
-            spike.cause,
-            spike.loss,
-            spike.threshold,
-            target.step,
-            [target.step + 1, spike.step],
-            keys,
-            time.time(),
-        )
+            spike.step, spike.cause, spike.loss, spike.threshold, target.step, [target.step + 1, spike.step], keys,
+            time.time(), {"loader": loaders, "spikes": self.spikes.state_dict()["history"]},
+        )  # fmt: skip
         if self.env.is_main:
             self.rollbacks.append(record)
+        barrier()
+        faults.at("rollback", spike.step, self.run_dir)
+        self.checkpointer.rolled_back(target)
+        if self.ledger is not None:
+            self.ledger.rewind(target.step)
+        self.recent_keys = [(step, ks) for step, ks in self.recent_keys if step <= target.step]
+        self.groups = micro_batch_groups(self.stage.loader, self.accum, self.env.device)
+        self.skip_guard.in_row = 0
+        if self.env.is_main:
             log.warning(
                 "%s at step %d (loss %.4g > %.4g): rolled back to %s and skipped the %d samples of steps %d-%d "
                 "(rollback %d of at most %d; %s)",
                 spike.cause, spike.step, spike.loss, spike.threshold, target.tag, len(keys), target.step + 1,
-                spike.step, made + 1, self.cfg.schedule.max_rollbacks, self.rollbacks.path,
+                spike.step, made + 1, limit, self.rollbacks.path,
             )  # fmt: skip
             self.tracker.log_metrics({"rollbacks": float(made + 1)}, spike.step)
             self.tracker.set_tag("rollbacks", str(made + 1))
@@ -545,8 +586,18 @@ class Trainer:
             **self.eval_metrics,
         }
         out = self.run_dir / "export"
-        with self.watchdog.phase("export"):
-            self.stage.export(self.engine, out, summary)
+        try:
+            with self.watchdog.phase("export"):
+                self.stage.export(self.engine, out, summary)
+        except Exception as err:
+            if not disk_full(err, self.run_dir):
+                raise
+            copy = sum(p.numel() for p in self.stage.model.parameters()) * 4
+            raise DiskFullError(
+                f"no space left on the device of {out} while exporting the weights (about {copy / 1e6:.0f} MB per "
+                "fp32 copy; partial files removed). Free space there and re-run the same command: the run's last "
+                f"checkpoint is intact and the export is redone from it."
+            ) from err
         if self.env.is_main:
             self.tracker.log_artifact(out / "model.safetensors", "export")
             self.tracker.log_artifact(out / "metrics.json", "export")
@@ -597,7 +648,7 @@ class Trainer:
             "git_commit": git_commit(),
             "world_size": str(self.env.world_size),
             "hosts": str(self._nodes()),
-            "slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or "none",
+            "slurm_job_id": slurm_job_id() or "none",
             "stage": self.cfg.stage,
         }
 

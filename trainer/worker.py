@@ -14,6 +14,7 @@ from pathlib import Path
 
 from trainer.config import load_run_config
 from trainer.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
+from trainer.preemption import stop_with_launcher
 from trainer.trainer import train
 
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
+    stop_with_launcher()  # first: a launcher killed from now on stops this rank
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     setup_logging(rank)
     return run_rank(args.run_dir, rank)
