@@ -21,11 +21,11 @@ run's *timeline* (how many rollbacks were made when it was written); rollback ``
 ``i >= t`` restored a step before it. That rule holds from the moment the rollback is recorded, so a crash before
 ``latest`` moves or the abandoned directories are deleted (locally and on the mirror) never resumes one of them.
 
-Before a resume every rank checks its share of the files against the marker: a truncated or changed checkpoint
-is refused with a log line, renamed ``damaged_*`` and the previous complete one is used. The last ``keep`` complete checkpoints are kept. With
-``mirror_url`` each complete checkpoint is copied to that fsspec URL in the background (:mod:`trainer.mirror`,
-marker last), and resume falls back to the mirror's newest intact copy when the local directory has none. State
-files load with ``weights_only=True``.
+Before a resume every rank checks its share of the files against the marker: a truncated or changed checkpoint is
+refused with a log line, renamed ``damaged_*`` and the previous complete one is used. The last ``keep`` complete
+checkpoints are kept. With ``mirror_url`` each complete checkpoint is copied to that fsspec URL in the background
+(:mod:`trainer.mirror`, marker last), and resume falls back to the mirror's newest intact copy when the local
+directory has none. State files load with ``weights_only=True``.
 """
 
 from __future__ import annotations
