@@ -120,9 +120,9 @@ def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace
             signal.signal(sig, handler)
     codes = [int(p.returncode) for p in procs]
     if any(code not in (0, REQUEUE_EXIT_CODE) for code in codes):
-        _report(run_dir, codes, started)
-        return first_failure[1] if first_failure is not None else next(c for c in codes if c not in (0, 75))
-    if stopped_by:
+        code = codes[_report(run_dir, codes, started)]
+        return 128 - code if code < 0 else code  # a rank killed by signal N: 128 + N, as a shell reports it
+    if stopped_by and any(code != 0 for code in codes):  # a signal after every rank finished changes nothing
         name = signal.Signals(stopped_by[0]).name
         log.error("run stopped by %s%s; re-run the same command to resume", name, _saved(run_dir))
         return 128 + int(stopped_by[0])
@@ -145,13 +145,14 @@ def _kill_group(proc: subprocess.Popen, wait: bool = True) -> None:
         proc.wait(timeout=10)
 
 
-def _report(run_dir: Path, codes: list[int], started: float) -> None:
+def _report(run_dir: Path, codes: list[int], started: float) -> int:
     """One summary line: the rank whose failure caused the others' and why (its failure record, or the signal
-    that killed it), then how each rank ended."""
+    that killed it), then how each rank ended; returns that rank."""
     rank, why = root_cause(failures_since(run_dir, started), codes)
     endings = ", ".join(f"rank {r}: {_ending(c)}" for r, c in enumerate(codes))
     log.error("run failed: rank %d %s\n  exit codes: %s\n  details: %s", rank, why, endings,
               run_dir / FAILURES)  # fmt: skip
+    return rank
 
 
 def _ending(code: int) -> str:

@@ -43,6 +43,7 @@ current epoch (the same on every rank, so rank 0's state is enough) and the layo
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import signal
@@ -56,9 +57,10 @@ import torch
 import torch.utils.data
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import pil_to_tensor
-from webdataset.autodecode import basichandlers, imagehandler
+from webdataset.autodecode import basichandlers
 
 from data.manifest import DataSpec, ShardSet, check_shards_exist, resolve_shards, verify_shards
+from data.pixels import pil_rgb8, tensor_rgb8
 from data.reader import MissingSample, RawSample, ShardReader
 from data.sampling import (
     EpochOrder,
@@ -87,21 +89,24 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 STATE_VERSION = 1
 _READ_CHUNK = 1024  # samples read at once by a worker when shuffling is off
 
-_decode_image = imagehandler("pilrgb", extensions=list(IMAGE_EXTENSIONS))
 _TENSOR_DECODABLE = ("jpg", "jpeg", "png", "webp")
 """Formats ``torchvision.io.decode_image`` reads (libjpeg-turbo, libpng, libwebp); others go through PIL."""
 Decode = Literal["pil", "tensor"]
+
+
+def _decode_pil(data: bytes) -> PIL.Image.Image:
+    """An RGB 8-bit PIL image (16-bit files scaled, :mod:`data.pixels`)."""
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return pil_rgb8(image)
 
 
 def _decode_tensor(ext: str, data: bytes) -> torch.Tensor:
     """An RGB uint8 ``(3, H, W)`` tensor. torchvision's decoders with tensor transforms run about twice as fast as
     PIL's decode and resize at 224 px (bench/data_throughput.py); formats they lack are decoded by PIL."""
     if ext in _TENSOR_DECODABLE:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    image = _decode_image("." + ext, data)
-    if not isinstance(image, PIL.Image.Image):
-        raise TypeError(f"webdataset did not decode .{ext} to an image")
-    return pil_to_tensor(image)
+        return tensor_rgb8(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB))
+    return pil_to_tensor(_decode_pil(data))
 
 
 @dataclass
@@ -259,7 +264,7 @@ def decode_sample(
     if not isinstance(label, int) or label < IGNORE_LABEL or (num_classes is not None and label >= num_classes):
         raise UnusableSampleError("bad_label", f"label {label!r} outside [-1, {num_classes})")
     try:
-        image = _decode_tensor(ext, raw.files[ext]) if decode == "tensor" else _decode_image("." + ext, raw.files[ext])
+        image = _decode_tensor(ext, raw.files[ext]) if decode == "tensor" else _decode_pil(raw.files[ext])
     except Exception as exc:  # PIL and torchvision raise many types for bad bytes
         raise UnusableSampleError("bad_image", f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(image, PIL.Image.Image | torch.Tensor):

@@ -20,6 +20,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from data.pixels import pil_rgb8
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"})
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -68,7 +70,7 @@ class SourceSample:
             return self.image
         assert self.encoded is not None
         with PIL.Image.open(io.BytesIO(self.encoded[1])) as img:
-            return img.convert("RGB")
+            return pil_rgb8(img)
 
 
 class Source(Protocol):
@@ -132,7 +134,7 @@ def _open_rgb(path: Path) -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as img:
             # EXIF orientation is what a viewer shows; training should see the same.
-            return PIL.ImageOps.exif_transpose(img).convert("RGB")
+            return pil_rgb8(PIL.ImageOps.exif_transpose(img))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc}); fix or remove the file") from exc
 

@@ -278,6 +278,7 @@ class Checkpointer:
         started = time.perf_counter()
         try:
             engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            faults.at("save", step, self.root.parent)
             state = {"step": step, "rng": rng_state(), **rank_state}
             tmp = directory / f".rank_{self.env.rank:05d}.pt.tmp"
             torch.save(state, tmp)
@@ -285,7 +286,6 @@ class Checkpointer:
         except Exception as err:
             self._fail_if_disk_full(err, directory)
             raise
-        faults.at("save", step, self.root.parent)
         barrier()
         files = checkpoint_files(directory, {MARKER})
         digests = {

@@ -365,6 +365,13 @@ class PretrainConfig(RunConfig):
             raise ValueError(
                 f"data.image_size={self.data.image_size} must be a multiple of 32 for FCMAE (32-px patches)"
             )
+        patches = (self.data.image_size // 32) ** 2
+        if int(patches * (1 - self.model.mask_ratio)) < 1:  # the official int(L * (1 - ratio)), models.masking
+            raise ValueError(
+                f"model.mask_ratio={self.model.mask_ratio} leaves no visible patch of the {patches} at "
+                f"data.image_size={self.data.image_size}: lower model.mask_ratio below {1 - 1 / patches:.3g} or "
+                "raise data.image_size"
+            )
         if bool(self.eval.knn_bank_url) != bool(self.data.val_url):
             raise ValueError(
                 "pretraining's kNN probe needs both eval.knn_bank_url (the labeled bank) and data.val_url (the "

@@ -8,7 +8,8 @@ reads the variable when it is unset, and a value that does not parse is an error
 Points, in the order a run meets them:
 
 - ``step``: after an optimizer step (and its ledger record), before logging and saving;
-- ``save``: inside a checkpoint save, every rank's files written, before the hashes and the ``COMPLETE`` marker;
+- ``save``: inside a checkpoint save, DeepSpeed's files of this rank written, its own state file not yet (nor the
+  hashes, nor the ``COMPLETE`` marker);
 - ``marker``: the marker written, before the ``latest`` pointer, retention and the mirror hand-off;
 - ``mirror``: inside a background mirror upload, after its first file, before its marker;
 - ``evaluation``: after the first batch of an evaluation (probes included);

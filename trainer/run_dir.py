@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError, TrainConfig, read_stored_config
 from trainer.export import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 # Keys that may change between restarts of one run: where and how it runs, not what it trains. Per-device batch
 # and accumulation may change with the world size (the trainer warns if the global batch changes).
@@ -40,11 +43,19 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _trained(run_dir: Path) -> bool:
+    """Whether the run directory holds anything trained: a checkpoint directory or an export."""
+    checkpoints = run_dir / "checkpoints"
+    saved = checkpoints.is_dir() and any(p.is_dir() and p.name.startswith("step_") for p in checkpoints.iterdir())
+    return saved or (run_dir / "export").exists()
+
+
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
     """Create the run directory and store the resolved config; returns True when it resumes an existing run.
 
     A run directory already holding a different config is refused (naming the keys that differ) unless only
-    restart-safe keys changed (cluster resources, workers, tracking, the step cap).
+    restart-safe keys changed (cluster resources, workers, tracking, the step cap), or nothing was trained there
+    yet (no checkpoint, no export: a run that failed at start-up takes the corrected config).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
@@ -55,7 +66,10 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
         changed = sorted(
             k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESTART_MUTABLE)
         )
-        if changed:
+        if changed and not _trained(run_dir):
+            log.warning("%s: replacing the config of a run that never saved a checkpoint (%s)", run_dir,
+                        ", ".join(changed))  # fmt: skip
+        elif changed:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
             raise ConfigError(
                 f"{run_dir} holds a run with a different config ({details}). Re-run with the original settings to "

@@ -284,9 +284,14 @@ class Trainer:
             status = "FINISHED" if code == 0 else "KILLED"
             return code
         finally:
-            if self.system_metrics is not None:  # its last samples go in before the run ends
-                self.system_metrics.close()
-            self.tracker.finish(status)
+            try:
+                if self.system_metrics is not None:  # its last samples go in before the run ends
+                    self.system_metrics.close()
+                self.tracker.finish(status)
+            except Exception as err:  # a failed run's tracking (a full disk, a lost server) must not mask its cause
+                if status != "FAILED":
+                    raise
+                log.error("could not close the MLflow run: %s: %s", type(err).__name__, err)
             self.close(failed=status == "FAILED")
 
     def train(self) -> int:

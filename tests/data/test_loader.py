@@ -341,3 +341,25 @@ def test_tensor_decoding_gives_the_pil_crops(tmp_path: Path) -> None:
     different = (pil - other).abs().mean(dim=(1, 2, 3))
     assert same.max() < 0.02, same  # normalized units: about 1/255 of the pixel range
     assert different.mean() > 10 * same.mean(), (different.mean(), same.mean())
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_by_both_decoders() -> None:
+    """A 16-bit grayscale ramp (PIL mode I;16) decodes to the 8-bit ramp it stands for, through PIL and through
+    torchvision (which hands out uint16); PIL's own RGB conversion, the control, clips it nearly white."""
+    from data.loader import decode_sample
+    from data.reader import RawSample
+
+    wide = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(wide).save(buf, format="PNG")
+    expected = np.round(wide / 257.0)
+    raw = RawSample("ramp", {"png": buf.getvalue(), "cls": b"0"}, "mem://ramp.tar")
+    pil, _, _ = decode_sample(raw, num_classes=1)
+    tensor, _, _ = decode_sample(raw, num_classes=1, decode="tensor")
+    assert isinstance(pil, PIL.Image.Image) and pil.mode == "RGB"
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.uint8 and tensor.shape == (3, 64, 64)
+    assert np.abs(np.asarray(pil)[..., 0].astype(float) - expected).max() <= 1
+    assert np.abs(tensor[0].numpy().astype(float) - expected).max() <= 1
+    assert np.asarray(pil).mean() == pytest.approx(127.5, abs=1)
+    clipped = np.asarray(PIL.Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert clipped.mean() > 250  # what the loader gave before

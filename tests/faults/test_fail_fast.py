@@ -12,22 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.launch import launch_cmd, logged_steps, start, wait_for
+from tests.support.launch import launch_cmd, logged_steps, run_processes, start, wait_for
 from trainer.failure import FAILURE_EXIT_CODE, HANG_EXIT_CODE
 
 BOUND_S = 60
-
-
-def _run_processes(run_dir: Path) -> dict[int, int]:
-    """``pid -> process group`` of every process whose command line names the run directory (ranks and their
-    forked dataloader workers)."""
-    out = subprocess.run(["ps", "-wweo", "pid=,pgid=,args="], capture_output=True, text=True, check=True).stdout
-    found = {}
-    for line in out.splitlines():
-        pid, pgid, args = line.strip().split(None, 2)
-        if "trainer.worker" in args and str(run_dir) in args:
-            found[int(pid)] = int(pgid)
-    return found
 
 
 def _alive_in_groups(groups: set[int]) -> list[str]:
@@ -52,7 +40,7 @@ def test_shards_deleted_mid_run_end_every_rank_within_a_minute(fmnist_shards: st
     log = tmp_path / "launch.log"
     proc = start(cmd, log)
     wait_for(lambda: len(logged_steps(run_dir)) >= 3, what="step 3", proc=proc)
-    groups = set(_run_processes(run_dir).values())
+    groups = set(run_processes(run_dir).values())
     assert len(groups) == 2  # two ranks, each in its own process group with its dataloader workers
     for shard in data.glob("*.tar"):
         shard.unlink()  # the data disappears under the running job (a cleaned scratch disk, a lost mount)
@@ -77,8 +65,8 @@ def test_a_rank_that_stops_stepping_is_caught_by_the_watchdog(tmp_path: Path) ->
     log = tmp_path / "launch.log"
     proc = start(cmd, log)
     wait_for(lambda: len(logged_steps(run_dir)) >= 3, what="step 3", proc=proc)
-    ranks = {_rank_of(pid): pid for pid in _run_processes(run_dir)}
-    groups = set(_run_processes(run_dir).values())
+    ranks = {_rank_of(pid): pid for pid in run_processes(run_dir)}
+    groups = set(run_processes(run_dir).values())
     os.kill(ranks[1], signal.SIGSTOP)  # rank 1's node hangs: rank 0 waits in the next collective
     stopped_at = time.monotonic()
     code = proc.wait(timeout=300)

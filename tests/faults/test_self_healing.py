@@ -6,66 +6,18 @@ Real processes throughout: the launcher with 2 ranks on gloo, real Fashion-MNIST
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import pytest
 
-from data.sampling import EpochOrder
 from tests.support.launch import launch_cmd, logged_steps, preempt, run, start, wait_for
+from tests.support.spikes import SHARD, calm, noise, seed_hitting_noise_once, write_shard
 from trainer.checkpoint import LATEST, MARKER
 from trainer.preemption import REQUEUE_EXIT_CODE
 from trainer.recovery import ROLLBACKS_FILE
-
-SHARD = 8  # samples per shard = the batch size: a bad shard fills exactly one batch of one rank
-
-
-def _shard(path: Path, prefix: str, images: list[np.ndarray]) -> list[str]:
-    """A tar shard in webdataset's layout (``.png`` + ``.cls``), written without our writer."""
-    keys = []
-    with tarfile.open(path, "w") as tar:
-        for i, pixels in enumerate(images):
-            buf = io.BytesIO()
-            PIL.Image.fromarray(pixels).save(buf, format="PNG")
-            key = f"{prefix}{i:03d}"
-            for name, data in ((f"{key}.png", buf.getvalue()), (f"{key}.cls", b"0")):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            keys.append(key)
-    return keys
-
-
-def _calm(seed: int) -> np.ndarray:
-    """A low-contrast image near ImageNet's mean colour: smooth shapes of +-20 levels, what the run learns on."""
-    rng = np.random.default_rng(seed)
-    coarse = PIL.Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((64, 64), PIL.Image.BICUBIC)
-    mean = np.array([124, 116, 104], dtype=np.float32)
-    return (mean + (np.asarray(coarse, dtype=np.float32) - 128) * 20 / 128).clip(0, 255).astype(np.uint8)
-
-
-def _noise(seed: int) -> np.ndarray:
-    """Salt and pepper: every pixel black or white, another distribution entirely."""
-    return ((np.random.default_rng(seed).random((64, 64, 3)) < 0.5) * 255).astype(np.uint8)
-
-
-def _seed_hitting_noise_once(num_shards: int, bad: int) -> tuple[int, int]:
-    """A run seed whose epoch 0 serves shard ``bad`` at a step in 6..9 (after the spike statistic's warm-up and a
-    checkpoint) and whose epoch 1 does not serve it in the two steps a rollback borrows from it. The loader's own
-    shard order decides (2 ranks x 1 shard per step: rank 0 serves order positions 0..9, rank 1 10..19)."""
-    steps = num_shards // 2
-    for seed in range(200):
-        first = int(np.flatnonzero(EpochOrder([SHARD] * num_shards, seed, 0, True).shard_order == bad)[0])
-        second = int(np.flatnonzero(EpochOrder([SHARD] * num_shards, seed, 1, True).shard_order == bad)[0])
-        if 6 <= first % steps + 1 <= 9 and second % steps >= 3:
-            return seed, first % steps + 1
-    raise AssertionError("no seed places the bad shard where the test needs it")
 
 
 @pytest.mark.slow
@@ -78,10 +30,12 @@ def test_a_loss_spike_from_a_window_of_noise_rolls_back_and_skips_it(tmp_path: P
     for directory in (clean, bad, good):
         directory.mkdir()
     for shard in range(19):
-        _shard(clean / f"calm-{shard:03d}.tar", f"calm{shard:02d}_", [_calm(shard * SHARD + i) for i in range(SHARD)])
-    noise_keys = _shard(bad / "noise-000.tar", "noise", [_noise(i) for i in range(SHARD)])
-    _shard(good / "calm-019.tar", "calm19_", [_calm(19 * SHARD + i) for i in range(SHARD)])  # the control's 20th
-    seed, noisy_step = _seed_hitting_noise_once(20, bad=19)
+        write_shard(
+            clean / f"calm-{shard:03d}.tar", f"calm{shard:02d}_", [calm(shard * SHARD + i) for i in range(SHARD)]
+        )
+    noise_keys = write_shard(bad / "noise-000.tar", "noise", [noise(i) for i in range(SHARD)])
+    write_shard(good / "calm-019.tar", "calm19_", [calm(19 * SHARD + i) for i in range(SHARD)])  # the control's 20th
+    seed, noisy_step = seed_hitting_noise_once(20, bad=19)
     common = (
         f"seed={seed}", "data.batch_size=8", "data.shuffle_window=8", "schedule.max_steps=10",
         "model.norm_pix_loss=false", "checkpoint.every_steps=2", "checkpoint.keep=5",

@@ -47,12 +47,15 @@ def launch_cmd(run_dir: Path, *overrides: str, ranks: int = 1, config: str = "de
     ]  # fmt: skip
 
 
-def env() -> dict[str, str]:
-    """Environment of launched jobs."""
+def env(fault: str | None = None) -> dict[str, str]:
+    """Environment of launched jobs; ``fault``: a ``FCMAE_FAULT`` injection (:mod:`trainer.faults`)."""
     out = dict(os.environ)
     out.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     out["DS_ACCELERATOR"] = "cpu"
     out.pop("MLFLOW_TRACKING_URI", None)
+    out.pop("FCMAE_FAULT", None)
+    if fault is not None:
+        out["FCMAE_FAULT"] = fault
     return out
 
 
@@ -63,9 +66,21 @@ def run(cmd: list[str], timeout: float = 300) -> int:
     ).returncode
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    """Start in the background, logging to a file."""
-    return subprocess.Popen(cmd, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def start(cmd: list[str], log: Path, fault: str | None = None) -> subprocess.Popen:
+    """Start in the background, logging to a file (with a fault injected, when given)."""
+    return subprocess.Popen(cmd, env=env(fault), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def run_processes(run_dir: Path) -> dict[int, int]:
+    """``pid -> process group`` of every live process whose command line names the run directory (ranks and their
+    forked dataloader workers)."""
+    out = subprocess.run(["ps", "-wweo", "pid=,pgid=,stat=,args="], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        pid, pgid, stat, args = line.strip().split(None, 3)
+        if "trainer.worker" in args and str(run_dir) in args.split() and not stat.startswith("Z"):
+            found[int(pid)] = int(pgid)
+    return found
 
 
 def wait_for(

@@ -63,10 +63,27 @@ def test_global_batch_mismatch_names_the_settings() -> None:
 
 def test_a_run_dir_refuses_a_different_training_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert prepare_run_dir(load_config("demo_fcmae"), tmp_path) is False
+    # Nothing trained yet (a run that failed at start-up): the corrected config replaces the stored one.
+    assert prepare_run_dir(load_config("demo_fcmae", ["optim.base_lr=0.002"]), tmp_path) is True
+    (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
     # Cluster resources may change between restarts; what is trained may not.
-    assert prepare_run_dir(load_config("demo_fcmae", ["cluster.nodes=2"]), tmp_path) is True
-    with pytest.raises(ConfigError, match=r"optim.base_lr: 0.0015 -> 0.01"):
+    assert prepare_run_dir(load_config("demo_fcmae", ["cluster.nodes=2", "optim.base_lr=0.002"]), tmp_path) is True
+    with pytest.raises(ConfigError, match=r"optim.base_lr: 0.002 -> 0.01"):
         prepare_run_dir(load_config("demo_fcmae", ["optim.base_lr=0.01"]), tmp_path)
+
+
+def test_a_mask_that_leaves_no_visible_patch_is_refused_before_anything_is_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cluster.launch import main
+
+    run_dir = tmp_path / "run"
+    args = ["--config", "demo_fcmae", "--local", "--run-dir", str(run_dir), "data.image_size=64"]
+    assert main([*args, "model.mask_ratio=0.9", "--dry-run"]) == 2  # the dry run sees the rule too
+    assert main([*args, "model.mask_ratio=0.9"]) == 2
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match=r"model.mask_ratio=0.9 leaves no visible patch of the 4 at "
+                                          r"data.image_size=64: lower model.mask_ratio below 0.75"):  # fmt: skip
+        load_config("demo_fcmae", ["data.image_size=64", "model.mask_ratio=0.9"])
+    load_config("demo_fcmae", ["data.image_size=64", "model.mask_ratio=0.7"])  # control: one patch stays visible
 
 
 def test_a_key_of_another_stage_is_refused_by_name() -> None:

@@ -1,0 +1,298 @@
+"""The fault matrix: every fault at every phase of a run, each met while the run recovers from the one before,
+checked against the run's guarantees as a whole (SPEC section 10).
+
+A run here is the command a user types, relaunched after each fault until it ends. Faults are reached
+deterministically through :mod:`trainer.faults` (``FCMAE_FAULT``), and the damaged checkpoints between segments
+are made by the test. After the last segment: the final weights (and the sample ledger) equal the uninterrupted
+run's bit for bit, or, after a rollback, the ledger and ``rollbacks.jsonl`` account for every sample; no process of
+the run is left; nothing on disk blocks a resume (no lock, partial directory or half-written file); every segment
+that did not finish exited non-zero with a summary line naming its cause. Each equivalence carries a negative
+control that the same assertion rejects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.launch import env, launch_cmd, run_processes, start, wait_for
+from tests.support.spikes import SHARD, calm, noise, seed_hitting_noise_once, write_shard
+from tests.support.weights import exported_weights
+from trainer.checkpoint import LATEST, MARKER
+from trainer.faults import BALLAST
+from trainer.integrity import digest_share
+from trainer.ledger import read_ledger
+from trainer.preemption import REQUEUE_EXIT_CODE
+from trainer.recovery import ROLLBACKS_FILE, SEGMENTS_FILE
+from trainer.run_lock import LOCK_FILE
+
+KILLED = -9  # the launcher's exit status after SIGKILL
+
+
+class Segments:
+    """Relaunches of one run directory's command, each with its own fault, logged to its own file."""
+
+    def __init__(self, tmp: Path, cmd: list[str]) -> None:
+        self.tmp, self.cmd, self.count = tmp, cmd, 0
+        self.logs: list[Path] = []
+
+    def run(self, fault: str | None, expect: int, cmd: list[str] | None = None) -> str:
+        """One segment: the command with ``fault``; asserts its exit code and that no process of it is left
+        within the watchdog's bound; returns its log."""
+        self.count += 1
+        log = self.tmp / f"segment-{self.count:02d}.log"
+        self.logs.append(log)
+        proc = start(cmd or self.cmd, log, fault)
+        code = proc.wait(timeout=300)
+        run_dir = Path((cmd or self.cmd)[(cmd or self.cmd).index("--run-dir") + 1])
+        # A SIGKILLed launcher cannot wait for its ranks: they stop by themselves (parent-death signal).
+        wait_for(lambda: not run_processes(run_dir), timeout=60, what="the run's processes to end")
+        text = log.read_text()
+        assert code == expect, f"segment {self.count} ({fault}) exited {code}, expected {expect}\n{text[-4000:]}"
+        return text
+
+
+def _flip_a_byte(checkpoint: Path) -> str:
+    """Change one byte in the middle of the checkpoint's largest file (its size stays); returns the file."""
+    marker = json.loads((checkpoint / MARKER).read_text())
+    name = max(marker["files"], key=lambda n: marker["files"][n]["bytes"])
+    data = bytearray((checkpoint / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (checkpoint / name).write_bytes(bytes(data))
+    return name
+
+
+def _loader_ahead(run_dir: Path, copy: Path) -> None:
+    """A copy whose newest checkpoint resumes the loader one batch too far (re-hashed so it is not refused)."""
+    shutil.copytree(run_dir, copy)
+    latest = copy / "checkpoints" / (copy / "checkpoints" / LATEST).read_text().strip()
+    for file in latest.glob("rank_*.pt"):
+        state = torch.load(file, weights_only=True)
+        state["loader"]["position"] += 1
+        torch.save(state, file)
+    marker = json.loads((latest / MARKER).read_text())
+    marker["files"].update(digest_share(latest, sorted(p.name for p in latest.glob("rank_*.pt")), 0, 1))
+    (latest / MARKER).write_text(json.dumps(marker))
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = exported_weights(a), exported_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _nothing_blocks_a_resume(run_dir: Path) -> None:
+    """No lock, no half-written file, no checkpoint directory without its marker."""
+    assert not (run_dir / LOCK_FILE).exists()
+    leftovers = [p for p in run_dir.rglob("*") if ".tmp" in p.name or p.name.startswith(".fetch_")]
+    assert leftovers == [], leftovers
+    partial = [d.name for d in (run_dir / "checkpoints").glob("step_*") if not (d / MARKER).exists()]
+    assert partial == [], partial
+
+
+def _summary(text: str, pattern: str) -> None:
+    assert re.search(pattern, text), f"no summary line matching {pattern!r} in\n{text[-3000:]}"
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 640 MB tmpfs mounted for the test (as root): a disk that really fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
+    tmp_path: Path, tmpfs: Path, fmnist_shards: str, fmnist_test_shards: str, s3_bucket: str
+) -> None:
+    """Ten segments of one 2-rank run on a tmpfs, with the kNN probe, a mirror on S3 and the sample ledger; each
+    segment faults the recovery from the one before. Cells: train step x SIGKILL rank 1 (with a second launch
+    refused), save x SIGKILL launcher, train step x SIGHUP, damaged checkpoint + train step x SIGKILL rank 0, the
+    same step damaged again + evaluation x SIGTERM, mirror upload x SIGUSR2, marker x SIGINT, save x ENOSPC,
+    export x SIGKILL rank 0, then the end."""
+    common = (
+        f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}", f"eval.knn_bank_url={fmnist_shards}",
+        "data.batch_size=8", "schedule.max_steps=12", "checkpoint.every_steps=2", "checkpoint.keep=3",
+        "eval.every_steps=6", "tracking.sample_ledger=true", "watchdog.min_timeout_s=60",
+    )  # fmt: skip
+    reference = tmp_path / "reference"
+    assert start(launch_cmd(reference, *common, ranks=2), tmp_path / "reference.log").wait(timeout=300) == 0
+    run_dir = tmpfs / "run"
+    cmd = launch_cmd(run_dir, *common, f"checkpoint.mirror_url={s3_bucket}/matrix", ranks=2)
+    seg = Segments(tmp_path, cmd)
+    ckpt = run_dir / "checkpoints"
+
+    # 1. A train step x SIGKILL of rank 1, before anything was saved; meanwhile a second launch on the same
+    #    directory is refused at once, naming the holder.
+    log = tmp_path / "segment-01.log"
+    first = start(cmd, log, "step@1=kill_rank@1")
+    wait_for(lambda: (run_dir / LOCK_FILE).exists(), what="the run lock", proc=first)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert re.search(rf"{run_dir} is in use by another run: launcher pid {first.pid} on ", second.stderr)
+    assert first.wait(timeout=300) == 128 + 9
+    seg.count, seg.logs = 1, [log]
+    wait_for(lambda: not run_processes(run_dir), timeout=60, what="the ranks to end")
+    _summary(log.read_text(), r"run failed: rank 1 was killed by SIGKILL")
+    assert not ckpt.exists() or not list(ckpt.glob("step_*"))
+
+    # 2. A save x SIGKILL of the launcher: the ranks get SIGTERM from the kernel, finish the save, train the next
+    #    step (the save came after that step's poll) and stop with its checkpoint.
+    text = seg.run("save@2=kill_launcher", KILLED)
+    _summary(text, r"received SIGTERM \(the launcher, pid \d+, died\): saving a checkpoint")
+    assert (ckpt / LATEST).read_text() == "step_00000003"
+    # 3. The lock of the dead launcher is taken over; a train step x SIGHUP: saved at that step, exit 128 + 1.
+    text = seg.run("step@4=hup_launcher", 129)
+    assert "taking over the lock of launcher pid" in text
+    _summary(text, r"run stopped by SIGHUP \(newest checkpoint step_00000004\); re-run the same command")
+    # 4. The newest checkpoint is damaged; the resume sets it aside and uses step 3; rank 0 SIGKILLed at step 5.
+    _flip_a_byte(ckpt / "step_00000004")
+    text = seg.run("step@5=kill_rank@0", 128 + 9)
+    assert "checkpoint step_00000004 is damaged" in text and "resumed from" in text
+    _summary(text, r"run failed: rank 0 was killed by SIGKILL")
+    # 5. Step 4 (saved again) is damaged again: kept as damaged_step_00000004.2; then SIGTERM in the evaluation.
+    _flip_a_byte(ckpt / "step_00000004")
+    text = seg.run("evaluation@6=term_launcher", 143)
+    assert {d.name for d in ckpt.glob("damaged_*")} == {"damaged_step_00000004", "damaged_step_00000004.2"}
+    _summary(text, r"evaluation at step 6 stopped after \d+ of \d+ batches: preemption")
+    _summary(text, r"run stopped by SIGTERM \(newest checkpoint step_00000006\)")
+    # 6. The evaluation is redone; SIGUSR2 (SLURM's warning) while a checkpoint uploads to the mirror.
+    text = seg.run("mirror=preempt", REQUEUE_EXIT_CODE)
+    assert re.search(r"eval step 6 .*knn_top1", text)
+    _summary(text, r"received SIGUSR2: saving a checkpoint and exiting for requeue")
+    # 7. SIGINT (Ctrl-C) just after a checkpoint's marker is written.
+    text = seg.run("marker@10=int_launcher", 130)
+    _summary(text, r"run stopped by SIGINT \(newest checkpoint step_00000011\)")
+    saved_before_full = (ckpt / LATEST).read_text()
+    # 8. The disk fills during the save of step 12: the partial save is deleted, the run fails saying what it needs.
+    text = seg.run("save@12=fill_disk", 1)
+    _summary(text, rf"run failed: rank \d exited with code 1: DiskFullError: no space left on the device of {ckpt} "
+                   r"while saving step_00000012: a checkpoint takes \d+ MB")  # fmt: skip
+    assert (ckpt / LATEST).read_text() == saved_before_full and not (ckpt / "step_00000012").exists()
+    (tmpfs / BALLAST).unlink()  # the operator frees space
+    # (The negative control: this state, resumed with the loader one batch ahead, must end with other weights.)
+    _loader_ahead(run_dir, tmp_path / "control")
+    # 9. The export x SIGKILL of rank 0 (weights written, metrics.json not).
+    text = seg.run("export=kill_rank@0", 128 + 9)
+    _summary(text, r"run failed: rank 0 was killed by SIGKILL")
+    assert not (run_dir / "export" / "metrics.json").exists()
+    # 10. The same command ends the run.
+    seg.run(None, 0)
+
+    assert _same_weights(run_dir, reference)
+    ledger, expected = read_ledger(run_dir / "ledger"), read_ledger(reference / "ledger")
+    assert list(ledger) == list(range(1, 13)) and ledger == expected  # every step once, the same samples
+    summary = json.loads((run_dir / "export" / "metrics.json").read_text())
+    assert summary["restarts"] == 9 == len((run_dir / SEGMENTS_FILE).read_text().splitlines()) - 1
+    _nothing_blocks_a_resume(run_dir)
+    control = subprocess.run(launch_cmd(tmp_path / "control", *common, ranks=2), capture_output=True, timeout=300)
+    assert control.returncode == 0
+    assert not _same_weights(tmp_path / "control", reference)  # the same assertion rejects a wrong resume
+
+
+def _spike_data(tmp_path: Path) -> tuple[tuple[str, ...], int, list[str]]:
+    """20 shards of 8 calm images with one of noise, and a seed that serves the noise at a step in 6..9."""
+    clean, bad = tmp_path / "calm", tmp_path / "noise"
+    clean.mkdir()
+    bad.mkdir()
+    for shard in range(19):
+        write_shard(clean / f"calm-{shard:03d}.tar", f"calm{shard:02d}_", [calm(shard * SHARD + i) for i in range(8)])
+    noise_keys = write_shard(bad / "noise-000.tar", "noise", [noise(i) for i in range(SHARD)])
+    seed, noisy_step = seed_hitting_noise_once(20, bad=19)
+    common = (
+        f"seed={seed}", f"data.train_url=[{clean}, {bad}]", "data.batch_size=8", "data.shuffle_window=8",
+        "schedule.max_steps=10", "model.norm_pix_loss=false", "checkpoint.every_steps=2", "checkpoint.keep=5",
+        "schedule.spike_factor=3", "schedule.spike_window=3", "tracking.sample_ledger=true",
+    )  # fmt: skip
+    return common, noisy_step, noise_keys
+
+
+@pytest.mark.slow
+def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_rollback(tmp_path: Path) -> None:
+    """The noise shard spikes the loss; the run rolls back. Rank 1 SIGKILLed right after the rollback is recorded
+    (before ``latest`` moves and the newer checkpoints go), then SIGUSR2 in the resumed run's first step: the run
+    ends with the uninterrupted rollback run's weights and ledger, one rollback in the record, and the ledger
+    holds every sample of the epoch once except exactly the ones the record names. Control: the same crash with
+    the record removed (the rollback never committed) replays the spike and ends elsewhere. And a run whose
+    rollback budget is spent fails, saying so."""
+    common, noisy_step, noise_keys = _spike_data(tmp_path)
+    reference = tmp_path / "reference"
+    assert start(launch_cmd(reference, *common, ranks=2), tmp_path / "reference.log").wait(timeout=300) == 0
+    (record,) = [json.loads(line) for line in (reference / ROLLBACKS_FILE).read_text().splitlines()]
+    assert record["detected_at_step"] == noisy_step and set(noise_keys) <= set(record["skipped_keys"])
+
+    run_dir = tmp_path / "run"
+    seg = Segments(tmp_path, launch_cmd(run_dir, *common, ranks=2))
+    text = seg.run("rollback=kill_rank@1", 128 + 9)
+    _summary(text, r"run failed: rank 1 was killed by SIGKILL")
+    newer = [d.name for d in (run_dir / "checkpoints").glob("step_*") if int(d.name[5:]) > record["restored_step"]]
+    assert newer, "the crash came before the abandoned checkpoints were deleted"
+    shutil.copytree(run_dir, tmp_path / "uncommitted")
+    text = seg.run(f"step@{record['restored_step'] + 1}=preempt", REQUEUE_EXIT_CODE)
+    assert f"continuing the rollback of step {noisy_step}" in text and "removed step_" in text
+    seg.run(None, 0)
+    records = [json.loads(line) for line in (run_dir / ROLLBACKS_FILE).read_text().splitlines()]
+    assert len(records) == 1 and records[0]["skipped_keys"] == record["skipped_keys"]
+    assert _same_weights(run_dir, reference)
+    ledger = read_ledger(run_dir / "ledger")
+    assert ledger == read_ledger(reference / "ledger") and list(ledger) == list(range(1, 11))
+    epoch0 = [k for entry in ledger.values() if entry["epoch"] == 0 for k in entry["keys"]]
+    skipped = record["skipped_keys"]
+    assert len(epoch0) == len(set(epoch0)) and not set(epoch0) & set(skipped)  # once each, none of the skipped
+    assert len(set(epoch0)) + len(skipped) == 20 * SHARD  # ... and together the whole epoch
+    assert len(skipped) == 16 * (record["skipped_steps"][1] - record["skipped_steps"][0] + 1)  # all ranks' samples
+
+    # Control: the rollback's record gone, the same resume replays the spike (a second rollback) and ends elsewhere.
+    uncommitted = tmp_path / "uncommitted"
+    (uncommitted / ROLLBACKS_FILE).unlink()
+    assert start(launch_cmd(uncommitted, *common, ranks=2), tmp_path / "control.log").wait(timeout=300) == 0
+    assert not _same_weights(uncommitted, reference)
+
+    # No rollback budget left: the spike fails the run, naming the setting.
+    budget = tmp_path / "budget"
+    text = Segments(tmp_path, launch_cmd(budget, *common, "schedule.max_rollbacks=0", ranks=2)).run(None, 1)
+    _summary(text, rf"TrainingError: loss spike at step {noisy_step} .* after 0 rollbacks \(schedule.max_rollbacks=0")
+    assert not (budget / "export").exists()
+
+
+@pytest.mark.slow
+def test_a_crash_during_a_world_size_conversion_is_redone_to_the_same_weights(tmp_path: Path) -> None:
+    """2 ranks save step 4; the same run on 1 rank converts it to a universal checkpoint and is SIGKILLed after the
+    conversion, before it is marked complete; the relaunch converts again (nothing half-done is reused) and ends
+    with the weights of the same world-size change made without a fault. Control: that change from a copy whose
+    loader is one batch ahead ends elsewhere."""
+    common = ("checkpoint.every_steps=4", "checkpoint.keep=5")
+    run_dir = tmp_path / "run"
+    two = launch_cmd(run_dir, *common, "data.batch_size=4", "schedule.max_steps=4", ranks=2)
+    assert start(two, tmp_path / "two.log").wait(timeout=300) == 0
+    shutil.copytree(run_dir, tmp_path / "reference")
+    _loader_ahead(run_dir, tmp_path / "control")
+    one = ("data.batch_size=8", "schedule.max_steps=8")
+    seg = Segments(tmp_path, launch_cmd(run_dir, *common, *one, ranks=1))
+    text = seg.run("conversion=kill_rank@0", 128 + 9)
+    _summary(text, r"run failed: rank 0 was killed by SIGKILL")
+    assert not (run_dir / "checkpoints" / "step_00000004_universal").exists()
+    text = seg.run(None, 0)
+    assert "converting it to a universal checkpoint" in text
+    for other in ("reference", "control"):
+        cmd = launch_cmd(tmp_path / other, *common, *one, ranks=1)
+        assert start(cmd, tmp_path / f"{other}.log").wait(timeout=300) == 0
+    assert _same_weights(run_dir, tmp_path / "reference")
+    assert not _same_weights(tmp_path / "control", tmp_path / "reference")
+    _nothing_blocks_a_resume(run_dir)
+    leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
