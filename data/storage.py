@@ -121,8 +121,20 @@ def with_retries(fn: Callable[[], T], *, url: str, what: str, policy: RetryPolic
 
 
 def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Resolve ``url`` to an fsspec filesystem and the path inside it."""
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    """Resolve ``url`` to an fsspec filesystem and the path inside it.
+
+    s3fs's and botocore's own retry loops are turned off (one try each, unless ``storage_options`` configure
+    botocore's): :func:`with_retries` and its :class:`RetryPolicy` are the one place that retries, so an endpoint with nothing listening fails in seconds instead of s3fs's five rounds of
+    backoff inside each of ours (~50 s)."""
+    options = dict(storage_options or {})
+    s3 = urlparse(url).scheme in ("s3", "s3a")
+    if s3:  # botocore's own retries: one attempt, unless the options configure them
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"max_attempts": 1})
+        options["config_kwargs"] = config
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if s3 and hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's retry loop: a class attribute (5), not a constructor option
     return fs, path
 
 

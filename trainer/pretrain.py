@@ -217,11 +217,17 @@ class PretrainStage:
         barrier()
 
     def state_dict(self) -> dict[str, Any]:
-        """The collapse warning's reference (the first evaluation's effective rank)."""
-        return {"first_rank": self.first_rank, "random_top1": self.random_top1}
+        """The collapse warning's reference (the first evaluation's effective rank), the kNN baseline, and the
+        fixed evaluation batch (the run's first 8 images and masks of this rank), so that a resumed run evaluates
+        (and redoes an evaluation a preemption stopped) on the same images as the uninterrupted one."""
+        batch = None if self._eval_batch is None else [t.cpu() for t in self._eval_batch]
+        return {"first_rank": self.first_rank, "random_top1": self.random_top1, "eval_batch": batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
         first, random_top1 = state.get("first_rank"), state.get("random_top1")
         self.first_rank = None if first is None else float(first)
         self.random_top1 = None if random_top1 is None else float(random_top1)
+        batch = state.get("eval_batch")
+        if batch is not None:
+            self._eval_batch = (batch[0].to(self.env.device), batch[1].to(self.env.device))

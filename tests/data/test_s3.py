@@ -99,3 +99,15 @@ def test_unreachable_endpoint_fails_fast_with_the_url(moto_endpoint: str) -> Non
             retry=RetryPolicy(attempts=2, base_delay_s=0.05),
         )
     assert time.monotonic() - start < 20
+
+
+def test_an_endpoint_with_nothing_listening_fails_in_seconds_with_default_settings(moto_endpoint: str) -> None:
+    """Only our RetryPolicy retries (5 tries, 7.5 s of backoff): s3fs's and botocore's own retry loops inside each
+    try took the same error to ~50 s before."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(DataSourceError, match=r"s3://bucket/set/manifest\.json after 5 attempts"):
+        build_loader("s3://bucket/set", batch_size=4, storage_options={"endpoint_url": f"http://127.0.0.1:{port}"})
+    assert time.monotonic() - start < 20

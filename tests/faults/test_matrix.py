@@ -88,6 +88,13 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _evaluations(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Step -> the probes' values of the last evaluation of that step in ``metrics.jsonl``."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keys = ("knn_top1", "effective_rank", "feature_cosine_distance_s1", "feature_cosine_distance_s4")
+    return {r["step"]: {k: r[k] for k in keys} for r in records if r["kind"] == "eval"}
+
+
 def _nothing_blocks_a_resume(run_dir: Path) -> None:
     """No lock, no half-written file, no checkpoint directory without its marker."""
     assert not (run_dir / LOCK_FILE).exists()
@@ -172,7 +179,7 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     _summary(text, r"run stopped by SIGTERM \(newest checkpoint step_00000006\)")
     # 6. The evaluation is redone; SIGUSR2 (SLURM's warning) while a checkpoint uploads to the mirror.
     text = seg.run("mirror=preempt", REQUEUE_EXIT_CODE)
-    assert re.search(r"eval step 6 .*knn_top1", text)
+    assert re.search(r"eval step 6 .*knn_top1", text), "the stopped evaluation was not redone"
     _summary(text, r"received SIGUSR2: saving a checkpoint and exiting for requeue")
     # 7. SIGINT (Ctrl-C) just after a checkpoint's marker is written.
     text = seg.run("marker@10=int_launcher", 130)
@@ -194,6 +201,8 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     seg.run(None, 0)
 
     assert _same_weights(run_dir, reference)
+    # Every evaluation the config asks for ran (the one a signal stopped was redone), on the same images.
+    assert _evaluations(run_dir) == _evaluations(reference) and set(_evaluations(reference)) == {6, 12}
     ledger, expected = read_ledger(run_dir / "ledger"), read_ledger(reference / "ledger")
     assert list(ledger) == list(range(1, 13)) and ledger == expected  # every step once, the same samples
     summary = json.loads((run_dir / "export" / "metrics.json").read_text())
