@@ -124,8 +124,8 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
     """Resolve ``url`` to an fsspec filesystem and the path inside it.
 
     s3fs's and botocore's own retry loops are turned off (one try each, unless ``storage_options`` configure
-    botocore's): :func:`with_retries` and its :class:`RetryPolicy` are the one place that retries, so an endpoint with nothing listening fails in seconds instead of s3fs's five rounds of
-    backoff inside each of ours (~50 s)."""
+    botocore's): :func:`with_retries` and its :class:`RetryPolicy` are the one place that retries, so an endpoint
+    with nothing listening fails in seconds instead of s3fs's five rounds of backoff inside each of ours (~50 s)."""
     options = dict(storage_options or {})
     s3 = urlparse(url).scheme in ("s3", "s3a")
     if s3:  # botocore's own retries: one attempt, unless the options configure them
