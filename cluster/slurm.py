@@ -110,7 +110,7 @@ class TrainJob:
         setup_logging(dist_env.rank)
         job_id = submitit.JobEnvironment().job_id
         run_dir = Path(self.run_dir)
-        lock = RunLock(run_dir, role="SLURM job") if dist_env.rank == 0 else None
+        lock = RunLock(run_dir, role="rank 0") if dist_env.rank == 0 else None
         try:
             if lock is not None:  # a requeued attempt takes over its predecessor's lock (the same job id)
                 lock.acquire()

@@ -92,7 +92,11 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_weights(
         assert time.monotonic() < deadline, _job_log(tmp_path, job_id) + slurm_cluster.log_tails()
         assert slurm_cluster.job_state(job_id) not in ("FAILED", "CANCELLED"), _job_log(tmp_path, job_id)
         time.sleep(0.2)
-    # SLURM's early-warning signal, as --signal=USR2@120 delivers it before a time limit.
+    # A second submission on the run directory while the job trains is refused, naming the job (its lock).
+    assert launch(["--config", "demo_fcmae", "--run-dir", str(tmp_path), *JOB]) == 2
+    assert re.search(rf"in use by another run: SLURM job {job_id} rank 0 pid \d+", capsys.readouterr().err)
+    # SLURM's early-warning signal, as --signal=USR2@120 delivers it before a time limit. The requeued attempt
+    # takes over its own lock (the job finishing proves it).
     slurm_cluster.run(["scancel", "--signal=USR2", job_id], check=True)
     state = slurm_cluster.wait_state(job_id, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], timeout=300)
     assert state == "COMPLETED", _job_log(tmp_path, job_id) + slurm_cluster.log_tails()

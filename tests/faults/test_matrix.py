@@ -214,25 +214,28 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
 
 
 def _spike_data(tmp_path: Path) -> tuple[tuple[str, ...], int, list[str]]:
-    """20 shards of 8 calm images with one of noise, and a seed that serves the noise at a step in 6..9."""
+    """20 shards of 8 calm images with one of noise, a seed that serves the noise at step 7 or 8, and the step the
+    spike is found at (8, the end of the log interval 7-8)."""
     clean, bad = tmp_path / "calm", tmp_path / "noise"
     clean.mkdir()
     bad.mkdir()
     for shard in range(19):
         write_shard(clean / f"calm-{shard:03d}.tar", f"calm{shard:02d}_", [calm(shard * SHARD + i) for i in range(8)])
     noise_keys = write_shard(bad / "noise-000.tar", "noise", [noise(i) for i in range(SHARD)])
-    seed, noisy_step = seed_hitting_noise_once(20, bad=19)
+    # Log intervals of 2 steps and a checkpoint every step: the interval that spikes spans a save, so the rollback
+    # abandons a checkpoint (the spike is found at the interval's end, the restored step precedes its start).
+    seed, noisy_step = seed_hitting_noise_once(20, bad=19, first_step=7, last_step=8)
     common = (
         f"seed={seed}", f"data.train_url=[{clean}, {bad}]", "data.batch_size=8", "data.shuffle_window=8",
-        "schedule.max_steps=10", "model.norm_pix_loss=false", "checkpoint.every_steps=2", "checkpoint.keep=5",
-        "schedule.spike_factor=3", "schedule.spike_window=3", "tracking.sample_ledger=true",
+        "schedule.max_steps=10", "model.norm_pix_loss=false", "checkpoint.every_steps=1", "checkpoint.keep=5",
+        "schedule.spike_factor=3", "schedule.spike_window=3", "tracking.sample_ledger=true", "tracking.log_every=2",
     )  # fmt: skip
-    return common, noisy_step, noise_keys
+    return common, 8, noise_keys
 
 
 @pytest.mark.slow
 def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_rollback(tmp_path: Path) -> None:
-    """The noise shard spikes the loss; the run rolls back. Rank 1 SIGKILLed right after the rollback is recorded
+    """The noise shard spikes the loss; the run rolls back. Rank 0 SIGKILLed right after the rollback is recorded
     (before ``latest`` moves and the newer checkpoints go), then SIGUSR2 in the resumed run's first step: the run
     ends with the uninterrupted rollback run's weights and ledger, one rollback in the record, and the ledger
     holds every sample of the epoch once except exactly the ones the record names. Control: the same crash with
@@ -246,8 +249,8 @@ def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_
 
     run_dir = tmp_path / "run"
     seg = Segments(tmp_path, launch_cmd(run_dir, *common, ranks=2))
-    text = seg.run("rollback=kill_rank@1", 128 + 9)
-    _summary(text, r"run failed: rank 1 was killed by SIGKILL")
+    text = seg.run("rollback=kill_rank@0", 128 + 9)
+    _summary(text, r"run failed: rank 0 was killed by SIGKILL")
     newer = [d.name for d in (run_dir / "checkpoints").glob("step_*") if int(d.name[5:]) > record["restored_step"]]
     assert newer, "the crash came before the abandoned checkpoints were deleted"
     shutil.copytree(run_dir, tmp_path / "uncommitted")

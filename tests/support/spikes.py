@@ -44,14 +44,15 @@ def noise(seed: int) -> np.ndarray:
     return ((np.random.default_rng(seed).random((64, 64, 3)) < 0.5) * 255).astype(np.uint8)
 
 
-def seed_hitting_noise_once(num_shards: int, bad: int) -> tuple[int, int]:
-    """A run seed whose epoch 0 serves shard ``bad`` at a step in 6..9 (after the spike statistic's warm-up and a
-    checkpoint) and whose epoch 1 does not serve it in the two steps a rollback borrows from it. The loader's own
+def seed_hitting_noise_once(num_shards: int, bad: int, first_step: int = 6, last_step: int = 9) -> tuple[int, int]:
+    """A run seed whose epoch 0 serves shard ``bad`` at a step in ``first_step..last_step`` (after the spike
+    statistic's warm-up and a checkpoint) and whose epoch 1 does not serve it in the steps a rollback borrows from
+    it. The loader's own
     shard order decides (2 ranks x 1 shard per step: rank 0 serves order positions 0..9, rank 1 10..19)."""
     steps = num_shards // 2
     for seed in range(200):
         first = int(np.flatnonzero(EpochOrder([SHARD] * num_shards, seed, 0, True).shard_order == bad)[0])
         second = int(np.flatnonzero(EpochOrder([SHARD] * num_shards, seed, 1, True).shard_order == bad)[0])
-        if 6 <= first % steps + 1 <= 9 and second % steps >= 3:
+        if first_step <= first % steps + 1 <= last_step and second % steps >= 3:
             return seed, first % steps + 1
     raise AssertionError("no seed places the bad shard where the test needs it")
