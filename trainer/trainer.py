@@ -231,6 +231,9 @@ class Trainer:
         self.last_save_time = time.monotonic()
         self.eval_pending = False
         """A preemption stopped the evaluation of the checkpoint's step: the resumed run evaluates it first."""
+        self.interval = Interval(env.device)
+        """The losses of the current log interval; saved with each checkpoint, so that a run resumed inside an
+        interval logs (and tests for a spike) the same mean as the uninterrupted run."""
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any: engine, loader position, stage and loop state."""
@@ -242,6 +245,8 @@ class Trainer:
         self.spikes.load_state_dict(state.get("spikes", {}))
         self.eval_pending = bool(state.get("eval_pending", False))
         self.recent_keys = [(int(step), list(keys)) for step, keys in state.get("recent_keys", [])]
+        if "interval" in state:
+            self.interval.totals.copy_(torch.tensor(state["interval"], dtype=torch.float64))
         self._continue_rollback(self.resume_from)
         if int(state.get("global_batch", self.global_batch)) != self.global_batch and self.env.is_main:
             log.warning(
@@ -269,6 +274,7 @@ class Trainer:
         loaders = resume["loader"]
         self.stage.loader.load_state_dict(loaders[self.env.rank if self.env.rank < len(loaders) else 0])
         self.spikes.load_state_dict({"history": resume["spikes"]})
+        self.interval.totals.zero_()  # a rollback follows a log point: its interval is empty
         if self.env.is_main:
             log.info(
                 "continuing the rollback of step %d: its skipped samples stay skipped", after[-1]["detected_at_step"]
@@ -306,7 +312,7 @@ class Trainer:
             self.ledger = SampleLedger(self.run_dir / "ledger", env, self.step)
         peak = device_peak_flops(env.device, cfg.deepspeed.precision)
         meter = Meter(self.global_batch, env.world_size, self.total, self.stage.flops, peak)
-        interval = Interval(env.device)
+        interval = self.interval
         self.groups = micro_batch_groups(self.stage.loader, self.accum, env.device)
         self._check_save_window(self._estimated_save_s(), "estimated")
         if self.eval_pending and self._evaluate_or_stop(meter):  # the one a preemption stopped
@@ -461,6 +467,7 @@ class Trainer:
             "spikes": self.spikes.state_dict(),
             "eval_pending": self.eval_pending,
             "recent_keys": self.recent_keys,
+            "interval": self.interval.totals.tolist(),  # sync: at saves only
         }
         with self.watchdog.phase("checkpoint save"):
             self.checkpointer.save(self.engine, self.step, rank_state)

@@ -126,11 +126,11 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     tmp_path: Path, tmpfs: Path, fmnist_shards: str, fmnist_test_shards: str, s3_bucket: str
 ) -> None:
-    """Ten segments of one 2-rank run on a tmpfs, with the kNN probe, a mirror on S3 and the sample ledger; each
+    """Eleven segments of one 2-rank run on a tmpfs, with the kNN probe, a mirror on S3 and the sample ledger; each
     segment faults the recovery from the one before. Cells: train step x SIGKILL rank 1 (with a second launch
     refused), save x SIGKILL launcher, train step x SIGHUP, damaged checkpoint + train step x SIGKILL rank 0, the
     same step damaged again + evaluation x SIGTERM, mirror upload x SIGUSR2, marker x SIGINT, save x ENOSPC,
-    export x SIGKILL rank 0, then the end."""
+    export x ENOSPC, export x SIGKILL rank 0, then the end."""
     common = (
         f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}", f"eval.knn_bank_url={fmnist_shards}",
         "data.batch_size=8", "schedule.max_steps=12", "checkpoint.every_steps=2", "checkpoint.keep=3",
@@ -193,11 +193,16 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     (tmpfs / BALLAST).unlink()  # the operator frees space
     # (The negative control: this state, resumed with the loader one batch ahead, must end with other weights.)
     _loader_ahead(run_dir, tmp_path / "control")
-    # 9. The export x SIGKILL of rank 0 (weights written, metrics.json not).
+    # 9. The disk fills during the export (weights written, metrics.json not): the same, for the export.
+    text = seg.run("export=fill_disk", 1)
+    _summary(text, rf"DiskFullError: no space left on the device of {run_dir / 'export'} while exporting")
+    assert not (run_dir / "export" / "metrics.json").exists()
+    (tmpfs / BALLAST).unlink()
+    # 10. The export x SIGKILL of rank 0 (weights written, metrics.json not).
     text = seg.run("export=kill_rank@0", 128 + 9)
     _summary(text, r"run failed: rank 0 was killed by SIGKILL")
     assert not (run_dir / "export" / "metrics.json").exists()
-    # 10. The same command ends the run.
+    # 11. The same command ends the run.
     seg.run(None, 0)
 
     assert _same_weights(run_dir, reference)
@@ -206,7 +211,7 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     ledger, expected = read_ledger(run_dir / "ledger"), read_ledger(reference / "ledger")
     assert list(ledger) == list(range(1, 13)) and ledger == expected  # every step once, the same samples
     summary = json.loads((run_dir / "export" / "metrics.json").read_text())
-    assert summary["restarts"] == 9 == len((run_dir / SEGMENTS_FILE).read_text().splitlines()) - 1
+    assert summary["restarts"] == 10 == len((run_dir / SEGMENTS_FILE).read_text().splitlines()) - 1
     _nothing_blocks_a_resume(run_dir)
     control = subprocess.run(launch_cmd(tmp_path / "control", *common, ranks=2), capture_output=True, timeout=300)
     assert control.returncode == 0
@@ -224,7 +229,7 @@ def _spike_data(tmp_path: Path) -> tuple[tuple[str, ...], int, list[str]]:
     noise_keys = write_shard(bad / "noise-000.tar", "noise", [noise(i) for i in range(SHARD)])
     # Log intervals of 2 steps and a checkpoint every step: the interval that spikes spans a save, so the rollback
     # abandons a checkpoint (the spike is found at the interval's end, the restored step precedes its start).
-    seed, noisy_step = seed_hitting_noise_once(20, bad=19, first_step=7, last_step=8)
+    seed, _ = seed_hitting_noise_once(20, bad=19, first_step=7, last_step=8)
     common = (
         f"seed={seed}", f"data.train_url=[{clean}, {bad}]", "data.batch_size=8", "data.shuffle_window=8",
         "schedule.max_steps=10", "model.norm_pix_loss=false", "checkpoint.every_steps=1", "checkpoint.keep=5",
@@ -235,7 +240,8 @@ def _spike_data(tmp_path: Path) -> tuple[tuple[str, ...], int, list[str]]:
 
 @pytest.mark.slow
 def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_rollback(tmp_path: Path) -> None:
-    """The noise shard spikes the loss; the run rolls back. Rank 0 SIGKILLed right after the rollback is recorded
+    """The noise shard spikes the loss at step 7 or 8; the run, preempted at step 7 and resumed, rolls back to
+    step 6 at step 8. Rank 0 SIGKILLed right after the rollback is recorded
     (before ``latest`` moves and the newer checkpoints go), then SIGUSR2 in the resumed run's first step: the run
     ends with the uninterrupted rollback run's weights and ledger, one rollback in the record, and the ledger
     holds every sample of the epoch once except exactly the ones the record names. Control: the same crash with
@@ -249,6 +255,9 @@ def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_
 
     run_dir = tmp_path / "run"
     seg = Segments(tmp_path, launch_cmd(run_dir, *common, ranks=2))
+    # Preempted the step before the spike: the rollback's record names the samples of the steps before the resume
+    # too (each rank's recent keys travel in its checkpoint state).
+    seg.run("step@7=preempt", REQUEUE_EXIT_CODE)
     text = seg.run("rollback=kill_rank@0", 128 + 9)
     _summary(text, r"run failed: rank 0 was killed by SIGKILL")
     newer = [d.name for d in (run_dir / "checkpoints").glob("step_*") if int(d.name[5:]) > record["restored_step"]]
