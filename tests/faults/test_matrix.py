@@ -244,9 +244,9 @@ def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_
     step 6 at step 8. Rank 0 SIGKILLed right after the rollback is recorded
     (before ``latest`` moves and the newer checkpoints go), then SIGUSR2 in the resumed run's first step: the run
     ends with the uninterrupted rollback run's weights and ledger, one rollback in the record, and the ledger
-    holds every sample of the epoch once except exactly the ones the record names. Control: the same crash with
-    the record removed (the rollback never committed) replays the spike and ends elsewhere. And a run whose
-    rollback budget is spent fails, saying so."""
+    holds every sample of the epoch once except exactly the ones the record names. Control: the same crash
+    resumed from the checkpoints the rollback abandoned (as before the commit existed) replays the spike and spends
+    a second rollback on it. And a run whose rollback budget is spent fails, saying so."""
     common, noisy_step, noise_keys = _spike_data(tmp_path)
     reference = tmp_path / "reference"
     assert start(launch_cmd(reference, *common, ranks=2), tmp_path / "reference.log").wait(timeout=300) == 0
@@ -262,26 +262,38 @@ def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_
     _summary(text, r"run failed: rank 0 was killed by SIGKILL")
     newer = [d.name for d in (run_dir / "checkpoints").glob("step_*") if int(d.name[5:]) > record["restored_step"]]
     assert newer, "the crash came before the abandoned checkpoints were deleted"
-    shutil.copytree(run_dir, tmp_path / "uncommitted")
+    # The negative control's start: this state, with the abandoned checkpoints taken for live ones (what resuming
+    # without the rollback's commit did: the pointer still names the newest).
+    shutil.copytree(run_dir, tmp_path / "unabandoned")
     text = seg.run(f"step@{record['restored_step'] + 1}=preempt", REQUEUE_EXIT_CODE)
     assert f"continuing the rollback of step {noisy_step}" in text and "removed step_" in text
     seg.run(None, 0)
-    records = [json.loads(line) for line in (run_dir / ROLLBACKS_FILE).read_text().splitlines()]
-    assert len(records) == 1 and records[0]["skipped_keys"] == record["skipped_keys"]
-    assert _same_weights(run_dir, reference)
+
+    def rolled_back_once_as_the_reference(run: Path) -> bool:
+        records = [json.loads(line) for line in (run / ROLLBACKS_FILE).read_text().splitlines()]
+        same = len(records) == 1 and records[0]["skipped_keys"] == record["skipped_keys"]
+        return same and _same_weights(run, reference) and read_ledger(run / "ledger") == read_ledger(ledger_of)
+
+    ledger_of = reference / "ledger"
+    assert rolled_back_once_as_the_reference(run_dir)
     ledger = read_ledger(run_dir / "ledger")
-    assert ledger == read_ledger(reference / "ledger") and list(ledger) == list(range(1, 11))
+    assert list(ledger) == list(range(1, 11))
     epoch0 = [k for entry in ledger.values() if entry["epoch"] == 0 for k in entry["keys"]]
     skipped = record["skipped_keys"]
     assert len(epoch0) == len(set(epoch0)) and not set(epoch0) & set(skipped)  # once each, none of the skipped
     assert len(set(epoch0)) + len(skipped) == 20 * SHARD  # ... and together the whole epoch
     assert len(skipped) == 16 * (record["skipped_steps"][1] - record["skipped_steps"][0] + 1)  # all ranks' samples
 
-    # Control: the rollback's record gone, the same resume replays the spike (a second rollback) and ends elsewhere.
-    uncommitted = tmp_path / "uncommitted"
-    (uncommitted / ROLLBACKS_FILE).unlink()
-    assert start(launch_cmd(uncommitted, *common, ranks=2), tmp_path / "control.log").wait(timeout=300) == 0
-    assert not _same_weights(uncommitted, reference)
+    # Control: the same crash resumed from the checkpoints the rollback abandoned replays the spike and spends a
+    # second rollback on it: the same check rejects it.
+    control = tmp_path / "unabandoned"
+    for directory in (control / "checkpoints").glob("step_*"):
+        marker = json.loads((directory / MARKER).read_text())
+        if marker["step"] > record["restored_step"]:
+            (directory / MARKER).write_text(json.dumps({**marker, "timeline": 1}))
+    assert start(launch_cmd(control, *common, ranks=2), tmp_path / "control.log").wait(timeout=300) == 0
+    assert len((control / ROLLBACKS_FILE).read_text().splitlines()) == 2
+    assert not rolled_back_once_as_the_reference(control)
 
     # No rollback budget left: the spike fails the run, naming the setting.
     budget = tmp_path / "budget"
