@@ -25,10 +25,9 @@ import torch
 
 from tests.support.launch import env, launch_cmd, run_processes, start, wait_for
 from tests.support.spikes import SHARD, calm, noise, seed_hitting_noise_once, write_shard
-from tests.support.weights import exported_weights
+from tests.support.weights import copy_with_loader_ahead, exported_weights
 from trainer.checkpoint import LATEST, MARKER
 from trainer.faults import BALLAST
-from trainer.integrity import digest_share
 from trainer.ledger import read_ledger
 from trainer.preemption import REQUEUE_EXIT_CODE
 from trainer.recovery import ROLLBACKS_FILE, SEGMENTS_FILE
@@ -68,19 +67,6 @@ def _flip_a_byte(checkpoint: Path) -> str:
     data[len(data) // 2] ^= 0xFF
     (checkpoint / name).write_bytes(bytes(data))
     return name
-
-
-def _loader_ahead(run_dir: Path, copy: Path) -> None:
-    """A copy whose newest checkpoint resumes the loader one batch too far (re-hashed so it is not refused)."""
-    shutil.copytree(run_dir, copy)
-    latest = copy / "checkpoints" / (copy / "checkpoints" / LATEST).read_text().strip()
-    for file in latest.glob("rank_*.pt"):
-        state = torch.load(file, weights_only=True)
-        state["loader"]["position"] += 1
-        torch.save(state, file)
-    marker = json.loads((latest / MARKER).read_text())
-    marker["files"].update(digest_share(latest, sorted(p.name for p in latest.glob("rank_*.pt")), 0, 1))
-    (latest / MARKER).write_text(json.dumps(marker))
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -192,7 +178,7 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     assert (ckpt / LATEST).read_text() == saved_before_full and not (ckpt / "step_00000012").exists()
     (tmpfs / BALLAST).unlink()  # the operator frees space
     # (The negative control: this state, resumed with the loader one batch ahead, must end with other weights.)
-    _loader_ahead(run_dir, tmp_path / "control")
+    copy_with_loader_ahead(run_dir, tmp_path / "control")
     # 9. The disk fills during the export (weights written, metrics.json not): the same, for the export.
     text = seg.run("export=fill_disk", 1)
     _summary(text, rf"DiskFullError: no space left on the device of {run_dir / 'export'} while exporting")
@@ -313,7 +299,7 @@ def test_a_crash_during_a_world_size_conversion_is_redone_to_the_same_weights(tm
     two = launch_cmd(run_dir, *common, "data.batch_size=4", "schedule.max_steps=4", ranks=2)
     assert start(two, tmp_path / "two.log").wait(timeout=300) == 0
     shutil.copytree(run_dir, tmp_path / "reference")
-    _loader_ahead(run_dir, tmp_path / "control")
+    copy_with_loader_ahead(run_dir, tmp_path / "control")
     one = ("data.batch_size=8", "schedule.max_steps=8")
     seg = Segments(tmp_path, launch_cmd(run_dir, *common, *one, ranks=1))
     text = seg.run("conversion=kill_rank@0", 128 + 9)

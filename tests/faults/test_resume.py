@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from tests.support.launch import launch_cmd, logged_steps, preempt, run, start, wait_for
-from tests.support.weights import exported_weights, initial_weights, relative_distance
+from tests.support.weights import copy_with_loader_ahead, exported_weights, initial_weights, relative_distance
 from trainer.checkpoint import LATEST, MARKER
-from trainer.integrity import digest_share
 from trainer.ledger import read_ledger
 from trainer.preemption import REQUEUE_EXIT_CODE
 
@@ -54,21 +53,6 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
-def _copy_with_loader_ahead(run_dir: Path, copy: Path) -> None:
-    """A copy of ``run_dir`` whose latest checkpoint resumes the loader one batch too far (a wrong resume
-    position): the negative control of the resume proofs."""
-    shutil.copytree(run_dir, copy)
-    latest = copy / "checkpoints" / (copy / "checkpoints" / LATEST).read_text().strip()
-    for file in latest.glob("rank_*.pt"):
-        state = torch.load(file, weights_only=True)
-        state["loader"]["position"] += 1
-        torch.save(state, file)
-    # Re-record the changed files' sizes and hashes: the resume must take this checkpoint, not refuse it as damaged.
-    marker = json.loads((latest / MARKER).read_text())
-    marker["files"].update(digest_share(latest, sorted(p.name for p in latest.glob("rank_*.pt")), 0, 1))
-    (latest / MARKER).write_text(json.dumps(marker))
-
-
 @pytest.mark.slow
 def test_preempted_run_resumes_to_identical_weights(uninterrupted: Path, tmp_path: Path, fmnist_shards: str) -> None:
     at = random.Random().randint(2, STEPS - 3)
@@ -79,7 +63,7 @@ def test_preempted_run_resumes_to_identical_weights(uninterrupted: Path, tmp_pat
     assert preempt(proc) == REQUEUE_EXIT_CODE
     stopped_at = int((run_dir / "checkpoints" / LATEST).read_text().strip().removeprefix("step_"))
     assert at <= stopped_at < STEPS
-    _copy_with_loader_ahead(run_dir, tmp_path / "wrong")
+    copy_with_loader_ahead(run_dir, tmp_path / "wrong")
     saved = torch.load(run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "rank_00000.pt", weights_only=True)
     first_segment_s = saved["loop"]["train_time_s"]
     assert run(cmd) == 0  # the same command resumes
@@ -107,7 +91,7 @@ def test_checkpoint_from_two_ranks_resumes_on_one(uninterrupted_synthetic: Path,
     run_dir = tmp_path / "run"
     half = ("data.batch_size=4", "schedule.max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep=5")
     assert run(launch_cmd(run_dir, *half, ranks=2)) == 0
-    _copy_with_loader_ahead(run_dir, tmp_path / "wrong")
+    copy_with_loader_ahead(run_dir, tmp_path / "wrong")
     # Continue the same run to 12 steps on one rank with the same global batch (8): universal checkpoint.
     more = ("data.batch_size=8", f"schedule.max_steps={STEPS}", "checkpoint.every_steps=3", "checkpoint.keep=5")
     log = tmp_path / "resume.log"
@@ -134,7 +118,7 @@ def test_zero0_checkpoint_loads_on_another_world_size_as_it_is(uninterrupted_syn
     run_dir = tmp_path / "run"
     zero0 = ("deepspeed.zero_stage=0", "checkpoint.every_steps=3")
     assert run(launch_cmd(run_dir, *zero0, "data.batch_size=4", "schedule.max_steps=6", ranks=2)) == 0
-    _copy_with_loader_ahead(run_dir, tmp_path / "wrong")
+    copy_with_loader_ahead(run_dir, tmp_path / "wrong")
     more = (*zero0, "data.batch_size=8", f"schedule.max_steps={STEPS}")
     log = tmp_path / "resume.log"
     assert start(launch_cmd(run_dir, *more, ranks=1), log).wait(timeout=300) == 0

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from trainer.checkpoint import LATEST, MARKER
 from trainer.config import PretrainConfig, load_run_config
+from trainer.integrity import digest_share
 from trainer.pretrain import build_model
 
 
@@ -32,3 +36,18 @@ def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], in
     moved = sum(float((a[k].double() - init[k].double()).pow(2).sum()) for k in a)
     assert moved > 0, "the weights never moved: nothing was trained"
     return (apart / moved) ** 0.5
+
+
+def copy_with_loader_ahead(run_dir: Path, copy: Path) -> None:
+    """A copy of ``run_dir`` whose latest checkpoint resumes the loader one batch too far (a wrong resume
+    position): the negative control of the resume proofs."""
+    shutil.copytree(run_dir, copy)
+    latest = copy / "checkpoints" / (copy / "checkpoints" / LATEST).read_text().strip()
+    for file in latest.glob("rank_*.pt"):
+        state = torch.load(file, weights_only=True)
+        state["loader"]["position"] += 1
+        torch.save(state, file)
+    # Re-record the changed files' sizes and hashes: the resume must take this checkpoint, not refuse it as damaged.
+    marker = json.loads((latest / MARKER).read_text())
+    marker["files"].update(digest_share(latest, sorted(p.name for p in latest.glob("rank_*.pt")), 0, 1))
+    (latest / MARKER).write_text(json.dumps(marker))
