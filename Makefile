@@ -20,7 +20,7 @@ DEMO_SETS  := $(DEMO_DATA)/train/manifest.json $(DEMO_DATA)/test/manifest.json \
               $(DEMO_DATA)/knn-train/manifest.json $(DEMO_DATA)/knn-test/manifest.json \
               $(DET_DATA)/train/manifest.json $(DET_DATA)/val/manifest.json
 
-.PHONY: setup system-deps demo test lint typecheck pytest bench minkowski clean
+.PHONY: setup system-deps demo test lint typecheck pytest bench minkowski gpu-kit gpu-rehearsal clean
 
 setup: $(STAMP) system-deps
 
@@ -88,6 +88,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/encoder_backends.py
 
 minkowski: $(MINKOWSKI)
+
+# The device kit for a lent GPU machine (.cache/gpu_kit, ~15 MiB), and its rehearsal here on the CPU in a venv shaped
+# like that machine (Python 3.12, torch 2.11.0; ~2.6 GB downloaded once): bench/gpu_check.sh --cpu-rehearsal.
+gpu-kit: $(STAMP)
+	bash bench/gpu_kit.sh
+
+gpu-rehearsal: gpu-kit
+	bash bench/gpu_rehearsal.sh
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
