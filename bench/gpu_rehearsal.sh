@@ -11,8 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-.cache/rehearsal}"
 VENV=.cache/rehearsal-venv
-PY312="$(command -v python3.12 || ls -d /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1 || true)"
-[ -n "$PY312" ] || { echo "rehearsal: python3.12 not found (install it, e.g. with pyenv)" >&2; exit 2; }
+PY312=""
+for candidate in "${PYTHON312:-}" $(command -v python3.12 || true) "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+  # The first that runs (a pyenv shim on PATH fails when 3.12 is not the selected version).
+  if [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+    PY312="$candidate"
+    break
+  fi
+done
+[ -n "$PY312" ] || { echo "rehearsal: no working python3.12 (install one, e.g. with pyenv, or set PYTHON312)" >&2; exit 2; }
 if [ ! -f "$VENV/.installed" ]; then
   rm -rf "$VENV"
   "$PY312" -m venv "$VENV"
