@@ -14,6 +14,7 @@ from types import FrameType
 
 import torch
 
+from trainer.checkpoint import LATEST
 from trainer.distributed import free_port
 from trainer.failure import FAILURES, failures_since, root_cause
 from trainer.preemption import LAUNCHER_PID_ENV, REQUEUE_EXIT_CODE
@@ -84,7 +85,6 @@ def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace
     # Installed before the ranks start: a signal from now on is never lost nor kills the launcher alone.
     previous = {sig: signal.signal(sig, on_stop) for sig in STOP_SIGNALS}
     previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, forward)
-    first_failure: tuple[int, int] | None = None  # (rank, exit code)
     try:
         for rank in range(world_size):
             procs.append(
@@ -98,14 +98,13 @@ def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace
             forward(signal.SIGTERM, None)
         if lock is not None:
             lock.add_pids([p.pid for p in procs])
-        failed_at: float | None = None
+        failed_at: float | None = None  # when the first rank failed: the others get grace_s to stop
         while any(p.poll() is None for p in procs):
-            if first_failure is None:
+            if failed_at is None:
                 bad = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() not in (None, 0, REQUEUE_EXIT_CODE)]
                 if bad:
-                    first_failure = (bad[0][0], int(bad[0][1]))
                     failed_at = time.monotonic()
-                    log.error("rank %d exited with code %d; stopping the other ranks", *first_failure)
+                    log.error("rank %d exited with code %d; stopping the other ranks", *bad[0])
                     forward(signal.SIGTERM, None)
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 for rank, proc in enumerate(procs):
@@ -130,9 +129,9 @@ def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace
 
 
 def _saved(run_dir: Path) -> str:
-    """ ", checkpoint step_N saved" from the ``latest`` pointer, or nothing."""
+    """ " (newest checkpoint step_N)" from the ``latest`` pointer, or that none was saved."""
     try:
-        return f" (newest checkpoint {(run_dir / 'checkpoints' / 'latest').read_text().strip()})"
+        return f" (newest checkpoint {(run_dir / 'checkpoints' / LATEST).read_text().strip()})"
     except OSError:
         return " (no checkpoint saved yet)"
 

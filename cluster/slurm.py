@@ -35,8 +35,9 @@ RESTARTS_FILE = "restarts.json"
 
 def _attempt() -> str:
     """This attempt of the job: job id and SLURM's restart count (the same for every task of the attempt)."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID", "local")
-    return f"{job}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    from trainer.run_lock import slurm_job_id
+
+    return f"{slurm_job_id() or 'local'}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
 def claim_restart(run_dir: Path, cause: str, limit: int) -> tuple[int, bool]:

@@ -148,6 +148,12 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
+def _delete(directory: Path, ignore_errors: bool = True) -> None:
+    """Delete a checkpoint directory, its marker first: a deletion cut short leaves no directory a resume picks."""
+    (directory / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(directory, ignore_errors=ignore_errors)
+
+
 class Checkpointer:
     """Saves and finds complete checkpoints; every rank calls :meth:`save` and :meth:`load`."""
 
@@ -195,9 +201,7 @@ class Checkpointer:
         """Rank 0: delete the checkpoints rollbacks abandoned, here and on the mirror; returns their names."""
         gone = [c for c in self._all_complete() if self.abandoned(c)]
         for info in gone:
-            # The marker first: a deletion cut short leaves a directory without one, which nothing resumes.
-            (info.path / MARKER).unlink(missing_ok=True)
-            shutil.rmtree(info.path, ignore_errors=True)
+            _delete(info.path)
             shutil.rmtree(self.root / (info.tag + UNIVERSAL_SUFFIX), ignore_errors=True)
         if gone:
             log.warning("removed %s: abandoned by a rollback", ", ".join(c.tag for c in gone))
@@ -221,6 +225,7 @@ class Checkpointer:
         are deleted first (a crash may have left them)."""
         if self.env.is_main:
             self.remove_abandoned()
+        barrier()  # the other ranks list the directory after rank 0 cleaned it
         while True:
             candidate = self._newest_local()
             if candidate is None:
@@ -272,8 +277,7 @@ class Checkpointer:
                 log.info("checkpoint %s is already saved", directory)
             return _info(tag, existing, directory)
         if self.env.is_main and directory.exists():
-            (directory / MARKER).unlink(missing_ok=True)
-            shutil.rmtree(directory)  # leftovers of an interrupted save of the same step, or an abandoned one
+            _delete(directory, ignore_errors=False)  # leftovers of an interrupted save of this step, or abandoned
         barrier()
         started = time.perf_counter()
         try:
@@ -326,21 +330,18 @@ class Checkpointer:
         and raise :class:`~trainer.failure.DiskFullError` with the bytes a checkpoint takes; other errors pass."""
         if not disk_full(err, self.root):
             return
-        (directory / MARKER).unlink(missing_ok=True)
-        shutil.rmtree(directory, ignore_errors=True)
+        _delete(directory)
         previous = self.complete()
-        need = (
-            sum(int(d["bytes"]) for d in (_read_marker(previous[-1].path) or {}).get("files", {}).values())
-            if (previous)
-            else None
-        )
+        newest = previous[-1] if previous else None
+        files = (_read_marker(newest.path) or {}).get("files", {}) if newest else {}
+        need = sum(int(d["bytes"]) for d in files.values())
         free = shutil.disk_usage(self.root).free
         raise DiskFullError(
             f"no space left on the device of {self.root} while saving {directory.name}"
             + (f": a checkpoint takes {need / 1e6:.0f} MB" if need else "")
             + f", {free / 1e6:.0f} MB are free after removing the partial save. Free space there (or move the run "
             f"directory) and re-run the same command; the newest complete checkpoint "
-            f"({previous[-1].tag if previous else 'none'}) is intact."
+            f"({newest.tag if newest else 'none'}) is intact."
         ) from err
 
     def wait_for_uploads(self, timeout_s: float | None) -> bool:

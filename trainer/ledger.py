@@ -27,6 +27,12 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _trim(path: Path, step: int) -> None:
+    """Keep a ledger file's records of steps up to ``step``."""
+    kept = [r for r in _records(path) if int(r["step"]) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 class SampleLedger:
     """This rank's ledger file; every rank constructs it after resuming (a collective: rank 0 trims, all wait)."""
 
@@ -35,8 +41,7 @@ class SampleLedger:
         if env.is_main:
             directory.mkdir(parents=True, exist_ok=True)
             for file in directory.glob("rank_*.jsonl"):
-                kept = [r for r in _records(file) if int(r["step"]) <= resumed_step]
-                file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                _trim(file, resumed_step)
         barrier()
         self._file = open(self.path, "a")  # noqa: SIM115 - open for the whole run, closed by close()
 
@@ -48,8 +53,7 @@ class SampleLedger:
     def rewind(self, step: int) -> None:
         """Drop this rank's records after ``step`` (a rollback discarded those steps; they train again)."""
         self._file.close()
-        kept = [r for r in _records(self.path) if int(r["step"]) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        _trim(self.path, step)
         self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()
 
     def close(self) -> None:

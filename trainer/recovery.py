@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.run_lock import slurm_job_id
+
 log = logging.getLogger(__name__)
 
 ROLLBACKS_FILE = "rollbacks.jsonl"
@@ -144,8 +146,6 @@ class SegmentLog:
 
     def start(self, resumed_from: str | None) -> None:
         """Record this start."""
-        from trainer.run_lock import slurm_job_id
-
         record = {"time": time.time(), "host": socket.gethostname(), "resumed_from": resumed_from}
         append_record(self.path, {**record, "slurm_job_id": slurm_job_id()})
 
