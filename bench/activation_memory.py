@@ -31,8 +31,8 @@ def measure(size: str, image_size: int, batch: int, device: str, flags: str) -> 
 
     from cluster.plan import activation_bytes
     from trainer.config import PretrainConfig, load_config
-    from trainer.metrics import peak_memory_gb
-    from trainer.pretrain import build_model
+    from trainer.observability.metrics import peak_memory_gb
+    from trainer.stages.pretrain import build_model
 
     cfg = load_config(
         "demo_fcmae",

@@ -2,9 +2,9 @@
 
 Variants are timed interleaved (one step of each in turn, per repeat) so that load on the machine hits them
 alike; the table reports the median step time, images/s, the peak memory of each variant's step, MFU (on GPUs in
-:data:`trainer.metrics.PEAK_FLOPS`: the FLOPs each variant really does, counted by :func:`trainer.metrics.flop_counter`)
-and the speed-up of each variant over ``dense_masked``. ``--compile`` adds ``torch.compile``-d copies of the two
-masked backends (compiled once before timing).
+:data:`trainer.observability.metrics.PEAK_FLOPS`: the FLOPs each variant really does, counted by
+:func:`~trainer.observability.metrics.flop_counter`) and the speed-up of each variant over ``dense_masked``.
+``--compile`` adds ``torch.compile``-d copies of the two masked backends (compiled once before timing).
 
     python bench/encoder_backends.py                      # atto, tiny, base at 224 px, CPU fp32
     python bench/encoder_backends.py --device cuda --dtype bf16 --sizes base large huge --batch 64 --compile
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from models.fcmae import FCMAE
-from trainer.metrics import flop_counter, peak_flops, peak_memory_gb
+from trainer.observability.metrics import flop_counter, peak_flops, peak_memory_gb
 
 VARIANTS = ("dense_masked", "gather", "unmasked_dense")
 

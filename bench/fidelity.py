@@ -33,8 +33,8 @@ from cluster.launch import main as launch
 from data.loader import build_loader
 from data.transforms import eval_transform
 from trainer.config import PretrainConfig, load_config
-from trainer.pretrain import random_encoder
-from trainer.probes import effective_rank, labeled, loader_features
+from trainer.observability.probes import effective_rank, labeled, loader_features
+from trainer.stages.pretrain import random_encoder
 
 DATA = Path("runs/data/fashion-mnist-64")
 PRETRAIN = {"fcmae_v2_sparse": [], "fcmae_v1_sparse": ["model.block=v1"], "fcmae_v2_dense": ["model.sparse=false"]}
@@ -63,7 +63,7 @@ def _launch(config: str, run_dir: Path, overrides: list[str]) -> dict:
 
 def rank_at_init(overrides: list[str], queries: Path, image_size: int) -> float:
     """The effective rank of the query features of a run's encoder before training: the run's own kNN baseline
-    encoder (:func:`trainer.pretrain.random_encoder`) through the probe's decoding, transform and pooling."""
+    encoder (:func:`trainer.stages.pretrain.random_encoder`) through the probe's decoding, transform and pooling."""
     cfg = load_config("demo_fcmae", overrides)
     assert isinstance(cfg, PretrainConfig)
     loader: Any = build_loader(  # labeled batches: (images, label tensor)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config import PretrainConfig, load_config  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
-from trainer.pretrain import build_model  # noqa: E402
+from trainer.stages.pretrain import build_model  # noqa: E402
 
 SHARDS = REPO / "runs" / "data" / "fashion-mnist-64" / "train"
 

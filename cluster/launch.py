@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, check_runnable, load_config
-from trainer.run_dir import prepare_run_dir
-from trainer.run_lock import RunDirLocked, RunLock
-from trainer.tracking import default_tracking_uri, redact, redacted_yaml
+from trainer.observability.tracking import default_tracking_uri, redact, redacted_yaml
+from trainer.resilience.run_lock import RunDirLocked, RunLock
+from trainer.run_dir import RunDir, prepare_run_dir
 
 log = logging.getLogger("launch")
 
@@ -111,7 +111,6 @@ def _index_data(cfg: TrainConfig, run_dir: Path) -> None:
     manifest, once, here: cached beside the shards, or in the run directory's ``index/`` when that is not writable,
     where every rank finds it (:func:`data.manifest.find_manifest`)."""
     from data.index_shards import ensure_indexes
-    from trainer.run_loader import INDEX_DIR
 
     specs = [cfg.data.train_url]
     if cfg.data.val_url:  # pretraining reads it only for its kNN probe, with the bank
@@ -123,7 +122,7 @@ def _index_data(cfg: TrainConfig, run_dir: Path) -> None:
         if not spec:
             continue
         try:
-            ensure_indexes(spec, str(run_dir / INDEX_DIR))
+            ensure_indexes(spec, str(RunDir(run_dir).index))
         except (OSError, ValueError):
             raise
         except Exception as exc:  # the storage client's own errors (bad bucket names, credentials, ...)
@@ -251,14 +250,14 @@ def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:
             )
             job = executor.submit(TrainJob(str(run_dir), cfg.cluster.max_requeues, cfg.cluster.max_failure_retries))
         previous_job = job
-        with open(run_dir / "slurm" / JOBS_FILE, "a") as f:  # submitted job ids, newest last
+        with open(RunDir(run_dir).slurm / JOBS_FILE, "a") as f:  # submitted job ids, newest last
             f.write(f"{job.job_id}\n")
         uri = redact("uri", default_tracking_uri(run_dir, cfg.tracking.tracking_uri))
         print(
             f"submitted {cfg.name} as job {job.job_id}\n"
             f"  follow:      squeue -j {job.job_id}   |   tail -f {job.paths.stdout}\n"
             f"  errors:      {job.paths.stderr}\n"
-            f"  checkpoints: {run_dir / 'checkpoints'}   exports: {run_dir / 'export'}\n"
+            f"  checkpoints: {RunDir(run_dir).checkpoints}   exports: {RunDir(run_dir).export}\n"
             f"  MLflow:      mlflow ui --backend-store-uri {uri}",
             flush=True,
         )

@@ -14,11 +14,12 @@ from types import FrameType
 
 import torch
 
-from trainer.checkpoint import LATEST
 from trainer.distributed import free_port
-from trainer.failure import FAILURES, failures_since, root_cause
-from trainer.preemption import LAUNCHER_PID_ENV, REQUEUE_EXIT_CODE
-from trainer.run_lock import RunLock
+from trainer.resilience.checkpoint import LATEST
+from trainer.resilience.failure import failures_since, root_cause
+from trainer.resilience.preemption import LAUNCHER_PID_ENV, REQUEUE_EXIT_CODE
+from trainer.resilience.run_lock import RunLock
+from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,10 @@ def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace
     launcher returns :data:`REQUEUE_EXIT_CODE`. SIGINT, SIGTERM and SIGHUP (Ctrl-C, ``kill``, a closed terminal)
     reach the ranks as SIGTERM, the same protocol, and the launcher returns 128 + the signal's number; a second such
     signal SIGKILLs the ranks. Each rank gets SIGTERM from the kernel if the launcher itself dies
-    (:func:`trainer.preemption.stop_with_launcher`). When a rank fails, the others get SIGTERM (a healthy rank saves
-    and exits) and, after ``grace_s``, SIGKILL; each rank runs in its own process group, which is killed at the
-    end, so no rank or dataloader worker outlives the launcher. Failures are reported with the rank that failed
-    first and why (:func:`trainer.failure.root_cause`).
+    (:func:`~trainer.resilience.preemption.stop_with_launcher`). When a rank fails, the others get SIGTERM (a
+    healthy rank saves and exits) and, after ``grace_s``, SIGKILL; each rank runs in its own process group, which
+    is killed at the end, so no rank or dataloader worker outlives the launcher. Failures are reported with the rank
+    that failed first and why (:func:`trainer.resilience.failure.root_cause`).
     """
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world_size)
@@ -150,7 +151,7 @@ def _report(run_dir: Path, codes: list[int], started: float) -> int:
     rank, why = root_cause(failures_since(run_dir, started), codes)
     endings = ", ".join(f"rank {r}: {_ending(c)}" for r, c in enumerate(codes))
     log.error("run failed: rank %d %s\n  exit codes: %s\n  details: %s", rank, why, endings,
-              run_dir / FAILURES)  # fmt: skip
+              RunDir(run_dir).failures)  # fmt: skip
     return rank
 
 

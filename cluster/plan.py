@@ -21,7 +21,8 @@ from models.convnextv2 import ConvNeXtV2Encoder
 from models.fcmae import FCMAE
 from models.masking import random_mask
 from trainer.config import ConfigError, PretrainConfig, TrainConfig
-from trainer.stage import build_model
+from trainer.run_dir import RunDir
+from trainer.stages import build_model
 
 IMAGENET_TRAIN = 1_281_167
 COCO_TRAIN2017 = 118_287
@@ -92,10 +93,9 @@ def _local_size(spec: str, run_dir: Path | None) -> tuple[int, str]:
     from data.index_shards import expand_source, index_shards
     from data.manifest import resolve_shards
     from data.storage import MissingShardError
-    from trainer.run_loader import INDEX_DIR
 
     try:
-        return resolve_shards(spec, index_dir=str(run_dir / INDEX_DIR) if run_dir else None).num_samples, spec
+        return resolve_shards(spec, index_dir=str(RunDir(run_dir).index) if run_dir else None).num_samples, spec
     except MissingShardError:
         pass  # no manifest yet: count from the tar headers, as the launch will
     try:
@@ -107,7 +107,7 @@ def _local_size(spec: str, run_dir: Path | None) -> tuple[int, str]:
 
 
 def planned_model(cfg: TrainConfig) -> nn.Module:
-    """The stage's own model (:func:`trainer.stage.build_model`), on the meta device: nothing is allocated.
+    """The stage's own model (:func:`trainer.stages.build_model`), on the meta device: nothing is allocated.
     MinkowskiEngine cannot run on the meta device; the gather backend saves the same per-cell activations."""
     if isinstance(cfg, PretrainConfig) and cfg.model.backend == "minkowski":
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backend": "gather"})})
@@ -263,7 +263,7 @@ def format_plan(cfg: TrainConfig, plan: Plan) -> str:
 
 def checkpoint_line(cfg: TrainConfig, num_params: int) -> str:
     """The checkpoint's size and write time against the preemption warning window (``cluster.signal_delay_s``)."""
-    from trainer.checkpoint import checkpoint_bytes
+    from trainer.resilience.checkpoint import checkpoint_bytes
 
     size = checkpoint_bytes(num_params, cfg.deepspeed.precision, cfg.deepspeed.zero_stage)
     seconds = size / (cfg.checkpoint.write_mb_per_s * 1e6)

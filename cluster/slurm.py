@@ -2,7 +2,7 @@
 
 One task per GPU (per CPU rank on CPU clusters). The job takes its distributed environment from SLURM through
 submitit (master address = first node, port derived from the job id). Preemption and the time limit reach the
-training loop as SIGUSR2/SIGTERM, which only set a flag (trainer.preemption); all ranks save at the next step
+training loop as SIGUSR2/SIGTERM, which only set a flag (trainer.resilience.preemption); all ranks save at the next step
 boundary and exit with REQUEUE_EXIT_CODE; then global rank 0 requeues the job (``scontrol requeue``) with the
 same run directory, so it resumes by itself. A job that finished is not requeued. A job that failed with a real
 error is requeued at most ``cluster.max_failure_retries`` times (transient node or network faults), then the
@@ -24,7 +24,8 @@ from typing import Any
 
 from trainer.config import TrainConfig
 from trainer.export import atomic_write_text
-from trainer.preemption import REQUEUE_EXIT_CODE
+from trainer.resilience.preemption import REQUEUE_EXIT_CODE
+from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ RESTARTS_FILE = "restarts.json"
 
 def _attempt() -> str:
     """This attempt of the job: job id and SLURM's restart count (the same for every task of the attempt)."""
-    from trainer.run_lock import slurm_job_id
+    from trainer.resilience.run_lock import slurm_job_id
 
     return f"{slurm_job_id() or 'local'}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
@@ -44,7 +45,7 @@ def claim_restart(run_dir: Path, cause: str, limit: int) -> tuple[int, bool]:
     """The attempts of this run requeued for ``cause`` (``"preemption"`` or ``"failure"``) before this one, and
     whether this one may requeue too (fewer than ``limit`` before it); if so it is recorded, once however many
     ranks claim it. Locked: ranks of several nodes may claim at once on the shared file system."""
-    path = run_dir / "slurm" / RESTARTS_FILE
+    path = RunDir(run_dir).slurm / RESTARTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -65,11 +66,11 @@ _LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
 
 
 def check_no_job_queued(run_dir: Path) -> None:
-    """:class:`~trainer.run_lock.RunDirLocked` when the newest job submitted for ``run_dir`` is still queued or
-    running (a second submission would train beside it once both start)."""
-    from trainer.run_lock import RunDirLocked
+    """:class:`~trainer.resilience.run_lock.RunDirLocked` when the newest job submitted for ``run_dir`` is still
+    queued or running (a second submission would train beside it once both start)."""
+    from trainer.resilience.run_lock import RunDirLocked
 
-    jobs = run_dir / "slurm" / JOBS_FILE
+    jobs = RunDir(run_dir).slurm / JOBS_FILE
     if not jobs.is_file() or not jobs.read_text().split():
         return
     job = jobs.read_text().split()[-1]
@@ -103,8 +104,8 @@ class TrainJob:
     def __call__(self) -> int:
         import submitit
 
-        from trainer.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
-        from trainer.run_lock import RunDirLocked, RunLock
+        from trainer.resilience.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
+        from trainer.resilience.run_lock import RunDirLocked, RunLock
         from trainer.worker import run_run_dir, setup_logging
 
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -208,7 +209,7 @@ def make_executor(cfg: TrainConfig, run_dir: Path) -> Any:
     """A submitit executor with the job's SLURM resources."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=run_dir / "slurm" / "%j", cluster="slurm")
+    executor = submitit.AutoExecutor(folder=RunDir(run_dir).slurm / "%j", cluster="slurm")
     executor.update_parameters(**slurm_parameters(cfg))
     return executor
 

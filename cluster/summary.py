@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from trainer.config import TrainConfig
-from trainer.metrics import format_duration
+from trainer.observability.metrics import format_duration
+from trainer.run_dir import RunDir
 
 
 def _result(metrics: dict) -> str:
@@ -31,7 +32,7 @@ def summary_table(runs: list[tuple[TrainConfig, Path]], walls: list[float]) -> s
     """One row per stage from its ``export/metrics.json`` and the stage's wall time (start-up included)."""
     rows = [("stage", "config", "result", "wall time")]
     for (cfg, run_dir), seconds in zip(runs, walls, strict=True):
-        path = run_dir / "export" / "metrics.json"
+        path = RunDir(run_dir).export_metrics
         metrics = json.loads(path.read_text()) if path.exists() else {}
         wall = format_duration(seconds)
         rows.append((cfg.stage, cfg.name, _result(metrics) if metrics else "no export", wall))

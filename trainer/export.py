@@ -47,7 +47,7 @@ def write_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[
 
 def write_metrics(out_dir: Path, summary: dict[str, Any]) -> None:
     """``out_dir/metrics.json`` (the stage's final metrics; written after its weights)."""
-    from trainer import faults
+    from trainer.resilience import faults
 
     out_dir.mkdir(parents=True, exist_ok=True)
     faults.at("export", None, out_dir.parent)

@@ -1,9 +1,15 @@
-"""AdamW with the paper's no-decay groups, and the per-step learning-rate schedule (linear warmup + cosine)."""
+"""AdamW with the paper's no-decay groups, layer-wise lr decay, and the per-step lr schedule (warmup + cosine).
+
+Layer-wise lr decay scales each parameter's lr by ``layer_decay ** (num_layers + 1 - layer_id)``. The model declares
+the layer ids (:meth:`models.convnextv2.ConvNeXtV2Encoder.layer_ids`, the detector's
+:func:`models.detection.layer_ids`); what sits above the trunk (the classifier, the detector's FPN and heads) is
+layer ``num_layers + 1`` and trains at the full lr, earlier layers ever slower.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -35,6 +41,18 @@ def param_groups(
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())
+
+
+def lr_scales(layer_ids: Mapping[str, int], num_layers: int, layer_decay: float) -> Callable[[str], float]:
+    """``lr_scale(name)`` for :func:`build_optimizer` (layer-wise lr decay); a parameter without a layer id is an
+    error."""
+
+    def scale(name: str) -> float:
+        if name not in layer_ids:
+            raise ValueError(f"parameter {name!r} has no layer id for layer-wise lr decay")
+        return float(layer_decay ** (num_layers + 1 - layer_ids[name]))
+
+    return scale
 
 
 def build_optimizer(

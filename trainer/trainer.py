@@ -1,6 +1,6 @@
 """The trainer every stage shares: resume, steps, logging, evaluation, checkpoints, preemption, export.
 
-A stage (FCMAE pretraining, fine-tuning, detection; :mod:`trainer.stage`) supplies its model, loaders, loss,
+A stage (FCMAE pretraining, fine-tuning, detection; :mod:`trainer.stages`) supplies its model, loaders, loss,
 evaluation and export. :class:`Trainer` does the rest the same way for all of them:
 
     __init__: preemption flag -> distributed -> stage -> newest checkpoint -> DeepSpeed engine
@@ -27,23 +27,23 @@ import torch
 import torch.distributed as dist
 
 from data.sampling import derive_seed
-from trainer import faults
-from trainer.checkpoint import Checkpointer, CheckpointInfo, checkpoint_bytes
 from trainer.config import TrainConfig
 from trainer.distributed import barrier, gather_objects, init_distributed, teardown
 from trainer.engine import deepspeed_config, initialize
-from trainer.failure import DiskFullError, disk_full
-from trainer.ledger import SampleLedger
-from trainer.logger import MetricsLogger
-from trainer.metrics import Meter, device_peak_flops
+from trainer.observability.logger import MetricsLogger
+from trainer.observability.metrics import Meter, device_peak_flops
+from trainer.observability.profiling import StepProfiler, SystemMetrics
+from trainer.observability.tracking import Tracker, git_commit
 from trainer.optim import lr_at, set_lr
-from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
-from trainer.profiling import StepProfiler, SystemMetrics
-from trainer.recovery import Rollback, RollbackLog, SegmentLog, SpikeDetector
-from trainer.run_lock import slurm_job_id
-from trainer.stage import Batch, autocast, stage_class
-from trainer.tracking import Tracker, git_commit
-from trainer.watchdog import StepWatchdog
+from trainer.resilience import faults
+from trainer.resilience.checkpoint import Checkpointer, CheckpointInfo, checkpoint_bytes
+from trainer.resilience.failure import DiskFullError, disk_full
+from trainer.resilience.ledger import SampleLedger
+from trainer.resilience.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from trainer.resilience.recovery import Rollback, RollbackLog, SegmentLog, SpikeDetector
+from trainer.resilience.run_lock import slurm_job_id
+from trainer.resilience.watchdog import StepWatchdog
+from trainer.stages import Batch, autocast, stage_class
 
 log = logging.getLogger(__name__)
 
@@ -531,9 +531,9 @@ class Trainer:
         it up to the spike (all ranks, in lockstep: every decision comes from all-reduced values).
 
         The line in ``rollbacks.jsonl`` is the commit: from then on the checkpoints after the target are abandoned
-        (:class:`trainer.checkpoint.Checkpointer`) and a resume from the target continues as this rollback left the
-        run (:meth:`_continue_rollback`), so a crash at any moment neither replays the skipped samples nor spends a
-        second rollback on the same spike. The loader goes on from where it is (after the spike), so repeated
+        (:class:`~trainer.resilience.checkpoint.Checkpointer`) and a resume from the target continues as this rollback
+        left the run (:meth:`_continue_rollback`), so a crash at any moment neither replays the skipped samples nor
+        spends a second rollback on the same spike. The loader goes on from where it is (after the spike), so repeated
         rollbacks to one checkpoint skip every bad stretch."""
         self.pending = None
         made, limit = self.rollbacks.count(), self.cfg.schedule.max_rollbacks

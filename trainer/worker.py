@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from trainer.config import load_run_config
-from trainer.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
-from trainer.preemption import stop_with_launcher
+from trainer.resilience.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
+from trainer.resilience.preemption import stop_with_launcher
+from trainer.run_dir import RunDir
 from trainer.trainer import train
 
 
@@ -33,14 +34,14 @@ def setup_logging(rank: int) -> None:
 
 def run_run_dir(run_dir: Path) -> int:
     """Run the stage of the run directory's config; returns the exit code."""
-    return train(load_run_config(run_dir / "config.yaml"), run_dir)
+    return train(load_run_config(RunDir(run_dir).config), run_dir)
 
 
 def run_rank(run_dir: Path, rank: int) -> int:
     """Run this rank; an exception is recorded (``failures/``) and ends the process at once with a non-zero code
-    (:func:`trainer.failure.hard_exit`): a failed rank never waits on its peers."""
+    (:func:`trainer.resilience.failure.hard_exit`): a failed rank never waits on its peers."""
     # Where NCCL's flight recorder dumps the last collectives when one times out.
-    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(run_dir / "hangs" / "nccl_trace_rank_"))
+    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(RunDir(run_dir).hangs / "nccl_trace_rank_"))
     try:
         return run_run_dir(run_dir)
     except BaseException as err:  # every error ends the rank, KeyboardInterrupt included

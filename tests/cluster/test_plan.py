@@ -9,8 +9,8 @@ import pytest
 from cluster.launch import main
 from cluster.plan import GiB, checkpoint_line, make_plan
 from models.convnextv2 import SIZES
-from trainer.checkpoint import checkpoint_bytes
 from trainer.config import load_config
+from trainer.resilience.checkpoint import checkpoint_bytes
 
 
 def _gather_fcmae_saved_bytes(size: str, batch: int, image: int, mask_ratio: float) -> float:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from trainer.run_lock import LOCK_FILE, STALE_S, RunDirLocked, RunLock, process_start
+from trainer.resilience.run_lock import STALE_S, RunDirLocked, RunLock, process_start
+from trainer.run_dir import RunDir
 
 
 def _holder(run_dir: Path, **fields: object) -> None:
     record = {"token": "other", "role": "launcher", "host": socket.gethostname(), "pid": 1, "pids": {},
               "slurm_job_id": None, "started": time.time(), "heartbeat": time.time(), **fields}  # fmt: skip
-    (run_dir / LOCK_FILE).write_text(json.dumps(record))
+    RunDir(run_dir).lock.write_text(json.dumps(record))
 
 
 def test_a_live_holder_refuses_by_name_and_a_dead_one_is_taken_over(
@@ -38,11 +39,11 @@ def test_a_live_holder_refuses_by_name_and_a_dead_one_is_taken_over(
         with caplog.at_level(logging.WARNING):
             lock.acquire(wait_s=0)
         assert "taking over the lock" in caplog.text and "none of its processes" in caplog.text
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads(RunDir(tmp_path).lock.read_text())["pid"] == os.getpid()
         with pytest.raises(RunDirLocked):  # now this process holds it: another claim is refused
             RunLock(tmp_path).acquire(wait_s=0)
         lock.release()
-        assert not (tmp_path / LOCK_FILE).exists()
+        assert not RunDir(tmp_path).lock.exists()
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.launch import launch_cmd, logged_steps, run_processes, start, wait_for
-from trainer.failure import FAILURE_EXIT_CODE, HANG_EXIT_CODE
+from trainer.resilience.failure import FAILURE_EXIT_CODE, HANG_EXIT_CODE
 
 BOUND_S = 60
 

@@ -2,8 +2,8 @@
 checked against the run's guarantees as a whole (SPEC section 10).
 
 A run here is the command a user types, relaunched after each fault until it ends. Faults are reached
-deterministically through :mod:`trainer.faults` (``FCMAE_FAULT``), and the damaged checkpoints between segments
-are made by the test. After the last segment: the final weights (and the sample ledger) equal the uninterrupted
+deterministically through :mod:`trainer.resilience.faults` (``FCMAE_FAULT``), and the damaged checkpoints between
+segments are made by the test. After the last segment: the final weights (and the sample ledger) equal the uninterrupted
 run's bit for bit, or, after a rollback, the ledger and ``rollbacks.jsonl`` account for every sample; no process of
 the run is left; nothing on disk blocks a resume (no lock, partial directory or half-written file); every segment
 that did not finish exited non-zero with a summary line naming its cause. Each equivalence carries a negative
@@ -26,12 +26,11 @@ import torch
 from tests.support.launch import env, launch_cmd, run_processes, start, wait_for
 from tests.support.spikes import SHARD, calm, noise, seed_hitting_noise_once, write_shard
 from tests.support.weights import copy_with_loader_ahead, exported_weights
-from trainer.checkpoint import LATEST, MARKER
-from trainer.faults import BALLAST
-from trainer.ledger import read_ledger
-from trainer.preemption import REQUEUE_EXIT_CODE
-from trainer.recovery import ROLLBACKS_FILE, SEGMENTS_FILE
-from trainer.run_lock import LOCK_FILE
+from trainer.resilience.checkpoint import LATEST, MARKER
+from trainer.resilience.faults import BALLAST
+from trainer.resilience.ledger import read_ledger
+from trainer.resilience.preemption import REQUEUE_EXIT_CODE
+from trainer.run_dir import RunDir
 
 KILLED = -9  # the launcher's exit status after SIGKILL
 
@@ -83,7 +82,7 @@ def _evaluations(run_dir: Path) -> dict[int, dict[str, float]]:
 
 def _nothing_blocks_a_resume(run_dir: Path) -> None:
     """No lock, no half-written file, no checkpoint directory without its marker."""
-    assert not (run_dir / LOCK_FILE).exists()
+    assert not RunDir(run_dir).lock.exists()
     leftovers = [p for p in run_dir.rglob("*") if ".tmp" in p.name or p.name.startswith(".fetch_")]
     assert leftovers == [], leftovers
     partial = [d.name for d in (run_dir / "checkpoints").glob("step_*") if not (d / MARKER).exists()]
@@ -133,7 +132,7 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     #    directory is refused at once, naming the holder.
     log = tmp_path / "segment-01.log"
     first = start(cmd, log, "step@1=kill_rank@1")
-    wait_for(lambda: (run_dir / LOCK_FILE).exists(), what="the run lock", proc=first)
+    wait_for(lambda: RunDir(run_dir).lock.exists(), what="the run lock", proc=first)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
     assert second.returncode == 2, second.stderr[-2000:]
     assert re.search(rf"{run_dir} is in use by another run: launcher pid {first.pid} on ", second.stderr)
@@ -200,7 +199,7 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     ledger, expected = read_ledger(run_dir / "ledger"), read_ledger(reference / "ledger")
     assert list(ledger) == list(range(1, 13)) and ledger == expected  # every step once, the same samples
     summary = json.loads((run_dir / "export" / "metrics.json").read_text())
-    assert summary["restarts"] == 10 == len((run_dir / SEGMENTS_FILE).read_text().splitlines()) - 1
+    assert summary["restarts"] == 10 == len(RunDir(run_dir).segments.read_text().splitlines()) - 1
     _nothing_blocks_a_resume(run_dir)
     control = subprocess.run(launch_cmd(tmp_path / "control", *common, ranks=2), capture_output=True, timeout=300)
     assert control.returncode == 0
@@ -239,7 +238,7 @@ def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_
     common, noisy_step, noise_keys = _spike_data(tmp_path)
     reference = tmp_path / "reference"
     assert start(launch_cmd(reference, *common, ranks=2), tmp_path / "reference.log").wait(timeout=300) == 0
-    (record,) = [json.loads(line) for line in (reference / ROLLBACKS_FILE).read_text().splitlines()]
+    (record,) = [json.loads(line) for line in RunDir(reference).rollbacks.read_text().splitlines()]
     assert record["detected_at_step"] == noisy_step and set(noise_keys) <= set(record["skipped_keys"])
 
     run_dir = tmp_path / "run"
@@ -259,7 +258,7 @@ def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_
     seg.run(None, 0)
 
     def rolled_back_once_as_the_reference(run: Path) -> bool:
-        records = [json.loads(line) for line in (run / ROLLBACKS_FILE).read_text().splitlines()]
+        records = [json.loads(line) for line in RunDir(run).rollbacks.read_text().splitlines()]
         same = len(records) == 1 and records[0]["skipped_keys"] == record["skipped_keys"]
         return same and _same_weights(run, reference) and read_ledger(run / "ledger") == read_ledger(ledger_of)
 
@@ -281,7 +280,7 @@ def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_
         if marker["step"] > record["restored_step"]:
             (directory / MARKER).write_text(json.dumps({**marker, "timeline": 1}))
     assert start(launch_cmd(control, *common, ranks=2), tmp_path / "control.log").wait(timeout=300) == 0
-    assert len((control / ROLLBACKS_FILE).read_text().splitlines()) == 2
+    assert len(RunDir(control).rollbacks.read_text().splitlines()) == 2
     assert not rolled_back_once_as_the_reference(control)
 
     # No rollback budget left: the spike fails the run, naming the setting.

@@ -19,9 +19,9 @@ import torch
 
 from tests.support.launch import launch_cmd, logged_steps, preempt, run, start, wait_for
 from tests.support.weights import copy_with_loader_ahead, exported_weights, initial_weights, relative_distance
-from trainer.checkpoint import LATEST, MARKER
-from trainer.ledger import read_ledger
-from trainer.preemption import REQUEUE_EXIT_CODE
+from trainer.resilience.checkpoint import LATEST, MARKER
+from trainer.resilience.ledger import read_ledger
+from trainer.resilience.preemption import REQUEUE_EXIT_CODE
 
 STEPS = 12
 COMMON = ("data.batch_size=4", f"schedule.max_steps={STEPS}", "checkpoint.every_steps=4", "checkpoint.keep=2")

@@ -15,9 +15,9 @@ import pytest
 
 from tests.support.launch import launch_cmd, logged_steps, preempt, run, start, wait_for
 from tests.support.spikes import SHARD, calm, noise, seed_hitting_noise_once, write_shard
-from trainer.checkpoint import LATEST, MARKER
-from trainer.preemption import REQUEUE_EXIT_CODE
-from trainer.recovery import ROLLBACKS_FILE
+from trainer.resilience.checkpoint import LATEST, MARKER
+from trainer.resilience.preemption import REQUEUE_EXIT_CODE
+from trainer.run_dir import RunDir
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_a_loss_spike_from_a_window_of_noise_rolls_back_and_skips_it(tmp_path: P
     )  # fmt: skip
     run_dir = tmp_path / "run"
     assert run(launch_cmd(run_dir, f"data.train_url=[{clean}, {bad}]", *common, ranks=2)) == 0
-    (rollback,) = [json.loads(line) for line in (run_dir / ROLLBACKS_FILE).read_text().splitlines()]
+    (rollback,) = [json.loads(line) for line in RunDir(run_dir).rollbacks.read_text().splitlines()]
     assert rollback["cause"] == "loss spike" and rollback["detected_at_step"] == noisy_step
     assert rollback["restored_step"] == noisy_step - 1 - (noisy_step - 1) % 2  # the newest checkpoint before it
     assert rollback["skipped_steps"] == [rollback["restored_step"] + 1, noisy_step]
@@ -66,7 +66,7 @@ def test_a_loss_spike_from_a_window_of_noise_rolls_back_and_skips_it(tmp_path: P
     log = tmp_path / "control.log"
     proc = start(launch_cmd(control_run, f"data.train_url=[{clean}, {good}]", *common, *timed, ranks=2), log)
     assert proc.wait(timeout=300) == 0
-    assert not (control_run / ROLLBACKS_FILE).exists()
+    assert not RunDir(control_run).rollbacks.exists()
     text = log.read_text()
     saved = [int(step) for step in re.findall(r"checkpoints/step_(\d+) saved in", text)]
     assert len(saved) >= 3 and saved[-1] == 10, saved  # every 0.3 s of training (steps take ~0.2 s), and the end

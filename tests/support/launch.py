@@ -48,7 +48,7 @@ def launch_cmd(run_dir: Path, *overrides: str, ranks: int = 1, config: str = "de
 
 
 def env(fault: str | None = None) -> dict[str, str]:
-    """Environment of launched jobs; ``fault``: a ``FCMAE_FAULT`` injection (:mod:`trainer.faults`)."""
+    """Environment of launched jobs; ``fault``: a ``FCMAE_FAULT`` injection (:mod:`trainer.resilience.faults`)."""
     out = dict(os.environ)
     out.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     out["DS_ACCELERATOR"] = "cpu"

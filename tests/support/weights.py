@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import LATEST, MARKER
 from trainer.config import PretrainConfig, load_run_config
-from trainer.integrity import digest_share
-from trainer.pretrain import build_model
+from trainer.resilience.checkpoint import LATEST, MARKER
+from trainer.resilience.integrity import digest_share
+from trainer.stages.pretrain import build_model
 
 
 def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import LATEST, MARKER, Checkpointer, step_tag
 from trainer.config import CheckpointConfig
 from trainer.distributed import DistEnv
-from trainer.integrity import digest_share
+from trainer.resilience.checkpoint import LATEST, MARKER, Checkpointer, step_tag
+from trainer.resilience.integrity import digest_share
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -22,11 +22,10 @@ from models.convnextv2 import build
 from models.detection import build_mask_rcnn, layer_ids
 from tests.support.launch import launch, logged_steps
 from trainer.config import load_config
-from trainer.detection import COCO_STATS, DetectionStage, coco_detections, coco_metrics
 from trainer.distributed import DistEnv
-from trainer.layer_decay import lr_scales
-from trainer.optim import param_groups
-from trainer.pretrained import PretrainedWeightsError
+from trainer.optim import lr_scales, param_groups
+from trainer.stages.detection import COCO_STATS, DetectionStage, coco_detections, coco_metrics
+from trainer.stages.pretrained import PretrainedWeightsError
 
 LD = 0.9
 METRICS = [f"{kind}_{stat}" for kind in ("box", "mask") for stat in COCO_STATS]

@@ -24,10 +24,9 @@ from models.fcmae import FCMAE
 from tests.support.launch import launch, logged_steps
 from trainer.config import load_config
 from trainer.distributed import DistEnv, free_port
-from trainer.finetune import FinetuneStage, eval_counts, init_head
-from trainer.layer_decay import lr_scales
-from trainer.optim import param_groups
-from trainer.pretrained import PretrainedWeightsError, load_pretrained
+from trainer.optim import lr_scales, param_groups
+from trainer.stages.finetune import FinetuneStage, eval_counts, init_head
+from trainer.stages.pretrained import PretrainedWeightsError, load_pretrained
 
 LD = 0.8
 

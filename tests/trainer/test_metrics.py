@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.convnextv2 import build
 from models.fcmae import FCMAE
-from trainer import metrics
-from trainer.metrics import count_fcmae_flops, flop_counter, peak_flops
+from trainer.observability import metrics
+from trainer.observability.metrics import count_fcmae_flops, flop_counter, peak_flops
 
 
 def _train_flops(counter: FlopCounterMode, module: nn.Module, x: torch.Tensor) -> int:

@@ -25,7 +25,7 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
     from trainer.distributed import init_distributed, teardown
     from trainer.engine import deepspeed_config, initialize
     from trainer.optim import build_optimizer
-    from trainer.pretrain import PretrainStage
+    from trainer.stages.pretrain import PretrainStage
     from trainer.trainer import Trainer
 
     env = init_distributed()
@@ -49,7 +49,7 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
         optimizer = build_optimizer(model, cfg.optim)
         engine = initialize(model, optimizer, deepspeed_config(cfg.deepspeed, cfg.optim, 2, 2))
         trainer = Trainer.__new__(Trainer)  # only its train_step: the engine and stage are made here
-        trainer.cfg, trainer.env, trainer.engine, trainer.stage = cfg, env, engine, stage_
+        trainer.cfg, trainer.env, trainer.engine, trainer.stages = cfg, env, engine, stage_
         skipped = []
         for step, images in enumerate(batches):
             if images is None:

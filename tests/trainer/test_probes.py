@@ -17,8 +17,8 @@ from data.transforms import eval_transform
 from models.convnextv2 import build, build_encoder
 from tests.support.launch import launch
 from trainer.config import PretrainConfig, load_config
-from trainer.pretrain import random_encoder
-from trainer.probes import effective_rank, knn_top1, labeled, pooled, stage_outputs
+from trainer.observability.probes import effective_rank, knn_top1, labeled, pooled, stage_outputs
+from trainer.stages.pretrain import random_encoder
 
 
 def _clusters(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.launch import launch
 from trainer.distributed import free_port
-from trainer.tracking import flatten, redact
+from trainer.observability.tracking import flatten, redact
 
 
 class ServerUrl(str):

@@ -48,7 +48,7 @@ class PreemptionHandler:
     """Installs the flag-setting handlers and answers "should all ranks stop now?"."""
 
     last_received: int | None = None
-    """The last signal any handler of this process received (read by :mod:`trainer.faults`)."""
+    """The last signal any handler of this process received (read by :mod:`trainer.resilience.faults`)."""
 
     def __init__(self) -> None:
         self.received: int | None = None

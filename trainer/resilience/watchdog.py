@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trainer.config import WatchdogConfig
-from trainer.failure import HANG_EXIT_CODE, hard_exit, record_failure
+from trainer.resilience.failure import HANG_EXIT_CODE, hard_exit, record_failure
+from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class StepWatchdog:
                 self._fire(where, silent, limit)
 
     def _fire(self, where: str, silent: float, limit: float) -> None:
-        path = self.run_dir / "hangs" / f"rank_{self.rank:05d}.txt"
+        path = RunDir(self.run_dir).hangs / f"rank_{self.rank:05d}.txt"
         summary = (
             f"watchdog: no progress for {silent:.0f}s in {where} (timeout {limit:.0f}s; set watchdog.min_timeout_s, "
             f"watchdog.step_factor or watchdog.phase_timeout_s); stacks of every thread in {path}"

@@ -6,7 +6,7 @@ is not taken for the holder), the SLURM job id when the holder is a job, and a h
 holder. A holder that died is taken over, with a log line saying why: on the same host, when none of its processes
 is alive (or the host rebooted); elsewhere, when its heartbeat is older than :data:`STALE_S`. A SLURM job takes over
 its own lock after a requeue (same job id, a new attempt). A holder whose launcher died while its ranks still
-stop (they save first, :func:`trainer.preemption.stop_with_launcher`) is waited for, up to ``wait_s``.
+stop (they save first, :func:`trainer.resilience.preemption.stop_with_launcher`) is waited for, up to ``wait_s``.
 
 Deciding and writing happen under an ``flock`` of ``lock.json.guard``, so two launches racing for a stale lock
 cannot both win; the record itself is replaced atomically.
@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.export import atomic_write_text
+from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "lock.json"
 HEARTBEAT_S = 10.0
 STALE_S = 90.0
 """A holder on another host whose heartbeat is older than this is taken for dead (9 missed beats)."""
@@ -72,7 +72,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path, role: str = "launcher") -> None:
         self.run_dir = run_dir
-        self.path = run_dir / LOCK_FILE
+        self.path = RunDir(run_dir).lock
         self.token = uuid.uuid4().hex
         self.role = role
         self.pids: dict[str, int | None] = {str(os.getpid()): process_start(os.getpid())}
@@ -96,7 +96,7 @@ class RunLock:
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / f"{LOCK_FILE}.guard", "a") as guard:
+        with open(self.path.with_name(self.path.name + ".guard"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             yield
 

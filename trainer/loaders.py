@@ -11,10 +11,8 @@ from data.synthetic import SyntheticLoader, parse_synthetic_url
 from data.transforms import ImageTransform
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
-from trainer.preemption import PREEMPTION_SIGNALS
-
-INDEX_DIR = "index"
-"""Folder of a run directory holding the indexes of shards whose own location was not writable."""
+from trainer.resilience.preemption import PREEMPTION_SIGNALS
+from trainer.run_dir import RunDir
 
 
 def build_train_loader(
@@ -108,7 +106,7 @@ def _build(
         decode=decode,
         label_field=cfg.data.label_field,
         shuffle_window=cfg.data.shuffle_window,
-        index_dir=str(run_dir / INDEX_DIR),
+        index_dir=str(RunDir(run_dir).index),
         pin_memory=env.device.type == "cuda",
         worker_ignored_signals=PREEMPTION_SIGNALS,
     )

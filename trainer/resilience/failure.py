@@ -20,11 +20,12 @@ import time
 import traceback
 from pathlib import Path
 
+from trainer.run_dir import RunDir
+
 log = logging.getLogger(__name__)
 
 FAILURE_EXIT_CODE = 1
 HANG_EXIT_CODE = 124  # like timeout(1): the step watchdog ended a rank that stopped making progress
-FAILURES = "failures"
 
 
 class DiskFullError(OSError):
@@ -54,7 +55,7 @@ def disk_full(err: BaseException, path: Path, margin_bytes: int = 1 << 20) -> bo
 
 def failure_path(run_dir: Path, rank: int) -> Path:
     """Where rank ``rank`` records why it failed."""
-    return run_dir / FAILURES / f"rank_{rank:05d}.txt"
+    return RunDir(run_dir).failures / f"rank_{rank:05d}.txt"
 
 
 def record_failure(run_dir: Path, rank: int, summary: str, details: str) -> Path:
@@ -84,7 +85,7 @@ def record_exception(run_dir: Path, rank: int, err: BaseException) -> Path:
 def failures_since(run_dir: Path, since: float) -> dict[int, str]:
     """``rank -> summary line`` of the failures recorded at or after ``since`` (a ``time.time()``)."""
     found = {}
-    for path in sorted((run_dir / FAILURES).glob("rank_*.txt")):
+    for path in sorted(RunDir(run_dir).failures.glob("rank_*.txt")):
         try:
             if path.stat().st_mtime >= since - 1:
                 found[int(path.stem.removeprefix("rank_"))] = path.read_text().split("\n", 1)[0]

@@ -13,8 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainer.metrics import console_line
-from trainer.tracking import Tracker
+from trainer.observability.metrics import console_line
+from trainer.observability.tracking import Tracker
+from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class MetricsLogger:
     """Fans the trainer's metrics out to the console, ``metrics.jsonl`` and the MLflow run of ``tracker``."""
 
     def __init__(self, run_dir: Path, tracker: Tracker, total_steps: int, enabled: bool) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics_log
         self.tracker = tracker
         self.total_steps = total_steps
         self.enabled = enabled

@@ -3,7 +3,7 @@
 Pretrained weights (our FCMAE export, a timm or an official checkpoint, by path or fsspec URL) must fit the
 configured size exactly, except the classifier head, which is always re-initialized (truncated normal, std
 ``0.02 * head_init_scale``: 2e-5 at the default 0.001, the official value). Layer-wise lr decay scales each
-parameter group (:mod:`trainer.layer_decay`); Mixup/CutMix draws come from (run seed, micro-step, rank).
+parameter group (:func:`trainer.optim.lr_scales`); Mixup/CutMix draws come from (run seed, micro-step, rank).
 
 EMA: every rank keeps an fp32 copy of the weights (timm's ``ModelEmaV2``), updated after every step that was not
 skipped. ZeRO stages 0-2 hold full parameters on every rank, so the copies stay identical without communication;
@@ -34,12 +34,12 @@ from models.convnextv2 import ConvNeXtV2, build
 from trainer.config import FinetuneConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
-from trainer.layer_decay import lr_scales
-from trainer.metrics import FlopCount, flop_counter
-from trainer.optim import build_optimizer
-from trainer.pretrained import load_pretrained
-from trainer.run_loader import build_eval_loader, build_train_loader
-from trainer.stage import Batch, Evaluation, StopCheck, autocast
+from trainer.loaders import build_eval_loader, build_train_loader
+from trainer.observability.metrics import FlopCount, flop_counter
+from trainer.optim import build_optimizer, lr_scales
+from trainer.run_dir import RunDir
+from trainer.stages import Batch, Evaluation, StopCheck, autocast
+from trainer.stages.pretrained import load_pretrained
 from trainer.zero import gathered_parameters
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def count_classifier_flops(model: nn.Module, image_size: int, device: torch.devi
 
 
 def build_model(cfg: FinetuneConfig) -> ConvNeXtV2:
-    """The classifier of a fine-tuning config (the stage contract's ``build_model``, :mod:`trainer.stage`), before
+    """The classifier of a fine-tuning config (the stage contract's ``build_model``, :mod:`trainer.stages`), before
     pretrained weights and the new head's initialization."""
     model = build(cfg.model.size, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
@@ -94,7 +94,7 @@ class Best:
 
 
 class FinetuneStage:
-    """The classification fine-tuning stage (:class:`trainer.stage.Stage`)."""
+    """The classification fine-tuning stage (:class:`trainer.stages.Stage`)."""
 
     def __init__(self, cfg: FinetuneConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg = cfg
@@ -231,7 +231,7 @@ class FinetuneStage:
 
     def _save_best(self) -> None:
         weights = self.ema.module if self.best.source == "ema" and self.ema is not None else self.model
-        path = self.run_dir / "export" / "best.safetensors"
+        path = RunDir(self.run_dir).export / "best.safetensors"
         extra = {"source": self.best.source, "step": str(self.best.step), "top1": f"{self.best.top1:.4f}"}
         write_weights(path, weights.state_dict(), {**self._metadata(), **extra})
 

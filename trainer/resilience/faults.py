@@ -95,7 +95,7 @@ def at(point: str, step: int | None = None, run_dir: Path | None = None) -> None
             raise ValueError(f"{ENV}: fill_disk needs a point that knows the run directory, not {point}")
         fill_disk(run_dir.resolve().parent / BALLAST)
     else:
-        from trainer.preemption import PreemptionHandler
+        from trainer.resilience.preemption import PreemptionHandler
 
         os.kill(os.getppid(), SIGNAL_ACTIONS[fault.action])
         # The launcher forwards the signal (or, killed, the parent-death signal arrives): wait until this rank has

@@ -38,11 +38,10 @@ from models.detection import ConvNeXtV2FPN, build_mask_rcnn, layer_ids
 from trainer.config import DetectionConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
-from trainer.layer_decay import lr_scales
-from trainer.optim import build_optimizer
-from trainer.pretrained import load_detector_backbone
-from trainer.run_loader import build_eval_loader, build_train_loader
-from trainer.stage import Batch, Evaluation, StopCheck, autocast
+from trainer.loaders import build_eval_loader, build_train_loader
+from trainer.optim import build_optimizer, lr_scales
+from trainer.stages import Batch, Evaluation, StopCheck, autocast
+from trainer.stages.pretrained import load_detector_backbone
 from trainer.zero import gathered_parameters
 
 COCO_STATS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
@@ -134,7 +133,7 @@ def _gather_to_main(items: list[Any], env: DistEnv) -> list[Any]:
 
 
 def build_model(cfg: DetectionConfig) -> MaskRCNN:
-    """The detector of a detection config (the stage contract's ``build_model``, :mod:`trainer.stage`), before the
+    """The detector of a detection config (the stage contract's ``build_model``, :mod:`trainer.stages`), before the
     pretrained backbone is loaded."""
     det, size = cfg.detection, cfg.data.image_size
     model = build_mask_rcnn(
@@ -155,7 +154,7 @@ def build_model(cfg: DetectionConfig) -> MaskRCNN:
 
 
 class DetectionStage:
-    """The Mask R-CNN stage (:class:`trainer.stage.Stage`)."""
+    """The Mask R-CNN stage (:class:`trainer.stages.Stage`)."""
 
     def __init__(self, cfg: DetectionConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg = cfg

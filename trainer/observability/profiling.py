@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 
 from trainer.distributed import DistEnv, gather_objects
-from trainer.tracking import Tracker
-from trainer.watchdog import StepWatchdog
+from trainer.observability.tracking import Tracker
+from trainer.resilience.watchdog import StepWatchdog
+from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-PROFILE_DIR = "profile"
 MEMORY_HISTORY_ENTRIES = 200_000
 
 
@@ -93,7 +93,7 @@ class StepProfiler:
         if self._cuda:
             torch.cuda.synchronize()
         profiler.stop()
-        folder = self.run_dir / PROFILE_DIR / f"steps_{self._started_at}-{step}"
+        folder = RunDir(self.run_dir).profile / f"steps_{self._started_at}-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         rank = self.env.rank
         files = [folder / f"rank_{rank}.trace.json.gz", folder / f"rank_{rank}.ops.txt"]
@@ -108,7 +108,7 @@ class StepProfiler:
         written = [f for share in gather_objects([str(f) for f in files]) for f in share]  # all ranks wrote theirs
         if self.env.is_main:
             for path in written:
-                self.tracker.log_artifact(Path(path), f"{PROFILE_DIR}/{folder.name}")
+                self.tracker.log_artifact(Path(path), f"{folder.parent.name}/{folder.name}")
         self._write_s += time.perf_counter() - t0
         if not self.env.is_main:
             return
@@ -117,7 +117,7 @@ class StepProfiler:
         ops = ", ".join(f"{e.key} {100 * getattr(e, sort_by) / total:.0f}%" for e in top)
         log.info(
             "profile of steps %d-%d: %d files of %d ranks in %s (MLflow artifacts %s/%s); top ops by self time: %s",
-            self._started_at, step, len(written), self.env.world_size, folder, PROFILE_DIR, folder.name, ops,
+            self._started_at, step, len(written), self.env.world_size, folder, folder.parent.name, folder.name, ops,
         )  # fmt: skip
 
     def close(self) -> None:

@@ -43,7 +43,10 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
     name = torch.cuda.get_device_name(device)
     peak = peak_flops(name, precision)
     if peak is None:
-        log.warning("no peak FLOP/s known for %r: MFU is not reported (add it to trainer.metrics.PEAK_FLOPS)", name)
+        log.warning(
+            "no peak FLOP/s known for %r: MFU is not reported (add it to trainer.observability.metrics.PEAK_FLOPS)",
+            name,
+        )
     return peak
 
 

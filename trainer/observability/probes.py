@@ -5,7 +5,7 @@
 * :func:`effective_rank`: RankMe (Garrido et al., 2023), ``exp`` of the entropy of the normalized singular values
   of a batch of pooled features: how many directions the representation really uses. Collapse shrinks it.
 * :func:`stage_outputs`: the dense encoder's output after each of its four stages, for the paper's feature
-  cosine-distance statistic (:func:`trainer.fcmae_eval.feature_cosine_distance`) per stage.
+  cosine-distance statistic (:func:`trainer.stages.fcmae_eval.feature_cosine_distance`) per stage.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from models.convnextv2 import ConvNeXtV2Encoder
-from trainer.stage import StopCheck
+from trainer.stages import StopCheck
 
 RANKME_EPS = 1e-7
 

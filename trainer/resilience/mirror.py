@@ -17,8 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer import faults
-from trainer.checkpoint import LATEST, MARKER
+from trainer.resilience import faults
+from trainer.run_dir import LATEST, MARKER
 
 log = logging.getLogger(__name__)
 

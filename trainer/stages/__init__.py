@@ -1,14 +1,14 @@
 """The stage contract: what pretraining, fine-tuning and detection each provide to :class:`trainer.trainer.Trainer`.
 
-A stage lives in one module (``trainer/pretrain.py``, ``trainer/finetune.py``, ``trainer/detection.py``) that
-exposes two things:
+A stage lives in one module of this package (``pretrain.py``, ``finetune.py``, ``detection.py``) that exposes two
+things:
 
 - ``build_model(cfg) -> nn.Module``: the stage's network, built on the current device (the caller may enter
   ``torch.device("meta")``) from the current torch RNG state, with no file or loader touched. The trainer seeds
   the RNG with ``cfg.seed`` first; the dry-run planner (:mod:`cluster.plan`) counts parameters and activations of
   the very same model on the meta device.
 - A class satisfying :class:`Stage` (constructed as ``Stage(cfg, env, run_dir)``): the task around the model,
-  with its loaders (from :mod:`trainer.run_loader`, the one place that builds loaders), loss, evaluation, export and
+  with its loaders (from :mod:`trainer.loaders`, the one place that builds loaders), loss, evaluation, export and
   state.
 """
 
@@ -24,16 +24,16 @@ import torch
 from torch import nn
 
 from trainer.config import TrainConfig
-from trainer.metrics import FlopCount
+from trainer.observability.metrics import FlopCount
 
 Batch = tuple[torch.Tensor, Any, list[str]]
 """One loader batch: images, labels (a tensor, or per-image targets for detection), sample keys."""
 
 # Stage name -> its module, imported on demand (detection pulls in torchvision's detection models).
 STAGE_MODULES = {
-    "pretrain": "trainer.pretrain",
-    "finetune": "trainer.finetune",
-    "detection": "trainer.detection",
+    "pretrain": "trainer.stages.pretrain",
+    "finetune": "trainer.stages.finetune",
+    "detection": "trainer.stages.detection",
 }
 STAGE_CLASSES = {"pretrain": "PretrainStage", "finetune": "FinetuneStage", "detection": "DetectionStage"}
 

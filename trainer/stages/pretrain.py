@@ -2,8 +2,9 @@
 
 Masks come from (run seed, epoch, sample key), so every world size and every restart draws the same mask for a
 sample. Evaluation logs a reconstruction grid of a fixed batch, the paper's feature cosine-distance statistic for
-each of the four stages and, with ``eval.knn_bank_url``, the kNN top-1 and effective rank (:mod:`trainer.probes`);
-the export is the encoder in the layout ``build(size, num_classes=0)`` loads, plus the whole FCMAE.
+each of the four stages and, with ``eval.knn_bank_url``, the kNN top-1 and effective rank
+(:mod:`trainer.observability.probes`); the export is the encoder in the layout ``build(size, num_classes=0)``
+loads, plus the whole FCMAE.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from models.masking import random_mask
 from trainer.config import PretrainConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.export import write_metrics, write_weights
-from trainer.fcmae_eval import feature_cosine_distance, save_reconstructions
-from trainer.metrics import count_fcmae_flops
+from trainer.loaders import build_eval_loader, build_train_loader
+from trainer.observability.metrics import count_fcmae_flops
+from trainer.observability.probes import effective_rank, gather_rows, knn_top1, labeled, loader_features, stage_outputs
 from trainer.optim import build_optimizer
-from trainer.probes import effective_rank, gather_rows, knn_top1, labeled, loader_features, stage_outputs
-from trainer.run_loader import build_eval_loader, build_train_loader
-from trainer.stage import Batch, Evaluation, StopCheck, autocast
+from trainer.run_dir import RunDir
+from trainer.stages import Batch, Evaluation, StopCheck, autocast
+from trainer.stages.fcmae_eval import feature_cosine_distance, save_reconstructions
 from trainer.zero import gathered_parameters
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def random_encoder(cfg: PretrainConfig) -> ConvNeXtV2Encoder:
 
 
 def build_model(cfg: PretrainConfig) -> FCMAE:
-    """The FCMAE of a pretraining config (the stage contract's ``build_model``, :mod:`trainer.stage`), initialized
+    """The FCMAE of a pretraining config (the stage contract's ``build_model``, :mod:`trainer.stages`), initialized
     from the current torch RNG state (the run seeds it with ``cfg.seed`` first, so the same call reproduces a
     run's initial weights)."""
     return FCMAE(
@@ -73,7 +75,7 @@ def build_model(cfg: PretrainConfig) -> FCMAE:
 
 
 class PretrainStage:
-    """The FCMAE stage (:class:`trainer.stage.Stage`)."""
+    """The FCMAE stage (:class:`trainer.stages.Stage`)."""
 
     def __init__(self, cfg: PretrainConfig, env: DistEnv, run_dir: Path) -> None:
         self.cfg = cfg
@@ -149,7 +151,7 @@ class PretrainStage:
         if probes.stopped is not None or not self.env.is_main:
             return probes
         metrics = {f"feature_cosine_distance_s{i}": feature_cosine_distance(f) for i, f in enumerate(stages, start=1)}
-        path = self.run_dir / "images" / f"recon_{step:08d}.png"
+        path = RunDir(self.run_dir).images / f"recon_{step:08d}.png"
         save_reconstructions(model, images, masks, pred, path)
         return Evaluation({**metrics, **probes.metrics}, [("reconstructions", path)], tags=probes.tags)
 
@@ -210,7 +212,7 @@ class PretrainStage:
                 meta = {"size": model.size, "stage": "pretrain"}
                 write_weights(out_dir / "model.safetensors", model.encoder_state_dict(), meta)
                 write_weights(out_dir / "fcmae.safetensors", model.state_dict(), meta)
-                images = sorted((self.run_dir / "images").glob("recon_*.png"))
+                images = sorted(RunDir(self.run_dir).images.glob("recon_*.png"))
                 if images:
                     (out_dir / "reconstructions.png").write_bytes(images[-1].read_bytes())
                 write_metrics(out_dir, summary)

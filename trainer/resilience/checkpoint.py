@@ -15,8 +15,8 @@ SIGKILL) never leaves one that resume would pick; leftovers of an interrupted sa
 A save that fails for want of disk space removes its partial files and fails the run with the bytes it needs;
 the previous checkpoint stays the newest complete one.
 
-Rollbacks (:mod:`trainer.recovery`) abandon the checkpoints after the one they restore. Each marker records the
-run's *timeline* (how many rollbacks were made when it was written); rollback ``i`` (0-based, in
+Rollbacks (:mod:`trainer.resilience.recovery`) abandon the checkpoints after the one they restore. Each marker
+records the run's *timeline* (how many rollbacks were made when it was written); rollback ``i`` (0-based, in
 ``rollbacks.jsonl``) restored step ``S_i``, so a checkpoint of timeline ``t`` is abandoned when some rollback
 ``i >= t`` restored a step before it. That rule holds from the moment the rollback is recorded, so a crash before
 ``latest`` moves or the abandoned directories are deleted (locally and on the mirror) never resumes one of them.
@@ -24,7 +24,7 @@ run's *timeline* (how many rollbacks were made when it was written); rollback ``
 Before a resume every rank checks its share of the files against the marker: a truncated or changed checkpoint is
 refused with a log line, renamed ``damaged_*`` and the previous complete one is used. The last ``keep`` complete
 checkpoints are kept. With ``mirror_url`` each complete checkpoint is copied to that fsspec URL in the background
-(:mod:`trainer.mirror`, marker last), and resume falls back to the mirror's newest intact copy when the local
+(:mod:`trainer.resilience.mirror`, marker last), and resume falls back to the mirror's newest intact copy when the local
 directory has none. State files load with ``weights_only=True``.
 """
 
@@ -46,17 +46,17 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from trainer import faults
 from trainer.config import CheckpointConfig
 from trainer.distributed import DistEnv, barrier, gather_objects
 from trainer.export import atomic_write_text
-from trainer.failure import DiskFullError, disk_full
-from trainer.integrity import check_share, checkpoint_files, digest_share
+from trainer.resilience import faults
+from trainer.resilience.failure import DiskFullError, disk_full
+from trainer.resilience.integrity import check_share, checkpoint_files, digest_share
+from trainer.resilience.mirror import MirrorUploader
+from trainer.run_dir import LATEST, MARKER
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
-LATEST = "latest"
 UNIVERSAL_SUFFIX = "_universal"
 DAMAGED_PREFIX = "damaged_"
 
@@ -165,8 +165,6 @@ class Checkpointer:
         """The step each recorded rollback restored, in order (``rollbacks.jsonl``); see the module docstring."""
         self.last_save_s: float | None = None
         """Wall time of the last save (all ranks' files, hashes and marker)."""
-        from trainer.mirror import MirrorUploader  # it imports this module's names
-
         self.uploader = MirrorUploader(cfg.mirror_url, cfg.mirror_queue) if cfg.mirror_url and env.is_main else None
         root.mkdir(parents=True, exist_ok=True)
 
@@ -327,7 +325,8 @@ class Checkpointer:
 
     def _fail_if_disk_full(self, err: BaseException, directory: Path) -> None:
         """A save that ran out of space: delete its partial directory (nothing resumes it, and the space is needed)
-        and raise :class:`~trainer.failure.DiskFullError` with the bytes a checkpoint takes; other errors pass."""
+        and raise :class:`~trainer.resilience.failure.DiskFullError` with the bytes a checkpoint takes; other errors
+        pass."""
         if not disk_full(err, self.root):
             return
         _delete(directory)

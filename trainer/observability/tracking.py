@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
+from trainer.run_dir import RunDir
+
 log = logging.getLogger(__name__)
 
-RUN_ID_FILE = "mlflow_run_id"
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|api_key|access_key|private)", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
@@ -77,7 +78,7 @@ def git_commit() -> str:
 
 def default_tracking_uri(run_dir: Path, configured: str | None) -> str:
     """Configured URI, else the environment's, else a sqlite file in the run directory."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{RunDir(run_dir.resolve()).mlflow_store}"
 
 
 class Tracker:
@@ -101,7 +102,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
-        id_file = self.run_dir / RUN_ID_FILE
+        id_file = RunDir(self.run_dir).mlflow_run_id
         if id_file.exists():
             self.run_id = id_file.read_text().strip()
             run = self._client.get_run(self.run_id)

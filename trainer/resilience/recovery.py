@@ -11,7 +11,7 @@ an artifact; after ``schedule.max_rollbacks`` the run fails with an error that s
 The line is the rollback's commit (written whole and synced; a line cut short by a crash is ignored): it carries
 the loader position and spike statistic the run continued with, so a crash before the next checkpoint resumes the
 restored checkpoint as the rollback left it, and it abandons the checkpoints after the restored one
-(:mod:`trainer.checkpoint`). ``segments.jsonl`` records every start of the run (what ``restarts`` counts).
+(:mod:`trainer.resilience.checkpoint`). ``segments.jsonl`` records every start of the run (what ``restarts`` counts).
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.run_lock import slurm_job_id
+from trainer.resilience.run_lock import slurm_job_id
+from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
-
-ROLLBACKS_FILE = "rollbacks.jsonl"
-SEGMENTS_FILE = "segments.jsonl"
 
 
 class SpikeDetector:
@@ -123,7 +121,7 @@ class RollbackLog:
     """Appends rollbacks to ``rollbacks.jsonl`` in the run directory and counts them."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / ROLLBACKS_FILE
+        self.path = RunDir(run_dir).rollbacks
 
     def count(self) -> int:
         """Rollbacks made so far in this run (over restarts)."""
@@ -142,7 +140,7 @@ class SegmentLog:
     """``segments.jsonl``: one line per start of the run (rank 0), whether or not that segment saved."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / SEGMENTS_FILE
+        self.path = RunDir(run_dir).segments
 
     def start(self, resumed_from: str | None) -> None:
         """Record this start."""
