@@ -41,7 +41,8 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
-from data.loader import build_loader  # noqa: E402
+from data.batch import Batch  # noqa: E402
+from data.loader import Decode, LoaderConfig, build_loader  # noqa: E402
 from data.sources import ImageFolderSource  # noqa: E402
 from data.transforms import pretrain_transform  # noqa: E402
 from data.writer import WriterConfig, write_shards  # noqa: E402
@@ -105,7 +106,7 @@ def rate(batches: Iterable[object], images: int) -> float:
     started = time.perf_counter()
     seen = 0
     for batch in iterator:
-        seen += len(batch[0])  # type: ignore[index]
+        seen += len(batch.images if isinstance(batch, Batch) else batch[0])  # type: ignore[index]
     return seen / (time.perf_counter() - started) if seen else float("nan")
 
 
@@ -130,9 +131,11 @@ def webdataset_arm(urls: list[str], args: argparse.Namespace) -> float:
     return rate(loader, args.images)
 
 
-def ours_arm(url: str, args: argparse.Namespace, decode: str = "tensor") -> float:
+def ours_arm(url: str, args: argparse.Namespace, decode: Decode = "tensor") -> float:
     loader = build_loader(
-        url, batch_size=args.batch, num_workers=args.workers, transform=pretrain_transform(224), decode=decode
+        url,
+        LoaderConfig(batch_size=args.batch, num_workers=args.workers, decode=decode),
+        transform=pretrain_transform(224),
     )
     return rate(loader, args.images)
 

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from cluster.launch import main as launch
-from data.loader import build_loader
+from data.loader import LoaderConfig, build_loader
 from data.transforms import eval_transform
 from trainer.config import PretrainConfig, load_config
+from trainer.evaluation import EvalPasses
 from trainer.observability.probes import effective_rank, labeled, loader_features
 from trainer.stages.pretrain import random_encoder
 
@@ -66,17 +67,15 @@ def rank_at_init(overrides: list[str], queries: Path, image_size: int) -> float:
     encoder (:func:`trainer.stages.pretrain.random_encoder`) through the probe's decoding, transform and pooling."""
     cfg = load_config("demo_fcmae", overrides)
     assert isinstance(cfg, PretrainConfig)
-    loader: Any = build_loader(  # labeled batches: (images, label tensor)
+    loader: Any = build_loader(
         str(queries),
-        batch_size=64,
-        shuffle=False,
-        remainder="pad",
+        LoaderConfig(batch_size=64, shuffle=False, remainder="pad", decode="tensor"),
         transform=eval_transform(image_size),
-        decode="tensor",
     )
     with torch.no_grad():
-        features, labels, _ = loader_features(random_encoder(cfg).eval(), loader, torch.device("cpu"), lambda: False)
-    return effective_rank(labeled(features, labels)[0])
+        embedded = loader_features(random_encoder(cfg).eval(), loader, EvalPasses(torch.device("cpu"), lambda: False))
+    assert embedded is not None  # nothing stops it
+    return effective_rank(labeled(*embedded)[0])
 
 
 def run_seed(seed: int, args: argparse.Namespace, bank: Path, queries: Path) -> dict[str, dict]:

@@ -235,23 +235,12 @@ def _launch(args: argparse.Namespace, configs: list[tuple[TrainConfig, Path]], l
 
 
 def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:
-    from cluster.slurm import JOBS_FILE, make_executor, submit
+    from cluster.slurm import submit
 
-    previous_job = None
+    previous_job: str | None = None
     for cfg, run_dir in configs:
-        if previous_job is None:
-            job = submit(cfg, run_dir)
-        else:
-            from cluster.slurm import TrainJob
-
-            executor = make_executor(cfg, run_dir)
-            executor.update_parameters(
-                slurm_additional_parameters={"requeue": True, "dependency": f"afterok:{previous_job.job_id}"}
-            )
-            job = executor.submit(TrainJob(str(run_dir), cfg.cluster.max_requeues, cfg.cluster.max_failure_retries))
-        previous_job = job
-        with open(RunDir(run_dir).slurm / JOBS_FILE, "a") as f:  # submitted job ids, newest last
-            f.write(f"{job.job_id}\n")
+        job = submit(cfg, run_dir, after_job=previous_job)
+        previous_job = job.job_id
         uri = redact("uri", default_tracking_uri(run_dir, cfg.tracking.tracking_uri))
         print(
             f"submitted {cfg.name} as job {job.job_id}\n"

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cluster.slurm import sbatch_options
+from data.synthetic import parse_synthetic_url
 from models.convnextv2 import ConvNeXtV2Encoder
 from models.fcmae import FCMAE
 from models.masking import random_mask
@@ -69,8 +70,9 @@ def dataset_size(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[int, st
     """Samples per epoch from local manifests (or local indexes, made in memory for shards without one); remote
     sets are not contacted by a dry run."""
     spec = cfg.data.train_url
-    if isinstance(spec, str) and spec.startswith("synthetic://"):
-        return int(spec.removeprefix("synthetic://")), "synthetic"
+    synthetic = parse_synthetic_url(spec) if isinstance(spec, str) else None
+    if synthetic is not None:
+        return synthetic, "synthetic"
     if not spec:
         raise ConfigError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
     from data.manifest import data_specs
@@ -263,12 +265,12 @@ def format_plan(cfg: TrainConfig, plan: Plan) -> str:
 
 def checkpoint_line(cfg: TrainConfig, num_params: int) -> str:
     """The checkpoint's size and write time against the preemption warning window (``cluster.signal_delay_s``)."""
-    from trainer.resilience.checkpoint import checkpoint_bytes
+    from trainer.resilience.checkpoint import checkpoint_bytes, fits_save_window
 
     size = checkpoint_bytes(num_params, cfg.deepspeed.precision, cfg.deepspeed.zero_stage)
     seconds = size / (cfg.checkpoint.write_mb_per_s * 1e6)
     window = cfg.cluster.signal_delay_s
-    verdict = "fits" if seconds <= 0.8 * window else "DOES NOT FIT (raise cluster.signal_delay_s)"
+    verdict = "fits" if fits_save_window(seconds, window) else "DOES NOT FIT (raise cluster.signal_delay_s)"
     return (
         f"  checkpoint        {size / 1e9:.1f} GB, ~{seconds:.0f}s to save at {cfg.checkpoint.write_mb_per_s:g} MB/s "
         f"(checkpoint.write_mb_per_s): {verdict} in the {window}s preemption warning window"

@@ -160,9 +160,9 @@ class TrainJob:
         sys.exit(REQUEUE_EXIT_CODE)
 
 
-def slurm_parameters(cfg: TrainConfig) -> dict[str, Any]:
+def slurm_parameters(cfg: TrainConfig, after_job: str | None = None) -> dict[str, Any]:
     """The job's SLURM resources, in submitit's parameter names: the one source of what is submitted and of what
-    ``--dry-run`` prints (:func:`sbatch_options`)."""
+    ``--dry-run`` prints (:func:`sbatch_options`). ``after_job``: a chained stage starts once that job succeeded."""
     c = cfg.cluster
     params: dict[str, Any] = {
         "name": cfg.name,
@@ -183,6 +183,8 @@ def slurm_parameters(cfg: TrainConfig) -> dict[str, Any]:
         params["slurm_account"] = c.account
     if c.mem_gb:
         params["mem_gb"] = c.mem_gb
+    if after_job is not None:
+        params["slurm_additional_parameters"]["dependency"] = f"afterok:{after_job}"
     return params
 
 
@@ -205,17 +207,14 @@ def sbatch_options(cfg: TrainConfig) -> list[str]:
     return [*options, "--open-mode=append"]
 
 
-def make_executor(cfg: TrainConfig, run_dir: Path) -> Any:
-    """A submitit executor with the job's SLURM resources."""
+def submit(cfg: TrainConfig, run_dir: Path, after_job: str | None = None) -> Any:
+    """Submit the run directory's job (a chained stage: once ``after_job`` succeeded) and record its id in
+    ``slurm/jobs.txt`` (newest last: what :func:`check_no_job_queued` reads); returns the submitit job."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=RunDir(run_dir).slurm / "%j", cluster="slurm")
-    executor.update_parameters(**slurm_parameters(cfg))
-    return executor
-
-
-def submit(cfg: TrainConfig, run_dir: Path) -> Any:
-    """Submit the run directory's job; returns the submitit job."""
-    executor = make_executor(cfg, run_dir)
+    executor.update_parameters(**slurm_parameters(cfg, after_job))
     job = executor.submit(TrainJob(str(run_dir), cfg.cluster.max_requeues, cfg.cluster.max_failure_retries))
+    with open(RunDir(run_dir).slurm / JOBS_FILE, "a") as f:
+        f.write(f"{job.job_id}\n")
     return job

@@ -48,7 +48,7 @@ import json
 import logging
 import signal
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -59,6 +59,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import pil_to_tensor
 from webdataset.autodecode import basichandlers
 
+from data.batch import Batch, Labels, LoaderStats
 from data.manifest import DataSpec, ShardSet, check_shards_exist, resolve_shards, verify_shards
 from data.pixels import pil_rgb8, tensor_rgb8
 from data.reader import MissingSample, RawSample, ShardReader
@@ -107,42 +108,6 @@ def _decode_tensor(ext: str, data: bytes) -> torch.Tensor:
     if ext in _TENSOR_DECODABLE:
         return tensor_rgb8(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB))
     return pil_to_tensor(_decode_pil(data))
-
-
-@dataclass
-class LoaderStats:
-    """Counters of one rank's loader, accumulated over workers and epochs (and carried in the state)."""
-
-    samples: int = 0
-    """Samples served in batches (including replacements)."""
-    decoded: int = 0
-    """Decode attempts (served samples, skipped ones, and the search for a replacement); skipping to a resume
-    position decodes nothing."""
-    bad_image: int = 0
-    """Samples skipped because the image bytes did not decode."""
-    bad_label: int = 0
-    """Samples skipped because ``.cls`` was not an integer label in range (or, with a sample transform, ``.json``
-    was missing or not a JSON object)."""
-    truncated: int = 0
-    """Samples the manifest lists but the tar did not deliver (truncated or damaged shard)."""
-    replaced: int = 0
-    """Slots filled with a replacement because their sample was skipped."""
-    retries: int = 0
-    """Transient read errors that were retried."""
-
-    @property
-    def skipped(self) -> int:
-        """All skipped samples."""
-        return self.bad_image + self.bad_label + self.truncated
-
-    def add(self, other: Mapping[str, int]) -> None:
-        """Add counters from a dict (a worker's per-batch delta)."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + int(other.get(f.name, 0)))
-
-    def as_dict(self) -> dict[str, int]:
-        """Counters as a plain dict."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -287,7 +252,6 @@ def decode_target(raw: RawSample) -> dict[str, Any]:
 
 _Decoded = tuple["Image", int, str, dict[str, Any] | None]
 """A decoded sample: image, label, key and (with a sample transform) its ``.json`` target."""
-Labels = torch.Tensor | list[Any]
 """A batch's labels: a tensor, or the list of targets (``None`` for padded slots) with a sample transform."""
 
 
@@ -298,35 +262,36 @@ def _ignore_signals(signals: tuple[int, ...], _worker_id: int) -> None:
 
 @dataclass
 class _StreamSpec:
-    """Everything a worker needs to produce its batches (picklable for spawn/forkserver workers)."""
+    """What a worker needs to produce its batches (picklable for spawn/forkserver workers): the loader's config, the
+    shard set's plan inputs and the position in the epoch."""
 
+    config: LoaderConfig
     urls: list[str]
     sizes: list[int]
     shard_sources: list[int]
     weights: list[float] | None
     num_classes: int | None
-    require_label: bool
-    label_field: str | None
-    decode: Decode
-    seed: int
     epoch: int
-    shuffle: bool
-    rank: int
-    layout: Layout
     history: list[Segment]
     position: int
     transform: ImageTransform
     sample_transform: SampleTransform | None
-    storage_options: Mapping[str, Any] | None
-    retry: RetryPolicy
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def layout(self) -> Layout:
+        return self.config.layout
 
 
 def _plan(spec: _StreamSpec) -> tuple[EpochOrder | MixtureOrder, RankPlan]:
     order: EpochOrder | MixtureOrder
     if spec.weights is None:
-        order = EpochOrder(spec.sizes, spec.seed, spec.epoch, spec.shuffle)
+        order = EpochOrder(spec.sizes, spec.seed, spec.epoch, spec.config.shuffle)
     else:
-        order = MixtureOrder(spec.sizes, spec.shard_sources, spec.weights, spec.seed, spec.epoch, spec.shuffle)
+        order = MixtureOrder(spec.sizes, spec.shard_sources, spec.weights, spec.seed, spec.epoch, spec.config.shuffle)
     pool = remaining_pool(order.total, spec.history, seed=spec.seed, epoch=spec.epoch)
     return order, RankPlan(pool=pool, layout=spec.layout, segment=len(spec.history), position=spec.position)
 
@@ -341,7 +306,7 @@ class _WorkerStream:
         self.share = worker_share(
             self.plan.pool,
             spec.layout,
-            spec.rank,
+            spec.config.rank,
             self.logical,
             seed=spec.seed,
             epoch=spec.epoch,
@@ -358,7 +323,8 @@ class _WorkerStream:
 
     def _decode(self, raw: RawSample | MissingSample) -> _Decoded:
         spec = self.spec
-        image, label, key = decode_sample(raw, spec.num_classes, spec.require_label, spec.label_field, spec.decode)
+        cfg = spec.config
+        image, label, key = decode_sample(raw, spec.num_classes, cfg.require_labels, cfg.label_field, cfg.decode)
         target = None
         if self.spec.sample_transform is not None:
             assert isinstance(raw, RawSample)  # decode_sample raised for a missing one
@@ -380,8 +346,8 @@ class _WorkerStream:
             if source not in readers:
                 readers[source] = ShardReader(
                     self.spec.urls,
-                    storage_options=self.spec.storage_options,
-                    retry=self.spec.retry,
+                    storage_options=self.spec.config.storage_options,
+                    retry=self.spec.config.retry,
                     on_retry=self._count_retry if count_retries else None,
                 )
             got = readers[source].read(shard, members[at].tolist())
@@ -422,11 +388,11 @@ class _WorkerStream:
             for reader in readers.values():
                 reader.close()
         raise DataSourceError(
-            f"rank {self.spec.rank} worker {self.logical}: none of the {len(self.share.positions)} samples of its "
-            f"share in epoch {self.spec.epoch} can be decoded (shards: {self.spec.urls[:3]}...)"
+            f"rank {self.spec.config.rank} worker {self.logical}: none of the {len(self.share.positions)} samples of "
+            f"its share in epoch {self.spec.epoch} can be decoded (shards: {self.spec.urls[:3]}...)"
         )
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, Labels, dict[str, Any]]]:
+    def batches(self) -> Iterator[tuple[Batch, dict[str, Any]]]:
         """Yield ``(images, labels, meta)`` for the worker's remaining batches in order."""
         try:
             for t in range(self.plan.first_local_batch(self.logical), self.share.num_batches):
@@ -435,7 +401,7 @@ class _WorkerStream:
             for reader in self.readers.values():
                 reader.close()
 
-    def _make_batch(self, t: int) -> tuple[torch.Tensor, Labels, dict[str, Any]]:
+    def _make_batch(self, t: int) -> tuple[Batch, dict[str, Any]]:
         spec = self.spec
         positions, padded = self.share.batch(t)
         raws = self._raw_batch(t)
@@ -483,16 +449,10 @@ class _WorkerStream:
                 "use a transform that resizes to a fixed size (e.g. data.transforms.pretrain_transform)"
             ) from exc
         shards, _ = self.order.locate(positions)
-        meta = {
-            "batch": t * spec.layout.num_workers + self.logical,
-            "keys": keys,
-            "sources": self.source_of[shards].tolist(),
-            "stats": self.stats.as_dict(),
-        }
+        meta = {"batch": t * spec.layout.num_workers + self.logical, "stats": self.stats.as_dict()}
         self.stats = LoaderStats()  # the main process accumulates deltas
-        if spec.sample_transform is not None:
-            return batch, targets, meta
-        return batch, torch.tensor(labels, dtype=torch.long), meta
+        out: Labels = targets if spec.sample_transform is not None else torch.tensor(labels, dtype=torch.long)
+        return Batch(batch, out, keys, spec.epoch, self.source_of[shards].tolist()), meta
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
@@ -501,7 +461,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     def __init__(self, spec: _StreamSpec) -> None:
         self.spec = spec
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, Labels, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[Batch, dict[str, Any]]]:
         # Spawned/forkserver workers start with webdataset's default table: register here, in the worker.
         register_fsspec_schemes()
         info = torch.utils.data.get_worker_info()
@@ -512,9 +472,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
 
 
 class ShardLoader:
-    """Iterable over ``(images, labels)`` batches of one rank; ``len()`` is batches per epoch, the same on every rank.
+    """Iterable over the batches (:class:`~data.batch.Batch`) of one rank; ``len()`` is batches per epoch, the same
+    on every rank.
 
-    ``labels`` is a tensor, or with a ``sample_transform`` (detection) the list of the slots' targets.
+    ``batch.labels`` is a tensor, or with a ``sample_transform`` (detection) the list of the slots' targets.
 
     Call :meth:`set_epoch` before each epoch. An epoch that is iterated to its end advances the loader to the next
     epoch; an interrupted one continues where it stopped on the next ``iter()``. A trainer loop::
@@ -522,7 +483,7 @@ class ShardLoader:
         loader.load_state_dict(checkpoint["loader"])  # optional: resume
         for epoch in range(loader.epoch, num_epochs):
             loader.set_epoch(epoch)
-            for images, labels in loader:
+            for batch in loader:
                 ...  # checkpoint["loader"] = loader.state_dict() at any step
     """
 
@@ -543,10 +504,6 @@ class ShardLoader:
         self.epoch = epoch
         self.stats = LoaderStats()
         """Counters of skipped samples, replacements and retries (this rank)."""
-        self.last_keys: list[str] = []
-        """Sample keys of the batch yielded last (for logging and tests)."""
-        self.last_sources: list[int] = []
-        """Mixture source of each sample of the batch yielded last (all 0 without a mixture)."""
         self.source_samples = [0] * len(shards.source_sizes())
         """Samples this rank served from each mixture source (carried in the state)."""
         self._position = 0
@@ -556,6 +513,11 @@ class ShardLoader:
                 f"{shards.num_samples} samples cannot give one batch per rank with world_size={config.world_size} "
                 f"and batch_size={config.batch_size}: use a smaller batch, fewer ranks, or remainder='wrap'/'pad'"
             )
+
+    @property
+    def source_names(self) -> list[str]:
+        """The mixture's sources in order (empty without a mixture)."""
+        return [source.name for source in self.shards.mixture or []]
 
     @property
     def num_samples(self) -> int:
@@ -593,37 +555,28 @@ class ShardLoader:
             self.epoch, self._position, self._history = self.epoch + 1, 0, []
 
     def _spec(self) -> _StreamSpec:
-        cfg = self.config
         return _StreamSpec(
+            config=self.config,
             urls=[s.url for s in self.shards.shards],
             sizes=[s.info.num_samples for s in self.shards.shards],
             shard_sources=[s.source for s in self.shards.shards],
             weights=[m.weight for m in self.shards.mixture] if self.shards.mixture else None,
             num_classes=self.shards.num_classes,
-            require_label=cfg.require_labels,
-            label_field=cfg.label_field,
-            decode=cfg.decode,
-            seed=cfg.seed,
             epoch=self.epoch,
-            shuffle=cfg.shuffle,
-            rank=cfg.rank,
-            layout=cfg.layout,
             history=list(self._history),
             position=self._position,
             transform=self.transform,
             sample_transform=self.sample_transform,
-            storage_options=cfg.storage_options,
-            retry=cfg.retry,
         )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, Labels]]:
+    def __iter__(self) -> Iterator[Batch]:
         spec = self._spec()
         _, plan = _plan(spec)
         expected = plan.num_batches
         if self._position < expected:
             batches = self._batches(spec)
             try:
-                for images, labels, meta in batches:
+                for batch, meta in batches:
                     if meta["batch"] != self._position:
                         raise RuntimeError(
                             f"rank {self.config.rank}: got batch {meta['batch']} where {self._position} was due; "
@@ -631,11 +584,9 @@ class ShardLoader:
                         )
                     self._position += 1
                     self.stats.add(meta["stats"])
-                    self.last_keys = list(meta["keys"])
-                    self.last_sources = list(meta["sources"])
-                    for source in self.last_sources:
+                    for source in batch.sources:
                         self.source_samples[source] += 1
-                    yield images, labels
+                    yield batch
             finally:
                 # Stop the workers now, also on errors and early exits. Left to garbage collection (a traceback
                 # keeps the DataLoader iterator alive), the shutdown runs inside gc and stalls ~5 s per worker.
@@ -647,7 +598,7 @@ class ShardLoader:
                 raise RuntimeError(f"rank {self.config.rank}: {self._position} batches of {expected} were produced")
         self.epoch, self._position, self._history = self.epoch + 1, 0, []
 
-    def _batches(self, spec: _StreamSpec) -> Iterator[tuple[torch.Tensor, Labels, dict[str, Any]]]:
+    def _batches(self, spec: _StreamSpec) -> Iterator[tuple[Batch, dict[str, Any]]]:
         """The rank's remaining batches with their metadata, from worker processes or in this process."""
         dataset = _EpochDataset(spec)
         if self.config.num_workers == 0:
@@ -725,30 +676,20 @@ class ShardLoader:
 
 def build_loader(
     source: DataSpec | ShardSet,
+    config: LoaderConfig,
     *,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    seed: int = 0,
     transform: ImageTransform | None = None,
-    epoch: int = 0,
     sample_transform: SampleTransform | None = None,
+    epoch: int = 0,
     index_dir: str | None = None,
-    **options: Any,
 ) -> ShardLoader:
     """Build the loader of one rank from a data spec (:data:`data.manifest.DataSpec`: a manifest URL, a shard
     directory, a brace pattern, a list of those or of shard URLs, a weighted mixture) or a :class:`ShardSet`.
     ``index_dir`` is where indexes of shards without a manifest may also be cached (a run's ``index/``).
 
-    ``options`` are further :class:`LoaderConfig` fields (``shuffle``, ``remainder``, ``verify``,
-    ``storage_options``, ``retry``, ...). Reads the manifest (and checks the shards exist) before returning.
-    ``sample_transform`` replaces ``transform`` for detection: it receives the image and the sample's ``.json``,
-    and the batches carry lists of targets.
+    Reads the manifest (and checks the shards exist) before returning. ``sample_transform`` replaces ``transform``
+    for detection: it receives the image and the sample's ``.json``, and the batches carry lists of targets.
     """
-    config = LoaderConfig(
-        batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, **options
-    )
     register_fsspec_schemes()
     shards = (
         source

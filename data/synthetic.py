@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from data.batch import Batch, LoaderStats
 from data.sampling import derive_seed
 
 SCHEME = "synthetic://"
@@ -45,7 +46,8 @@ def synthetic_image(seed: int, epoch: int, index: int, size: int) -> torch.Tenso
 
 
 class SyntheticLoader:
-    """Same interface as :class:`data.loader.ShardLoader`: ``len``, ``set_epoch``, ``state_dict``, ``last_keys``."""
+    """A :class:`data.batch.Loader` of generated images (the fields of a :class:`data.loader.LoaderConfig` it uses:
+    batch size, rank, world size, seed)."""
 
     def __init__(
         self, num_samples: int, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0
@@ -59,8 +61,18 @@ class SyntheticLoader:
         self.world_size = world_size
         self.seed = seed
         self.epoch = 0
-        self.last_keys: list[str] = []
+        self.stats = LoaderStats()
         self._position = 0
+
+    @property
+    def source_names(self) -> list[str]:
+        """No mixture."""
+        return []
+
+    @property
+    def source_samples(self) -> list[int]:
+        """No mixture."""
+        return []
 
     def __len__(self) -> int:
         return self.num_samples // (self.batch_size * self.world_size)
@@ -75,14 +87,14 @@ class SyntheticLoader:
         position = self._position + batches
         self.epoch, self._position = self.epoch + position // len(self), position % len(self)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         while self._position < len(self):
             first = (self._position * self.world_size + self.rank) * self.batch_size
             indices = range(first, first + self.batch_size)
             images = torch.stack([synthetic_image(self.seed, self.epoch, i, self.image_size) for i in indices])
-            self.last_keys = [f"synthetic-{self.epoch}-{i}" for i in indices]
+            keys = [f"synthetic-{self.epoch}-{i}" for i in indices]
             self._position += 1
-            yield images, torch.tensor([i % 10 for i in indices])
+            yield Batch(images, torch.tensor([i % 10 for i in indices]), keys, self.epoch, [0] * len(keys))
         self.epoch, self._position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -108,6 +108,20 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_lists(items: list[Any]) -> list[Any]:
+    """Every rank's list (picklable items) concatenated in rank order, on every rank."""
+    return [item for share in gather_objects(items) for item in share]
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (the same count on every rank: evaluation loaders pad), concatenated in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return rows
+    out = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, rows.contiguous())
+    return torch.cat(out)
+
+
 def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """Average a few scalars over ranks (for logging)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

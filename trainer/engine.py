@@ -51,3 +51,18 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
+
+
+def zero0_grad_norm(module: nn.Module, device: torch.device) -> torch.Tensor:
+    """The global gradient norm after the all-reduce (the same on every rank), one fused op over all gradients: NaN
+    or Inf in any gradient makes it non-finite. DeepSpeed reports no norm under ZeRO-0 without clipping."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+
+
+def autocast(precision: str, device: torch.device) -> Any:
+    """bf16 autocast when the run is bf16 (CUDA or CPU: DeepSpeed holds the weights in bf16, the loader gives fp32
+    images); a disabled context otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)

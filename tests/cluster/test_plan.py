@@ -111,3 +111,13 @@ def test_activation_checkpointing_shrinks_the_planned_activations() -> None:
         acts[flags] = plan.memory.activations / GiB
     assert acts["true"] < acts["[false,false,true,true]"] < acts["false"]
     assert 0.1 < acts["true"] / acts["false"] < 0.25, acts  # measured: 1.2 of 7.9 GiB
+
+
+def test_a_chained_stage_is_submitted_with_every_parameter_of_a_first_one() -> None:
+    from cluster.slurm import slurm_parameters
+
+    cfg = load_config("huge_fcmae", ["cluster.nodes=16", "cluster.partition=gpu", "cluster.account=vision"])
+    first, chained = slurm_parameters(cfg), slurm_parameters(cfg, after_job="4242")
+    extra = chained["slurm_additional_parameters"].pop("dependency")
+    assert extra == "afterok:4242" and chained == first
+    assert "dependency" not in slurm_parameters(cfg)["slurm_additional_parameters"]  # nothing leaks between calls

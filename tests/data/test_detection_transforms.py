@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 
 from data.detection_transforms import EvalImage, LargeScaleJitter, ResizePad, annotation_mask
 from data.fmnist_detection import CanvasConfig, generate
-from data.loader import build_loader
+from data.loader import LoaderConfig, build_loader
 from data.sources import FASHION_MNIST_DIR, CocoSource, SourceSample
 from data.writer import WriterConfig, write_shards
 
@@ -38,9 +38,9 @@ def coco_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_jittered_targets_follow_the_image(coco_shards: tuple[Path, str]) -> None:
     _, shards = coco_shards
-    loader = build_loader(shards, batch_size=4, seed=0, sample_transform=LargeScaleJitter(64, 0.5, 1.5))
+    loader = build_loader(shards, LoaderConfig(batch_size=4, seed=0), sample_transform=LargeScaleJitter(64, 0.5, 1.5))
     sizes = set()
-    for images, targets in loader:
+    for images, targets in ((b.images, b.labels) for b in loader):
         assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32
         assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
         for target in targets:
@@ -61,8 +61,11 @@ def test_jitter_draws_repeat_for_the_same_seed_and_epoch(coco_shards: tuple[Path
     _, shards = coco_shards
 
     def first_batch(seed: int) -> tuple[torch.Tensor, list]:
-        loader = build_loader(shards, batch_size=4, seed=seed, sample_transform=LargeScaleJitter(64, 0.3, 2.0))
-        return next(iter(loader))
+        loader = build_loader(
+            shards, LoaderConfig(batch_size=4, seed=seed), sample_transform=LargeScaleJitter(64, 0.3, 2.0)
+        )
+        first = next(iter(loader))
+        return first.images, first.labels
 
     (a, ta), (b, tb), (c, _) = first_batch(5), first_batch(5), first_batch(6)
     assert torch.equal(a, b) and all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(ta, tb, strict=True))
@@ -75,10 +78,12 @@ def test_eval_slots_carry_the_coco_ground_truth_and_padding_is_none(coco_shards:
     by_image: dict[int, list[dict]] = {}
     for ann in dataset["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
-    loader = build_loader(shards, batch_size=6, sample_transform=ResizePad(128), shuffle=False, remainder="pad")
+    loader = build_loader(
+        shards, LoaderConfig(batch_size=6, shuffle=False, remainder="pad"), sample_transform=ResizePad(128)
+    )
     seen: list[EvalImage] = []
     padded = 0
-    for images, infos in loader:
+    for images, infos in ((b.images, b.labels) for b in loader):
         assert images.shape == (6, 3, 128, 128)
         for image, info in zip(images, infos, strict=True):
             if info is None:
@@ -117,9 +122,11 @@ def test_a_sample_without_targets_is_skipped_counted_and_replaced(
     annotations, _ = coco_shards
     source = _WithoutTargets(CocoSource(annotations), drop=3)
     write_shards(source, WriterConfig(output=str(tmp_path), samples_per_shard=8, shuffle_seed=None, progress=False))
-    loader = build_loader(str(tmp_path), batch_size=4, shuffle=False, sample_transform=LargeScaleJitter(64, 1, 1))
+    loader = build_loader(
+        str(tmp_path), LoaderConfig(batch_size=4, shuffle=False), sample_transform=LargeScaleJitter(64, 1, 1)
+    )
     batches = list(loader)
-    assert len(batches) == 5 and all(len(targets) == 4 and None not in targets for _, targets in batches)
+    assert len(batches) == 5 and all(len(b.labels) == 4 and None not in b.labels for b in batches)
     assert loader.stats.bad_label == 1 and loader.stats.replaced == 1
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from data.loader import IGNORE_LABEL, ShardLoader, build_loader
+from data.loader import IGNORE_LABEL, LoaderConfig, ShardLoader, build_loader
 from data.manifest import read_manifest, write_manifest
 from data.sampling import Layout
 from data.storage import MissingShardError, RetryPolicy, ShardIntegrityError
@@ -32,8 +32,8 @@ def run(loader: ShardLoader, epochs: range, stop_after: int | None = None) -> li
     out: list[Batch] = []
     for epoch in epochs:
         loader.set_epoch(epoch)
-        for images, labels in loader:
-            out.append((loader.last_keys, images, labels))
+        for batch in loader:
+            out.append((batch.keys, batch.images, batch.labels))
             if stop_after is not None and len(out) == stop_after:
                 return out
     return out
@@ -52,7 +52,7 @@ def test_every_rank_yields_the_same_number_of_full_batches_with_uneven_shards(
     world, batch = 3, 3
     per_rank = []
     for rank in range(world):
-        loader = build_loader(out, batch_size=batch, rank=rank, world_size=world, num_workers=2, seed=5)
+        loader = build_loader(out, LoaderConfig(batch_size=batch, rank=rank, world_size=world, num_workers=2, seed=5))
         assert len(loader) == 60 // (world * batch) == 6
         batches = run(loader, range(1))
         assert len(batches) == 6 and all(len(keys) == batch for keys, _, _ in batches)
@@ -64,7 +64,7 @@ def test_every_rank_yields_the_same_number_of_full_batches_with_uneven_shards(
     # remainder="pad": every sample exactly once, the padding slots labelled IGNORE_LABEL.
     real: list[str] = []
     for rank in range(world):
-        loader = build_loader(out, batch_size=batch, rank=rank, world_size=world, seed=5, remainder="pad")
+        loader = build_loader(out, LoaderConfig(batch_size=batch, rank=rank, world_size=world, seed=5, remainder="pad"))
         assert len(loader) == 7
         for keys, _, labels in run(loader, range(1)):
             real += [k for k, label in zip(keys, labels.tolist(), strict=True) if label != IGNORE_LABEL]
@@ -84,13 +84,8 @@ def test_resume_at_a_random_batch_reproduces_the_uninterrupted_sequence(any_shar
     def make() -> ShardLoader:
         return build_loader(
             any_shard_dir,
-            batch_size=3,
-            rank=rank,
-            world_size=2,
-            num_workers=2,
-            seed=11,
+            LoaderConfig(batch_size=3, rank=rank, world_size=2, num_workers=2, seed=11, shuffle_window=6),
             transform=pretrain_transform(8),
-            shuffle_window=6,
         )
 
     epochs = range(2)
@@ -122,7 +117,9 @@ def test_resume_on_other_world_sizes_repeats_nothing_and_skips_within_bound(any_
     state: dict[str, Any] | None = None
     for step, (world, workers, batch) in enumerate(layouts):
         loaders = [
-            build_loader(shard_dir, batch_size=batch, rank=r, world_size=world, num_workers=workers, seed=2)
+            build_loader(
+                shard_dir, LoaderConfig(batch_size=batch, rank=r, world_size=world, num_workers=workers, seed=2)
+            )
             for r in range(world)
         ]
         for loader in loaders:
@@ -184,11 +181,13 @@ def test_corrupt_image_wrong_label_and_truncated_tar_are_skipped_and_counted(
 
     # Up front, the size check names the truncated shard.
     with pytest.raises(ShardIntegrityError, match=re.escape(str(shard3))):
-        build_loader(str(out), batch_size=2)
+        build_loader(str(out), LoaderConfig(batch_size=2))
 
     def make() -> ShardLoader:
         # No shuffle: the lost samples fill whole batches, which exercises the cross-batch replacement too.
-        return build_loader(str(out), batch_size=2, num_workers=2, shuffle=False, check_shards=False, seed=1)
+        return build_loader(
+            str(out), LoaderConfig(batch_size=2, num_workers=2, shuffle=False, check_shards=False, seed=1)
+        )
 
     loader = make()
     batches = run(loader, range(1))
@@ -199,7 +198,7 @@ def test_corrupt_image_wrong_label_and_truncated_tar_are_skipped_and_counted(
     assert keys1[2] not in served and keys1[5] not in served
     # torchvision's decoders (pretraining's tensor decode) refuse the same bytes, counted the same way.
     tensors = build_loader(
-        str(out), batch_size=2, num_workers=2, shuffle=False, check_shards=False, seed=1, decode="tensor"
+        str(out), LoaderConfig(batch_size=2, num_workers=2, shuffle=False, check_shards=False, seed=1, decode="tensor")
     )
     assert keys_of(run(tensors, range(1))) == keys_of(batches)
     assert tensors.stats.as_dict() == loader.stats.as_dict()
@@ -217,9 +216,9 @@ def test_missing_shard_is_an_error_naming_its_url(tmp_path: Path, image_folder: 
     missing = out / manifest.shards[1].name
     missing.unlink()
     with pytest.raises(MissingShardError, match=re.escape(str(missing))):
-        build_loader(str(out), batch_size=4)
+        build_loader(str(out), LoaderConfig(batch_size=4))
     # Also when the shard disappears after the loader was built (raised from inside a worker).
-    loader = build_loader(str(out), batch_size=4, num_workers=1, check_shards=False, shuffle=False)
+    loader = build_loader(str(out), LoaderConfig(batch_size=4, num_workers=1, check_shards=False, shuffle=False))
     with pytest.raises(MissingShardError, match=re.escape(str(missing))):
         run(loader, range(1))
 
@@ -231,9 +230,9 @@ def test_verify_detects_a_sha256_mismatch(tmp_path: Path, shard_dir: str) -> Non
     raw = bytearray(shard.read_bytes())
     raw[700] ^= 0xFF  # same size, different content
     shard.write_bytes(bytes(raw))
-    assert len(build_loader(str(out), batch_size=4)) == 15  # the cheap size check cannot see it
+    assert len(build_loader(str(out), LoaderConfig(batch_size=4))) == 15  # the cheap size check cannot see it
     with pytest.raises(ShardIntegrityError, match=re.escape(str(shard)) + ".*sha256"):
-        build_loader(str(out), batch_size=4, verify=True)
+        build_loader(str(out), LoaderConfig(batch_size=4, verify=True))
 
 
 class _BreakingFile(io.RawIOBase):
@@ -276,8 +275,8 @@ def test_transient_read_errors_are_retried_and_reading_resumes_mid_shard(shard_d
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
     FlakyFileSystem.broken.clear()
     retry = RetryPolicy(attempts=3, base_delay_s=0.001)
-    clean = build_loader(shard_dir, batch_size=4, seed=4, shuffle_window=8)
-    flaky = build_loader(f"flaky://{shard_dir}", batch_size=4, seed=4, shuffle_window=8, retry=retry)
+    clean = build_loader(shard_dir, LoaderConfig(batch_size=4, seed=4, shuffle_window=8))
+    flaky = build_loader(f"flaky://{shard_dir}", LoaderConfig(batch_size=4, seed=4, shuffle_window=8, retry=retry))
     assert keys_of(run(flaky, range(1))) == keys_of(run(clean, range(1)))
     assert flaky.stats.retries == len(read_manifest(shard_dir).shards)  # one drop per shard, each recovered
     assert flaky.stats.skipped == 0 and flaky.stats.samples == 60
@@ -286,7 +285,10 @@ def test_transient_read_errors_are_retried_and_reading_resumes_mid_shard(shard_d
 def test_augmentation_draws_depend_on_the_sample_not_on_worker_or_layout(shard_dir: str) -> None:
     def crops(workers: int, epoch: int) -> dict[str, torch.Tensor]:
         loader = build_loader(
-            shard_dir, batch_size=4, num_workers=workers, seed=9, transform=pretrain_transform(8), epoch=epoch
+            shard_dir,
+            LoaderConfig(batch_size=4, num_workers=workers, seed=9),
+            transform=pretrain_transform(8),
+            epoch=epoch,
         )
         return {
             k: img
@@ -302,12 +304,12 @@ def test_augmentation_draws_depend_on_the_sample_not_on_worker_or_layout(shard_d
 
 
 def test_state_from_another_run_is_rejected_with_the_setting_to_fix(shard_dir: str) -> None:
-    loader = build_loader(shard_dir, batch_size=4, seed=1)
+    loader = build_loader(shard_dir, LoaderConfig(batch_size=4, seed=1))
     state = loader.state_dict()
     with pytest.raises(ValueError, match="seed=1 but the loader is configured with 2"):
-        build_loader(shard_dir, batch_size=4, seed=2).load_state_dict(state)
+        build_loader(shard_dir, LoaderConfig(batch_size=4, seed=2)).load_state_dict(state)
     with pytest.raises(ValueError, match="world_size"):
-        build_loader(shard_dir, batch_size=40, world_size=2)
+        build_loader(shard_dir, LoaderConfig(batch_size=40, world_size=2))
     assert Layout.from_dict(state["layout"]) == loader.config.layout
 
 
@@ -331,7 +333,9 @@ def test_tensor_decoding_gives_the_pil_crops(tmp_path: Path) -> None:
 
     def images(decode: str, seed: int) -> torch.Tensor:
         loader = build_loader(
-            str(tmp_path / "set"), batch_size=4, seed=seed, transform=pretrain_transform(32), decode=decode
+            str(tmp_path / "set"),
+            LoaderConfig(batch_size=4, seed=seed, decode=decode),
+            transform=pretrain_transform(32),
         )
         return torch.cat([images for _, images, _ in run(loader, range(1))])
 

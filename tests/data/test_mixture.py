@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.loader import ShardLoader, build_loader
+from data.loader import LoaderConfig, ShardLoader, build_loader
 from data.manifest import resolve_shards
 from data.transforms import pretrain_transform
 from tests.support.shards import make_image_folder, write_folder_shards
@@ -30,13 +30,8 @@ def small_set(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _loader(mixture: dict[str, float], rank: int = 0, world: int = 2, seed: int = 4) -> ShardLoader:
     return build_loader(
         mixture,
-        batch_size=4,
-        rank=rank,
-        world_size=world,
-        num_workers=2,
-        seed=seed,
+        LoaderConfig(batch_size=4, rank=rank, world_size=world, num_workers=2, seed=seed, shuffle_window=8),
         transform=pretrain_transform(8),
-        shuffle_window=8,
     )
 
 
@@ -44,8 +39,8 @@ def _epochs(loader: ShardLoader, epochs: range, stop_after: int | None = None) -
     out = []
     for epoch in epochs:
         loader.set_epoch(epoch)
-        for images, _ in loader:
-            out.append((list(zip(loader.last_sources, loader.last_keys, strict=True)), images))
+        for batch in loader:
+            out.append((list(zip(batch.sources, batch.keys, strict=True)), batch.images))
             if stop_after is not None and len(out) == stop_after:
                 return out
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.loader import IGNORE_LABEL, build_loader
+from data.loader import IGNORE_LABEL, LoaderConfig, build_loader
 from data.manifest import read_manifest
 from data.storage import DataSourceError, MissingShardError, RetryPolicy, register_fsspec_schemes
 from data.transforms import pretrain_transform
@@ -42,16 +42,12 @@ def test_cli_writes_to_s3_and_the_loader_streams_it_back(s3_bucket: str, image_f
         for source in (url, local):
             loader = build_loader(
                 source,
-                batch_size=4,
-                rank=rank,
-                world_size=2,
-                num_workers=2,
-                seed=3,
+                LoaderConfig(
+                    batch_size=4, rank=rank, world_size=2, num_workers=2, seed=3, remainder="pad", verify=True
+                ),
                 transform=pretrain_transform(8),
-                remainder="pad",
-                verify=True,  # sha256 of every shard against the manifest, over S3
             )
-            streams.append([(list(loader.last_keys), x, y) for x, y in loader])
+            streams.append([(b.keys, b.images, b.labels) for b in loader])
         s3_batches, local_batches = streams
         assert len(s3_batches) == len(local_batches) == 8
         for (k1, x1, y1), (k2, x2, y2) in zip(s3_batches, local_batches, strict=True):
@@ -65,21 +61,21 @@ def test_cli_writes_to_s3_and_the_loader_streams_it_back(s3_bucket: str, image_f
 def test_forkserver_workers_stream_from_s3(s3_bucket: str, image_folder: Path) -> None:
     url = f"{s3_bucket}/set"
     write_folder_shards(image_folder, url, samples_per_shard=20)
-    loader = build_loader(url, batch_size=10, num_workers=1, multiprocessing_context="forkserver")
-    batches = [labels for _, labels in loader]
+    loader = build_loader(url, LoaderConfig(batch_size=10, num_workers=1, multiprocessing_context="forkserver"))
+    batches = [b.labels for b in loader]
     assert len(batches) == 6 and loader.stats.samples == 60 and loader.stats.skipped == 0
 
 
 def test_missing_bucket_and_missing_shard_errors_name_the_url(s3_bucket: str, image_folder: Path) -> None:
     with pytest.raises(MissingShardError, match=re.escape("s3://no-such-bucket-4242/set/manifest.json")):
-        build_loader("s3://no-such-bucket-4242/set", batch_size=4)
+        build_loader("s3://no-such-bucket-4242/set", LoaderConfig(batch_size=4))
     url = f"{s3_bucket}/set"
     manifest = write_folder_shards(image_folder, url, samples_per_shard=20)
     import boto3
 
     boto3.client("s3").delete_object(Bucket=s3_bucket[5:], Key=f"set/{manifest.shards[1].name}")
     with pytest.raises(MissingShardError, match=re.escape(f"{url}/{manifest.shards[1].name}")):
-        build_loader(url, batch_size=4)
+        build_loader(url, LoaderConfig(batch_size=4))
 
 
 def test_unreachable_endpoint_fails_fast_with_the_url(moto_endpoint: str) -> None:
@@ -94,9 +90,7 @@ def test_unreachable_endpoint_fails_fast_with_the_url(moto_endpoint: str) -> Non
     with pytest.raises(DataSourceError, match=r"s3://bucket/set/manifest\.json after 2 attempts"):
         build_loader(
             "s3://bucket/set",
-            batch_size=4,
-            storage_options=options,
-            retry=RetryPolicy(attempts=2, base_delay_s=0.05),
+            LoaderConfig(batch_size=4, storage_options=options, retry=RetryPolicy(attempts=2, base_delay_s=0.05)),
         )
     assert time.monotonic() - start < 20
 
@@ -109,5 +103,7 @@ def test_an_endpoint_with_nothing_listening_fails_in_seconds_with_default_settin
         port = s.getsockname()[1]
     start = time.monotonic()
     with pytest.raises(DataSourceError, match=r"s3://bucket/set/manifest\.json after 5 attempts"):
-        build_loader("s3://bucket/set", batch_size=4, storage_options={"endpoint_url": f"http://127.0.0.1:{port}"})
+        build_loader(
+            "s3://bucket/set", LoaderConfig(batch_size=4, storage_options={"endpoint_url": f"http://127.0.0.1:{port}"})
+        )
     assert time.monotonic() - start < 20

@@ -20,9 +20,8 @@ def _take(loaders: list[SyntheticLoader], steps: int | None) -> list[int]:
     step = 0
     while steps is None or step < steps:
         try:
-            for it, loader in zip(iters, loaders, strict=True):
-                next(it)
-                seen += [int(k.rsplit("-", 1)[1]) for k in loader.last_keys]
+            for it in iters:
+                seen += [int(k.rsplit("-", 1)[1]) for k in next(it).keys]
         except StopIteration:
             break
         step += 1

@@ -163,7 +163,7 @@ def test_coco_scoring_of_the_val_set_is_one_for_the_truth_and_near_zero_for_misp
     cfg = load_config("demo_maskrcnn", [*_overrides(det_shards, "null"), "data.num_workers=0"])
     stage = DetectionStage(cfg, CPU, tmp_path)
     size, category_ids = cfg.data.image_size, [int(c["id"]) for c in stage.categories]
-    slots = [info for _, infos in stage.val_loader for info in infos]  # loader order; None pads the last batch
+    slots = [info for batch in stage.val_loader for info in batch.labels]  # loader order; None pads the last batch
     real = [info for info in slots if info is not None]
     assert len(real) == 8 and sum(len(info.annotations) for info in real) >= 8
 

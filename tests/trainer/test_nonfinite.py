@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trainer.trainer import SkipGuard, TrainingError
+from trainer.resilience.failure import TrainingError
+from trainer.resilience.recovery import SkipGuard
 
 
 def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
@@ -19,6 +20,7 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     os.environ["DS_ACCELERATOR"] = "cpu"
+    from data.batch import Batch
     from models.fcmae import FCMAE
     from tests.support.launch import TINY
     from trainer.config import load_config
@@ -32,7 +34,6 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
     cfg = load_config("demo_fcmae", [*TINY, f"deepspeed.zero_stage={stage}", "data.batch_size=2"])
     stage_ = PretrainStage.__new__(PretrainStage)  # only its loss(): no loader needed
     stage_.cfg, stage_.env, stage_.num_patches, stage_.visible, stage_._eval_batch = cfg, env, 4, 1, None
-    stage_.loader = type("Epoch0", (), {"epoch": 0})()
     gen = torch.Generator().manual_seed(rank)
     good = [
         (torch.randn(2, 3, 64, 64, generator=gen), torch.zeros(2), [f"k{rank}{i}", f"k{rank}{i}b"]) for i in range(2)
@@ -49,12 +50,12 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
         optimizer = build_optimizer(model, cfg.optim)
         engine = initialize(model, optimizer, deepspeed_config(cfg.deepspeed, cfg.optim, 2, 2))
         trainer = Trainer.__new__(Trainer)  # only its train_step: the engine and stage are made here
-        trainer.cfg, trainer.env, trainer.engine, trainer.stages = cfg, env, engine, stage_
+        trainer.cfg, trainer.env, trainer.engine, trainer.stage = cfg, env, engine, stage_
         skipped = []
         for step, images in enumerate(batches):
             if images is None:
                 continue
-            batch = (images, torch.zeros(2), [f"k{rank}{step}", f"k{rank}{step}b"])
+            batch = Batch(images, torch.zeros(2), [f"k{rank}{step}", f"k{rank}{step}b"], 0, [0, 0])
             trainer.step = step
             skipped.append(trainer.train_step([batch], 1e-3).skipped)
         weights = torch.cat([p.detach().flatten().clone() for p in model.parameters()])

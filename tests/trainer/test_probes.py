@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from data.loader import build_loader
+from data.loader import LoaderConfig, build_loader
 from data.transforms import eval_transform
 from models.convnextv2 import build, build_encoder
 from tests.support.launch import launch
@@ -87,8 +87,10 @@ def test_online_knn_and_rank_are_logged_and_equal_an_offline_computation(
     encoder.eval()
 
     def features(url: str, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = build_loader(url, batch_size=8, shuffle=False, remainder="pad", transform=eval_transform(64))
-        out = [(pooled(net.forward_features(images)), labels) for images, labels in loader]  # type: ignore[operator]
+        loader = build_loader(
+            url, LoaderConfig(batch_size=8, shuffle=False, remainder="pad"), transform=eval_transform(64)
+        )
+        out = [(pooled(net.forward_features(b.images)), b.labels) for b in loader]  # type: ignore[operator]
         return labeled(torch.cat([f for f, _ in out]), torch.cat([y for _, y in out]))  # padding slots dropped
 
     with torch.no_grad():

@@ -61,17 +61,17 @@ def _rank_main(rank: int, port: int, run_dir: str, zero_stage: int, out: str) ->
     overrides = [*TINY, f"deepspeed.zero_stage={zero_stage}", "deepspeed.grad_accum=2", "data.batch_size=4"]
     cfg = load_config("demo_fcmae", [*overrides, "deepspeed.precision=bf16"])
     trainer = Trainer(cfg, Path(run_dir))
-    groups = micro_batch_groups(trainer.stages.loader, 2, trainer.env.device)
+    groups = micro_batch_groups(trainer.stage.loader, 2, trainer.env.device)
     reads = []
     for step in range(3):
-        _, group = next(groups)
+        group = next(groups)
         trainer.step = step
         with count_host_reads() as counts:
             trainer.train_step(group, 1e-4)
         reads.append(dict(counts))
     # The instrument works: the encoder without the visible count reads the mask to find it.
-    images = group[0][0]
-    stage = trainer.stages
+    images = group[0].images
+    stage = trainer.stage
     mask = stage.model.random_mask(images)
     with count_host_reads() as control, torch.autocast("cpu", dtype=torch.bfloat16):
         stage.model.forward_encoder(images, mask)

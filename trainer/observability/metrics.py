@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from models.fcmae import FCMAE
@@ -126,6 +128,37 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Interval:
+    """Losses since the last log point, summed on the device; read (and reduced over ranks) once per interval."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, finite micro-batches
+        self.grad_norm: Any = None
+        self.skipped = False
+
+    def add(self, loss_sum: torch.Tensor, loss_count: torch.Tensor, grad_norm: Any, skipped: bool) -> None:
+        """Accumulate one step's finite micro-batch losses (no host read)."""
+        self.totals[0] += loss_sum
+        self.totals[1] += loss_count
+        self.grad_norm, self.skipped = grad_norm, skipped
+
+    def mean_loss(self, counters: Sequence[int] = ()) -> tuple[float, list[int]]:
+        """Mean finite micro-batch loss over all ranks and the sums of this rank's ``counters`` over all ranks (one
+        all-reduce, one host read); resets the loss sums."""
+        totals = torch.cat([self.totals, torch.tensor(counters, dtype=torch.float64).to(self.totals.device)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        self.totals.zero_()
+        loss_sum, count, *summed = totals.tolist()  # sync: the log interval's one read of the losses
+        return (loss_sum / count if count else float("nan")), [round(n) for n in summed]
+
+    def grad_norm_value(self) -> float:
+        """The last step's global gradient norm (NaN when that step was skipped)."""
+        if self.grad_norm is None or self.skipped:
+            return float("nan")
+        return float(self.grad_norm)  # sync (when DeepSpeed holds a tensor): at log intervals only
 
 
 @dataclass

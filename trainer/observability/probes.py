@@ -10,14 +10,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from data.batch import Batch, Loader
 from models.convnextv2 import ConvNeXtV2Encoder
-from trainer.stages import StopCheck
+from trainer.distributed import gather_rows
+from trainer.evaluation import EvalPasses
 
 RANKME_EPS = 1e-7
 
@@ -83,33 +82,22 @@ def effective_rank(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-@torch.no_grad()
 def loader_features(
-    encoder: ConvNeXtV2Encoder,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    stop: StopCheck,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Pooled, normalized last-stage features and labels of this rank's slice of an evaluation loader (padded slots
-    labeled -1), calling ``stop()`` after every batch; the third value is True when it stopped early."""
+    encoder: ConvNeXtV2Encoder, loader: Loader, passes: EvalPasses
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Pooled, normalized last-stage features and labels of every rank's slice of an evaluation loader (padded slots
+    labeled -1), gathered once in rank order; None when a preemption stopped the pass."""
     features, labels = [], []
-    for images, batch_labels in loader:
-        features.append(pooled(encoder.forward_features(images.to(device, non_blocking=True))))
-        labels.append(batch_labels.to(device))
-        if stop():
-            return torch.zeros(0), torch.zeros(0), True
+
+    def embed(batch: Batch) -> None:
+        features.append(pooled(encoder.forward_features(batch.images)))
+        labels.append(torch.as_tensor(batch.labels).to(passes.device))
+
+    if not passes.run(loader, embed):
+        return None
     if not features:
-        return torch.zeros(0, 1, device=device), torch.zeros(0, dtype=torch.long, device=device), False
-    return torch.cat(features), torch.cat(labels), False
-
-
-def gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows (the same count on every rank: evaluation loaders pad), concatenated in rank order."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return rows
-    out = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, rows.contiguous())
-    return torch.cat(out)
+        return torch.zeros(0, 1, device=passes.device), torch.zeros(0, dtype=torch.long, device=passes.device)
+    return gather_rows(torch.cat(features)), gather_rows(torch.cat(labels))
 
 
 def labeled(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.distributed import DistEnv, gather_objects
+from trainer.distributed import DistEnv, gather_lists
 from trainer.observability.tracking import Tracker
 from trainer.resilience.watchdog import StepWatchdog
 from trainer.run_dir import RunDir
@@ -82,6 +82,12 @@ class StepProfiler:
         if self.env.is_main:
             log.info("profiling steps %d-%d (tracking.profile_steps)", step, self.last)
 
+    def check_range(self, step: int, total: int) -> None:
+        """Warn (rank 0) when ``tracking.profile_steps`` lies outside the steps this segment will run."""
+        if self.last >= self.first and self.env.is_main and (self.first > total or self.last <= step):
+            log.warning("tracking.profile_steps %s: outside steps %d-%d, nothing will be profiled",
+                        [self.first, self.last], step + 1, total)  # fmt: skip
+
     def written_seconds(self) -> float:
         """Seconds spent writing files since the last call (the trainer leaves them out of the images/s)."""
         seconds, self._write_s = self._write_s, 0.0
@@ -105,7 +111,7 @@ class StepProfiler:
             files.append(folder / f"rank_{rank}.memory.pickle")
             torch.cuda.memory._dump_snapshot(str(files[-1]))
             torch.cuda.memory._record_memory_history(enabled=None)
-        written = [f for share in gather_objects([str(f) for f in files]) for f in share]  # all ranks wrote theirs
+        written = gather_lists([str(f) for f in files])  # all ranks wrote theirs
         if self.env.is_main:
             for path in written:
                 self.tracker.log_artifact(Path(path), f"{folder.parent.name}/{folder.name}")

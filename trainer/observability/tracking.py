@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from trainer.config import TrainConfig
+from trainer.resilience.run_lock import slurm_job_id
 from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,11 @@ def default_tracking_uri(run_dir: Path, configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{RunDir(run_dir.resolve()).mlflow_store}"
 
 
+def job_hosts(world_size: int, ranks_per_node: int) -> int:
+    """How many hosts the job spans: SLURM's count, else the world over the config's ranks per node."""
+    return int(os.environ.get("SLURM_JOB_NUM_NODES", max(1, world_size // max(1, ranks_per_node))))
+
+
 class Tracker:
     """Rank 0's MLflow run; a no-op on other ranks or when ``enabled`` is false."""
 
@@ -94,6 +101,20 @@ class Tracker:
         self.restart_count = 0
         self._client: Any = None
         self._experiment = experiment
+
+    def start_run(self, cfg: TrainConfig, world_size: int) -> None:
+        """Start (or continue) the run of ``cfg`` with the run's tags: the code's commit, the world and its hosts,
+        the SLURM job, the stage; a first start also uploads the resolved config."""
+        tags = {
+            "git_commit": git_commit(),
+            "world_size": str(world_size),
+            "hosts": str(job_hosts(world_size, cfg.cluster.ranks_per_node)),
+            "slurm_job_id": slurm_job_id() or "none",
+            "stage": cfg.stage,
+        }
+        self.start(cfg.model_dump(mode="json"), tags, run_name=f"{cfg.name}-{self.run_dir.name}")
+        if self.restart_count == 0:
+            self.log_config(cfg.model_dump(mode="json"))
 
     def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str) -> None:
         """Create the run, or continue the one recorded in the run directory (restart count + 1)."""

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from trainer.config import CheckpointConfig
-from trainer.distributed import DistEnv, barrier, gather_objects
+from trainer.distributed import DistEnv, barrier, gather_lists, gather_objects
 from trainer.export import atomic_write_text
 from trainer.resilience import faults
 from trainer.resilience.failure import DiskFullError, disk_full
@@ -81,6 +81,16 @@ def _info(tag: str, meta: dict[str, Any], path: Path) -> CheckpointInfo:
         tag, int(meta["step"]), int(meta["world_size"]), path, None if stage is None else int(stage),
         int(meta.get("timeline", 0)),
     )  # fmt: skip
+
+
+SAVE_WINDOW_FRACTION = 0.8
+"""A save and its mirror upload must fit in this share of the preemption warning window (``cluster.signal_delay_s``):
+the rest is left for the step in flight and the exit."""
+
+
+def fits_save_window(seconds: float, window_s: float) -> bool:
+    """Whether a save taking ``seconds`` fits the preemption warning window (the planner and the run both ask)."""
+    return seconds <= SAVE_WINDOW_FRACTION * window_s
 
 
 def checkpoint_bytes(num_params: int, precision: str, zero_stage: int) -> int:
@@ -157,16 +167,57 @@ def _delete(directory: Path, ignore_errors: bool = True) -> None:
 class Checkpointer:
     """Saves and finds complete checkpoints; every rank calls :meth:`save` and :meth:`load`."""
 
-    def __init__(self, root: Path, cfg: CheckpointConfig, env: DistEnv, rollback_targets: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        cfg: CheckpointConfig,
+        env: DistEnv,
+        rollback_targets: Sequence[int] = (),
+        window_s: float | None = None,
+    ) -> None:
         self.root = root
         self.cfg = cfg
         self.env = env
+        self.window_s = window_s
+        """The preemption warning window saves must fit in (``cluster.signal_delay_s``; None: not checked)."""
+        self.last_save_time = time.monotonic()
         self.rollback_targets = list(rollback_targets)
         """The step each recorded rollback restored, in order (``rollbacks.jsonl``); see the module docstring."""
         self.last_save_s: float | None = None
         """Wall time of the last save (all ranks' files, hashes and marker)."""
         self.uploader = MirrorUploader(cfg.mirror_url, cfg.mirror_queue) if cfg.mirror_url and env.is_main else None
         root.mkdir(parents=True, exist_ok=True)
+
+    # -- when to save ------------------------------------------------------------------------------------------
+    def clock_due(self) -> bool:
+        """Rank 0's clock says ``checkpoint.every_minutes`` passed since the last save; the ranks agree on it in the
+        step's preemption poll (:meth:`trainer.resilience.preemption.PreemptionHandler.poll`)."""
+        minutes = self.cfg.every_minutes
+        return minutes is not None and self.env.is_main and time.monotonic() - self.last_save_time >= 60 * minutes
+
+    def due(self, step: int, total: int, requested: bool) -> bool:
+        """Whether to save after ``step``: every ``checkpoint.every_steps``, at the last step, or when the ranks
+        agreed on a request (a preemption, or :meth:`clock_due`)."""
+        return requested or step % self.cfg.every_steps == 0 or step == total
+
+    def check_window(self, seconds: float, how: str) -> None:
+        """Warn (rank 0) when a save, and the mirror upload after it, would not fit in the preemption window."""
+        window = self.window_s
+        if window is None or not self.env.is_main or fits_save_window(seconds, window):
+            return
+        log.warning(
+            "a checkpoint save%s takes %.0fs (%s), more than %d%% of the %ds preemption warning window "
+            "(cluster.signal_delay_s): a preemption may kill it; raise cluster.signal_delay_s, save to faster "
+            "storage, or lower checkpoint.write_mb_per_s's estimate to match",
+            " and its mirror upload" if self.cfg.mirror_url else "", seconds, how, 100 * SAVE_WINDOW_FRACTION,
+            window,
+        )  # fmt: skip
+
+    def check_estimated_window(self, num_params: int, precision: str, zero_stage: int) -> None:
+        """:meth:`check_window` before any save was measured: the checkpoint's size over
+        ``checkpoint.write_mb_per_s``."""
+        size = checkpoint_bytes(num_params, precision, zero_stage)
+        self.check_window(size / (self.cfg.write_mb_per_s * 1e6), "estimated")
 
     # -- finding ---------------------------------------------------------------------------------------------
     @property
@@ -260,7 +311,7 @@ class Checkpointer:
         if not recorded:
             return []
         mine = check_share(info.path, recorded, self.env.rank, self.env.world_size)
-        return sorted(p for share in gather_objects(mine) for p in share)
+        return sorted(gather_lists(mine))
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save(self, engine: Any, step: int, rank_state: dict[str, Any]) -> CheckpointInfo:
@@ -273,6 +324,7 @@ class Checkpointer:
         if existing is not None and not self.abandoned(_info(tag, existing, directory)):
             if self.env.is_main:
                 log.info("checkpoint %s is already saved", directory)
+            self.last_save_time = time.monotonic()
             return _info(tag, existing, directory)
         if self.env.is_main and directory.exists():
             _delete(directory, ignore_errors=False)  # leftovers of an interrupted save of this step, or abandoned
@@ -318,9 +370,12 @@ class Checkpointer:
             self._retain()
         barrier()
         self.last_save_s = time.perf_counter() - started
+        self.last_save_time = time.monotonic()
         if self.env.is_main:
             size = sum(int(d["bytes"]) for d in digests.values())
             log.info("checkpoint %s saved in %.1fs (%.0f MB)", directory, self.last_save_s, size / 1e6)
+        upload = self.uploader.done[-1].seconds if self.uploader and self.uploader.done else 0.0
+        self.check_window(self.last_save_s + upload, "measured")
         return info
 
     def _fail_if_disk_full(self, err: BaseException, directory: Path) -> None:
@@ -342,6 +397,18 @@ class Checkpointer:
             f"directory) and re-run the same command; the newest complete checkpoint "
             f"({newest.tag if newest else 'none'}) is intact."
         ) from err
+
+    def finish_uploads(self, seconds_left: float | None, timeout_s: float) -> str | None:
+        """Rank 0: let the background mirror upload finish, within what is left of the preemption window (minus a
+        10 s margin to exit) when ``seconds_left`` is given, else within ``timeout_s`` (the end of the run); returns
+        what the mirror was left without (a checkpoint's tag, or "failed"), None when it is complete."""
+        if self.uploader is None:
+            return None
+        if seconds_left is not None:
+            timeout_s = max(0.0, seconds_left - 10.0)
+        if self.wait_for_uploads(timeout_s):
+            return None
+        return self.uploader.busy() or "failed"
 
     def wait_for_uploads(self, timeout_s: float | None) -> bool:
         """Rank 0: let the background upload finish within ``timeout_s``; False (and a log line naming what the

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from trainer.run_dir import RunDir
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 FAILURE_EXIT_CODE = 1
 HANG_EXIT_CODE = 124  # like timeout(1): the step watchdog ended a rank that stopped making progress
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (too many non-finite steps in a row, a run that keeps spiking); the message says
+    why and which setting to change."""
 
 
 class DiskFullError(OSError):
@@ -51,6 +57,22 @@ def disk_full(err: BaseException, path: Path, margin_bytes: int = 1 << 20) -> bo
         return shutil.disk_usage(path).free < margin_bytes
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def export_space(out_dir: Path, num_params: int) -> Iterator[None]:
+    """An export that runs out of space fails with what it needs and what was kept (the writers remove their
+    partial files; the run's checkpoint is intact and a re-run redoes the export)."""
+    try:
+        yield
+    except Exception as err:
+        if not disk_full(err, out_dir.parent):
+            raise
+        raise DiskFullError(
+            f"no space left on the device of {out_dir} while exporting the weights (about {num_params * 4 / 1e6:.0f} "
+            "MB per fp32 copy; partial files removed). Free space there and re-run the same command: the run's last "
+            "checkpoint is intact and the export is redone from it."
+        ) from err
 
 
 def failure_path(run_dir: Path, rank: int) -> Path:

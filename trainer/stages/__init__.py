@@ -8,26 +8,23 @@ things:
   the RNG with ``cfg.seed`` first; the dry-run planner (:mod:`cluster.plan`) counts parameters and activations of
   the very same model on the meta device.
 - A class satisfying :class:`Stage` (constructed as ``Stage(cfg, env, run_dir)``): the task around the model,
-  with its loaders (from :mod:`trainer.loaders`, the one place that builds loaders), loss, evaluation, export and
-  state.
+  with its loaders (from :mod:`trainer.loaders`, the one place that builds loaders), loss, the per-batch work of
+  its evaluation (the trainer runs the loop, :mod:`trainer.evaluation`), the files of its export and its state.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from data.batch import Batch, Loader
 from trainer.config import TrainConfig
+from trainer.evaluation import EvalPasses, Evaluation
 from trainer.observability.metrics import FlopCount
-
-Batch = tuple[torch.Tensor, Any, list[str]]
-"""One loader batch: images, labels (a tensor, or per-image targets for detection), sample keys."""
 
 # Stage name -> its module, imported on demand (detection pulls in torchvision's detection models).
 STAGE_MODULES = {
@@ -38,23 +35,6 @@ STAGE_MODULES = {
 STAGE_CLASSES = {"pretrain": "PretrainStage", "finetune": "FinetuneStage", "detection": "DetectionStage"}
 
 
-@dataclass
-class Evaluation:
-    """Metrics of an evaluation, and files to log with it (``artifact folder -> path``)."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    artifacts: list[tuple[str, Path]] = field(default_factory=list)
-    stopped: tuple[int, int] | None = None
-    """(batches done, batches in all) when a preemption stopped it; its metrics are then not reported."""
-    tags: dict[str, str] = field(default_factory=dict)
-    """MLflow tags to set (a collapse warning)."""
-
-
-StopCheck = Callable[[], bool]
-"""Collective: true on every rank once any rank received a preemption signal. An evaluation calls it after each
-batch (every rank the same number of times) and gives way when it turns true."""
-
-
 class Stage(Protocol):
     """What a training stage provides to the trainer."""
 
@@ -63,9 +43,8 @@ class Stage(Protocol):
         """The module the engine trains (built by the stage module's ``build_model``)."""
 
     @property
-    def loader(self) -> Any:
-        """Iterable of ``(images, labels)`` with ``len``, ``epoch``, ``last_keys``, ``state_dict``,
-        ``load_state_dict``."""
+    def loader(self) -> Loader:
+        """The training loader."""
 
     @property
     def flops(self) -> FlopCount | None:
@@ -81,12 +60,12 @@ class Stage(Protocol):
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
         """Called after every optimizer step (EMA updates; ``skipped``: the update was not applied)."""
 
-    def evaluate(self, engine: Any, step: int, stop: StopCheck) -> Evaluation:
-        """Run on every rank (ZeRO-3 gathers parameters); rank 0's result is logged. ``stop()`` after each batch:
-        when true, return at once with ``stopped`` set."""
+    def evaluate(self, passes: EvalPasses, step: int) -> Evaluation:
+        """Every rank, in eval mode with full parameters (:func:`trainer.evaluation.evaluate`): each pass over a loader
+        through ``passes.run``, returning at once when one is stopped; rank 0's result is logged."""
 
-    def export(self, engine: Any, out_dir: Path, summary: dict[str, Any]) -> None:
-        """Write the stage's consolidated weights and ``metrics.json`` to ``out_dir`` (every rank calls it)."""
+    def export(self, out_dir: Path, summary: dict[str, Any]) -> None:
+        """Rank 0, with full parameters: write the stage's weights and, last, ``metrics.json`` to ``out_dir``."""
 
     def state_dict(self) -> dict[str, Any]:
         """Extra state of this rank saved with each checkpoint (beyond the engine and loader)."""
@@ -112,11 +91,3 @@ def stage_class(stage: str) -> type[Stage]:
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The network of ``cfg``'s stage, exactly as a run builds it before loading weights (see the module doc)."""
     return _module(cfg.stage).build_model(cfg)
-
-
-def autocast(precision: str, device: torch.device) -> Any:
-    """bf16 autocast when the run is bf16 (CUDA or CPU: DeepSpeed holds the weights in bf16, the loader gives fp32
-    images); a disabled context otherwise."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)

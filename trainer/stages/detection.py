@@ -26,23 +26,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection import MaskRCNN
 
+from data.batch import Batch
 from data.detection_transforms import EvalImage, LargeScaleJitter, ResizePad
+from data.loader import ShardLoader
 from models.detection import ConvNeXtV2FPN, build_mask_rcnn, layer_ids
 from trainer.config import DetectionConfig
-from trainer.distributed import DistEnv, barrier
+from trainer.distributed import DistEnv, gather_lists
+from trainer.evaluation import EvalPasses, Evaluation
 from trainer.export import write_metrics, write_weights
 from trainer.loaders import build_eval_loader, build_train_loader
 from trainer.optim import build_optimizer, lr_scales
-from trainer.stages import Batch, Evaluation, StopCheck, autocast
 from trainer.stages.pretrained import load_detector_backbone
-from trainer.zero import gathered_parameters
 
 COCO_STATS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 """Names of the first six ``COCOeval.stats`` (AP at IoU .5:.95, .5, .75; small, medium, large objects)."""
@@ -123,15 +123,6 @@ def _no_results(gt: COCO) -> COCO:
     return dt
 
 
-def _gather_to_main(items: list[Any], env: DistEnv) -> list[Any]:
-    """Concatenate every rank's list on rank 0 (other ranks get an empty list)."""
-    if not dist.is_initialized() or env.world_size == 1:
-        return items
-    gathered: list[list[Any]] | None = [[] for _ in range(env.world_size)] if env.is_main else None
-    dist.gather_object(items, gathered, dst=0)
-    return [x for part in gathered or [] for x in part]
-
-
 def build_model(cfg: DetectionConfig) -> MaskRCNN:
     """The detector of a detection config (the stage contract's ``build_model``, :mod:`trainer.stages`), before the
     pretrained backbone is loaded."""
@@ -175,6 +166,7 @@ class DetectionStage:
 
     def _categories(self) -> list[dict[str, Any]]:
         """The validation set's COCO categories in label order; checked against ``model.num_classes``."""
+        assert isinstance(self.val_loader, ShardLoader)  # synthetic data is refused for detection
         described = self.val_loader.shards.descriptions[0] if self.val_loader.shards.descriptions else {}
         categories = sorted(described.get("categories") or [], key=lambda c: int(c["label"]))
         if not categories:
@@ -206,39 +198,31 @@ class DetectionStage:
 
     def loss(self, engine: Any, batch: Batch, step: int, micro: int) -> torch.Tensor:
         """Sum of the Mask R-CNN losses of one micro-batch."""
-        images, targets, _keys = batch
         device = self.env.device
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        losses = engine(list(images), targets)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch.labels]
+        losses = engine(list(batch.images), targets)
         return torch.stack(list(losses.values())).sum()
 
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
         """Nothing to do after a detection step."""
 
-    @torch.no_grad()
-    def evaluate(self, engine: Any, step: int, stop: StopCheck) -> Evaluation:
-        """COCO box and mask AP on ``data.val_url`` (rank 0 scores what every rank predicted); gives way to a
-        preemption between batches."""
-        model = self.model
-        was_training = model.training
-        model.eval()
+    def evaluate(self, passes: EvalPasses, step: int) -> Evaluation:
+        """COCO box and mask AP on ``data.val_url`` (rank 0 scores what every rank predicted)."""
         category_ids = [int(c["id"]) for c in self.categories]
         images: list[EvalImage] = []
         detections: list[dict] = []
-        with gathered_parameters(model, engine), autocast(self.cfg.deepspeed.precision, self.env.device):
-            for done, (batch, infos) in enumerate(self.val_loader, start=1):
-                outputs = model(list(batch.to(self.env.device)))
-                for output, info in zip(outputs, infos, strict=True):
-                    if info is None:  # a slot that pads the last batch
-                        continue
-                    images.append(info)
-                    detections.extend(coco_detections(output, info, category_ids))
-                if stop():
-                    model.train(was_training)
-                    return Evaluation(stopped=(done, len(self.val_loader)))
-        model.train(was_training)
-        all_images = _gather_to_main(images, self.env)
-        all_detections = _gather_to_main(detections, self.env)
+
+        def predict(batch: Batch) -> None:
+            outputs = self.model(list(batch.images))
+            for output, info in zip(outputs, batch.labels, strict=True):
+                if info is None:  # a slot that pads the last batch
+                    continue
+                images.append(info)
+                detections.extend(coco_detections(output, info, category_ids))
+
+        if not passes.run(self.val_loader, predict):
+            return Evaluation()
+        all_images, all_detections = gather_lists(images), gather_lists(detections)
         if not self.env.is_main:
             return Evaluation()
         metrics = coco_metrics(all_images, all_detections, self.categories)
@@ -246,23 +230,20 @@ class DetectionStage:
         metrics["eval_images"] = float(len({image.image_id for image in all_images}))
         return Evaluation(metrics)
 
-    def export(self, engine: Any, out_dir: Path, summary: dict[str, Any]) -> None:
+    def export(self, out_dir: Path, summary: dict[str, Any]) -> None:
         """``model.safetensors``: the detector (``build_mask_rcnn`` arguments in its metadata); ``metrics.json``."""
         cfg, det = self.cfg, self.cfg.detection
-        with gathered_parameters(self.model, engine):
-            if self.env.is_main:
-                meta = {
-                    "stage": "detection",
-                    "size": cfg.model.size,
-                    "num_classes": str(cfg.model.num_classes),
-                    "fpn_channels": str(det.fpn_channels),
-                    "anchor_sizes": json.dumps(list(det.anchor_sizes)),
-                    "image_size": str(cfg.data.image_size),
-                    "categories": json.dumps(self.categories),
-                }
-                write_weights(out_dir / "model.safetensors", self.model.state_dict(), meta)
-                write_metrics(out_dir, summary)
-        barrier()
+        meta = {
+            "stage": "detection",
+            "size": cfg.model.size,
+            "num_classes": str(cfg.model.num_classes),
+            "fpn_channels": str(det.fpn_channels),
+            "anchor_sizes": json.dumps(list(det.anchor_sizes)),
+            "image_size": str(cfg.data.image_size),
+            "categories": json.dumps(self.categories),
+        }
+        write_weights(out_dir / "model.safetensors", self.model.state_dict(), meta)
+        write_metrics(out_dir, summary)
 
     def state_dict(self) -> dict[str, Any]:
         """No state beyond the engine and the loader (the validation loader restarts every evaluation)."""

@@ -28,19 +28,19 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV2
 from torch import nn
 
-from data.loader import IGNORE_LABEL
+from data.batch import Batch
+from data.loader import IGNORE_LABEL, ShardLoader
 from data.transforms import SeededMixup, eval_transform, finetune_transform, mixup_fn
 from models.convnextv2 import ConvNeXtV2, build
 from trainer.config import FinetuneConfig
-from trainer.distributed import DistEnv, barrier
+from trainer.distributed import DistEnv
+from trainer.evaluation import EvalPasses, Evaluation
 from trainer.export import write_metrics, write_weights
 from trainer.loaders import build_eval_loader, build_train_loader
 from trainer.observability.metrics import FlopCount, flop_counter
 from trainer.optim import build_optimizer, lr_scales
 from trainer.run_dir import RunDir
-from trainer.stages import Batch, Evaluation, StopCheck, autocast
 from trainer.stages.pretrained import load_pretrained
-from trainer.zero import gathered_parameters
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,12 @@ class FinetuneStage:
             cfg, env, run_dir, eval_transform(cfg.data.image_size, crop_pct=ft.crop_pct)
         )
         for url, loader in ((cfg.data.train_url, self.loader), (cfg.data.val_url, self.val_loader)):
-            shards = getattr(loader, "shards", None)
-            classes = getattr(shards, "num_classes", None)
+            if not isinstance(loader, ShardLoader):  # synthetic://N: ten classes, no sources
+                continue
+            classes = loader.shards.num_classes
             if classes is not None and classes > cfg.model.num_classes:
                 raise ValueError(f"{url} has {classes} classes but model.num_classes={cfg.model.num_classes}")
-            for source in getattr(shards, "descriptions", []):
+            for source in loader.shards.descriptions:
                 exts = source.get("extensions", ["cls"])  # an index of foreign shards lists what its samples hold
                 if "cls" not in exts and not (cfg.data.label_field and "json" in exts):
                     raise ValueError(
@@ -175,8 +176,7 @@ class FinetuneStage:
 
     def loss(self, engine: Any, batch: Batch, step: int, micro: int) -> torch.Tensor:
         """Cross entropy against Mixup/CutMix soft targets, or label-smoothed hard labels when both are off."""
-        images, labels, _keys = batch
-        labels = labels.to(self.env.device, non_blocking=True)
+        images, labels = batch.images, torch.as_tensor(batch.labels).to(self.env.device, non_blocking=True)
         if self.cfg.model.channels_last and self.env.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         if self.mixup is None:
@@ -192,41 +192,33 @@ class FinetuneStage:
         if self.ema is not None and not skipped:
             self.ema.update(self.model)
 
-    @torch.no_grad()
-    def evaluate(self, engine: Any, step: int, stop: StopCheck) -> Evaluation:
-        """Top-1/top-5 over the whole validation set (each rank its slice, counts summed); keep the best. Gives
-        way to a preemption between batches."""
+    def evaluate(self, passes: EvalPasses, step: int) -> Evaluation:
+        """Top-1/top-5 over the whole validation set (each rank its slice, counts summed); keep the best."""
         model = self.model
-        was_training = model.training
-        model.eval()
         counts = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # top1, top5, n, ema top1, ema top5
-        self.val_loader.set_epoch(0)  # the same fixed pass every time
-        with gathered_parameters(model, engine):
-            with autocast(self.cfg.deepspeed.precision, self.env.device):
-                for done, (images, labels) in enumerate(self.val_loader, start=1):
-                    images = images.to(self.env.device, non_blocking=True)
-                    labels = labels.to(self.env.device, non_blocking=True)
-                    counts[:3] += eval_counts(model(images), labels)
-                    if self.ema is not None:
-                        counts[3:] += eval_counts(self.ema.module(images), labels)[:2]
-                    if stop():
-                        model.train(was_training)
-                        return Evaluation(stopped=(done, len(self.val_loader)))
-            model.train(was_training)
-            if dist.is_initialized():
-                dist.all_reduce(counts)
-            total = int(counts[2])
-            top1, top5, ema_top1, ema_top5 = (100.0 * counts[[0, 1, 3, 4]] / max(total, 1)).tolist()
-            metrics = {"top1": top1, "top5": top5}
+
+        def score(batch: Batch) -> None:
+            labels = torch.as_tensor(batch.labels).to(self.env.device, non_blocking=True)
+            counts[:3] += eval_counts(model(batch.images), labels)
             if self.ema is not None:
-                metrics.update(ema_top1=ema_top1, ema_top5=ema_top5)
-            metrics["val_images"] = float(total)
-            # Without an EMA its counts stay zero, so the model is the candidate.
-            candidate = Best(top1, "model", step) if top1 >= ema_top1 else Best(ema_top1, "ema", step)
-            if candidate.top1 > self.best.top1:
-                self.best = candidate
-                if self.env.is_main:
-                    self._save_best()
+                counts[3:] += eval_counts(self.ema.module(batch.images), labels)[:2]
+
+        if not passes.run(self.val_loader, score):
+            return Evaluation()
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        total = int(counts[2])
+        top1, top5, ema_top1, ema_top5 = (100.0 * counts[[0, 1, 3, 4]] / max(total, 1)).tolist()
+        metrics = {"top1": top1, "top5": top5}
+        if self.ema is not None:
+            metrics.update(ema_top1=ema_top1, ema_top5=ema_top5)
+        metrics["val_images"] = float(total)
+        # Without an EMA its counts stay zero, so the model is the candidate.
+        candidate = Best(top1, "model", step) if top1 >= ema_top1 else Best(ema_top1, "ema", step)
+        if candidate.top1 > self.best.top1:
+            self.best = candidate
+            if self.env.is_main:
+                self._save_best()
         return Evaluation(metrics)
 
     def _save_best(self) -> None:
@@ -239,21 +231,16 @@ class FinetuneStage:
         cfg = self.cfg
         return {"size": cfg.model.size, "num_classes": str(cfg.model.num_classes), "stage": "finetune"}
 
-    def export(self, engine: Any, out_dir: Path, summary: dict[str, Any]) -> None:
+    def export(self, out_dir: Path, summary: dict[str, Any]) -> None:
         """``model.safetensors`` (final weights, for ``build(size, num_classes)``), ``ema.safetensors``,
         ``metrics.json`` (the loop's summary with the last evaluation, plus the best top-1)."""
-        with gathered_parameters(self.model, engine):
-            if self.env.is_main:
-                step = {"step": str(summary.get("steps", ""))}
-                write_weights(out_dir / "model.safetensors", self.model.state_dict(), {**self._metadata(), **step})
-                if self.ema is not None:
-                    write_weights(
-                        out_dir / "ema.safetensors", self.ema.module.state_dict(), {**self._metadata(), **step}
-                    )
-                top1 = self.best.top1 if self.best.source else None  # None: never evaluated
-                best = {"best_top1": top1, "best_source": self.best.source, "best_step": self.best.step}
-                write_metrics(out_dir, {**summary, **best})
-        barrier()
+        meta = {**self._metadata(), "step": str(summary.get("steps", ""))}
+        write_weights(out_dir / "model.safetensors", self.model.state_dict(), meta)
+        if self.ema is not None:
+            write_weights(out_dir / "ema.safetensors", self.ema.module.state_dict(), meta)
+        top1 = self.best.top1 if self.best.source else None  # None: never evaluated
+        best = {"best_top1": top1, "best_source": self.best.source, "best_step": self.best.step}
+        write_metrics(out_dir, {**summary, **best})
 
     def state_dict(self) -> dict[str, Any]:
         """The best evaluation (every rank) and the EMA weights (rank 0 only: they are the same on every rank)."""

@@ -16,22 +16,22 @@ from typing import Any
 
 import torch
 
+from data.batch import Batch
 from data.sampling import derive_seed
 from data.transforms import eval_transform, pretrain_transform
 from models.convnextv2 import ConvNeXtV2Encoder, build_encoder
 from models.fcmae import FCMAE
 from models.masking import random_mask
 from trainer.config import PretrainConfig
-from trainer.distributed import DistEnv, barrier
+from trainer.distributed import DistEnv
+from trainer.evaluation import EvalPasses, Evaluation
 from trainer.export import write_metrics, write_weights
 from trainer.loaders import build_eval_loader, build_train_loader
 from trainer.observability.metrics import count_fcmae_flops
-from trainer.observability.probes import effective_rank, gather_rows, knn_top1, labeled, loader_features, stage_outputs
+from trainer.observability.probes import effective_rank, knn_top1, labeled, loader_features, stage_outputs
 from trainer.optim import build_optimizer
 from trainer.run_dir import RunDir
-from trainer.stages import Batch, Evaluation, StopCheck, autocast
 from trainer.stages.fcmae_eval import feature_cosine_distance, save_reconstructions
-from trainer.zero import gathered_parameters
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class PretrainStage:
 
     def loss(self, engine: Any, batch: Batch, step: int, micro: int) -> torch.Tensor:
         """Masked-patch loss of one micro-batch."""
-        images, _labels, keys = batch
-        masks = sample_masks(keys, self.cfg.seed, self.loader.epoch, self.num_patches, self.cfg.model.mask_ratio)
+        images = batch.images
+        masks = sample_masks(batch.keys, self.cfg.seed, batch.epoch, self.num_patches, self.cfg.model.mask_ratio)
         if self.cfg.model.channels_last and self.env.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         masks = masks.to(self.env.device)
@@ -133,40 +133,35 @@ class PretrainStage:
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
         """Nothing to do after an FCMAE step."""
 
-    @torch.no_grad()
-    def evaluate(self, engine: Any, step: int, stop: StopCheck) -> Evaluation:
+    def evaluate(self, passes: EvalPasses, step: int) -> Evaluation:
         """Reconstructions of a fixed batch, the feature cosine-distance statistic of each encoder stage and, with a
-        kNN bank, the kNN top-1 and effective rank (:meth:`_knn`, which gives way to a preemption between batches)."""
+        kNN bank, the kNN top-1 and effective rank (:meth:`_knn`)."""
         if self._eval_batch is None:
             return Evaluation()
         images, masks = self._eval_batch
         model = self.model
-        was_training = model.training
-        model.eval()
-        with gathered_parameters(model, engine), autocast(self.cfg.deepspeed.precision, self.env.device):
-            _, pred, _ = model(images, masks, visible=self.visible)
-            stages = stage_outputs(model.encoder, images)
-            probes = self._knn(stop) if self.bank_loader is not None else Evaluation()
-        model.train(was_training)
-        if probes.stopped is not None or not self.env.is_main:
+        _, pred, _ = model(images, masks, visible=self.visible)
+        stages = stage_outputs(model.encoder, images)
+        probes = self._knn(passes) if self.bank_loader is not None else Evaluation()
+        if passes.stopped is not None or not self.env.is_main:
             return probes
         metrics = {f"feature_cosine_distance_s{i}": feature_cosine_distance(f) for i, f in enumerate(stages, start=1)}
         path = RunDir(self.run_dir).images / f"recon_{step:08d}.png"
         save_reconstructions(model, images, masks, pred, path)
         return Evaluation({**metrics, **probes.metrics}, [("reconstructions", path)], tags=probes.tags)
 
-    def _knn(self, stop: StopCheck) -> Evaluation:
+    def _knn(self, passes: EvalPasses) -> Evaluation:
         """kNN top-1 of the validation set against the bank, and the effective rank of its features: every rank
-        embeds its slice (stopping with the others on a preemption), the features are gathered once."""
+        embeds its slice, the features are gathered once."""
         ev = self.cfg.eval
         if self.random_top1 is None:  # the baseline, once: the same probe on a randomly initialized encoder
-            embedded = self._embed(random_encoder(self.cfg).to(self.env.device).eval(), stop)
+            embedded = self._embed(random_encoder(self.cfg).to(self.env.device).eval(), passes)
             if embedded is None:
-                return Evaluation(stopped=(0, len(self.bank_loader or [])))
+                return Evaluation()
             self.random_top1 = knn_top1(*embedded, ev.knn_k, ev.knn_temperature)
-        embedded = self._embed(self.model.encoder, stop)
+        embedded = self._embed(self.model.encoder, passes)
         if embedded is None:
-            return Evaluation(stopped=(0, len(self.bank_loader or [])))
+            return Evaluation()
         top1 = knn_top1(*embedded, ev.knn_k, ev.knn_temperature)
         queries = embedded[2]
         rank = effective_rank(queries)
@@ -188,35 +183,31 @@ class PretrainStage:
         return Evaluation(metrics, tags=tags)
 
     def _embed(
-        self, encoder: ConvNeXtV2Encoder, stop: StopCheck
+        self, encoder: ConvNeXtV2Encoder, passes: EvalPasses
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-        """Bank features and labels, query features and labels (all ranks' slices, gathered once, padding
-        dropped) and the class count; None when a preemption stopped it."""
+        """Bank features and labels, query features and labels (all ranks' slices, padding dropped) and the class
+        count; None when a preemption stopped it."""
         assert self.bank_loader is not None and self.val_loader is not None
         sets = []
         for loader in (self.bank_loader, self.val_loader):
-            loader.set_epoch(0)  # the same fixed pass every time
-            features, labels, stopped = loader_features(encoder, loader, self.env.device, stop)
-            if stopped:
+            embedded = loader_features(encoder, loader, passes)
+            if embedded is None:
                 return None
-            sets.append(labeled(gather_rows(features), gather_rows(labels)))
+            sets.append(labeled(*embedded))
         (bank, bank_labels), (queries, query_labels) = sets
         classes = int(max(bank_labels.max(), query_labels.max())) + 1
         return bank, bank_labels, queries, query_labels, classes
 
-    def export(self, engine: Any, out_dir: Path, summary: dict[str, Any]) -> None:
+    def export(self, out_dir: Path, summary: dict[str, Any]) -> None:
         """``model.safetensors``: the encoder for ``build(size, num_classes=0)``; ``fcmae.safetensors``: all."""
         model = self.model
-        with gathered_parameters(model, engine):
-            if self.env.is_main:
-                meta = {"size": model.size, "stage": "pretrain"}
-                write_weights(out_dir / "model.safetensors", model.encoder_state_dict(), meta)
-                write_weights(out_dir / "fcmae.safetensors", model.state_dict(), meta)
-                images = sorted(RunDir(self.run_dir).images.glob("recon_*.png"))
-                if images:
-                    (out_dir / "reconstructions.png").write_bytes(images[-1].read_bytes())
-                write_metrics(out_dir, summary)
-        barrier()
+        meta = {"size": model.size, "stage": "pretrain"}
+        write_weights(out_dir / "model.safetensors", model.encoder_state_dict(), meta)
+        write_weights(out_dir / "fcmae.safetensors", model.state_dict(), meta)
+        images = sorted(RunDir(self.run_dir).images.glob("recon_*.png"))
+        if images:
+            (out_dir / "reconstructions.png").write_bytes(images[-1].read_bytes())
+        write_metrics(out_dir, summary)
 
     def state_dict(self) -> dict[str, Any]:
         """The collapse warning's reference (the first evaluation's effective rank), the kNN baseline, and the
