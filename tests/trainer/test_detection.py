@@ -23,6 +23,7 @@ from models.detection import build_mask_rcnn, layer_ids
 from tests.support.launch import launch, logged_steps
 from trainer.config import load_config
 from trainer.distributed import DistEnv
+from trainer.evaluation import evaluate
 from trainer.optim import lr_scales, param_groups
 from trainer.stages.detection import COCO_STATS, DetectionStage, coco_detections, coco_metrics
 from trainer.stages.pretrained import PretrainedWeightsError
@@ -130,7 +131,7 @@ class _Oracle(nn.Module):
 
 
 class _Engine:
-    """What :meth:`DetectionStage.evaluate` asks of the DeepSpeed engine (no ZeRO-3 gathering on one CPU rank)."""
+    """What :func:`trainer.evaluation.evaluate` asks of the DeepSpeed engine (no ZeRO-3 gathering on one CPU rank)."""
 
     def zero_optimization_stage(self) -> int:
         return 0
@@ -169,7 +170,7 @@ def test_coco_scoring_of_the_val_set_is_one_for_the_truth_and_near_zero_for_misp
 
     def score(truth_of: Callable[[int], EvalImage | None], shift: int = 0) -> dict[str, float]:
         stage.model = _Oracle([_truth_as_output(truth_of(k), size, category_ids, shift) for k in range(len(slots))])
-        return stage.evaluate(_Engine(), step=0, stop=lambda: False).metrics
+        return evaluate(stage, _Engine(), 0, "fp32", CPU, lambda: False).metrics
 
     perfect = score(lambda k: slots[k])
     assert perfect["eval_images"] == 8
@@ -241,7 +242,8 @@ def test_training_raises_ap_above_the_untrained_detector(
     ]  # fmt: skip
     cfg = load_config("demo_maskrcnn", [*overrides, "data.num_workers=0"])
     torch.manual_seed(cfg.seed)  # the initial weights of the run below (the Trainer seeds the same way)
-    untrained = DetectionStage(cfg, CPU, tmp_path / "untrained").evaluate(_Engine(), step=0, stop=lambda: False).metrics
+    untrained = evaluate(DetectionStage(cfg, CPU, tmp_path / "untrained"), _Engine(), 0, "fp32", CPU, lambda: False)
+    untrained = untrained.metrics
     assert launch(tmp_path / "run", *overrides, config="demo_maskrcnn") == 0
     trained = json.loads((tmp_path / "run" / "export" / "metrics.json").read_text())
     assert trained["steps"] == 60
