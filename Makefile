@@ -79,8 +79,11 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Two pytest-xdist workers: the end-to-end tests leave a core idle about half the time (waiting on their runs,
+# SLURM, signals); the real SLURM's tests share one worker (xdist_group). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 pytest: setup $(MINKOWSKI)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test: lint typecheck pytest
 

@@ -25,6 +25,9 @@ from tests.support.launch import TINY, logged_steps
 from tests.support.slurm import SlurmCluster
 from trainer.config import load_run_config
 
+# One SLURM per machine: with pytest-xdist, every test of the real SLURM runs in the same worker.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 10
 JOB = [

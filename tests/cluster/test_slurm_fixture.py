@@ -9,7 +9,8 @@ import submitit
 
 from tests.support.slurm import SlurmCluster
 
-pytestmark = pytest.mark.slow
+# One SLURM per machine: with pytest-xdist, every test of the real SLURM runs in the same worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 def test_srun_runs_one_task_on_each_node(slurm_cluster: SlurmCluster) -> None:
