@@ -364,9 +364,11 @@ class Trainer:
     def _finish_uploads(self, at_preemption: bool) -> None:
         """Let the mirror upload finish (at a preemption, within the warning window); a mirror left behind is
         tagged."""
-        window = self.cfg.cluster.signal_delay_s
-        left = self.preemption.seconds_left(window) if at_preemption else None
-        left = window if at_preemption and left is None else left
+        left = None
+        if at_preemption:  # a rank without the signal itself counts from now: the whole window
+            window = self.cfg.cluster.signal_delay_s
+            left = self.preemption.seconds_left(window)
+            left = window if left is None else left
         with self.watchdog.phase("mirror upload"):
             missing = self.checkpointer.finish_uploads(left, self.cfg.watchdog.phase_timeout_s)
         if missing is not None:
@@ -377,7 +379,7 @@ class Trainer:
         then rewind the ledger and report it."""
         assert self.batches is not None
         self.batches.close()  # stops the loader's workers before its position changes
-        record = self.recovery.roll_back(self.checkpointer, self.stage.loader, lambda target: self._load(target))
+        record = self.recovery.roll_back(self.checkpointer, self.stage.loader, self._load)
         self.batches = micro_batch_groups(self.stage.loader, self.accum, self.env.device)
         if record is None:
             return

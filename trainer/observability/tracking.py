@@ -112,9 +112,10 @@ class Tracker:
             "slurm_job_id": slurm_job_id() or "none",
             "stage": cfg.stage,
         }
-        self.start(cfg.model_dump(mode="json"), tags, run_name=f"{cfg.name}-{self.run_dir.name}")
+        resolved = cfg.model_dump(mode="json")
+        self.start(resolved, tags, run_name=f"{cfg.name}-{self.run_dir.name}")
         if self.restart_count == 0:
-            self.log_config(cfg.model_dump(mode="json"))
+            self.log_config(resolved)
 
     def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str) -> None:
         """Create the run, or continue the one recorded in the run directory (restart count + 1)."""

@@ -406,11 +406,11 @@ class Checkpointer:
             return None
         if seconds_left is not None:
             timeout_s = max(0.0, seconds_left - 10.0)
-        if self.wait_for_uploads(timeout_s):
+        if self._wait_for_uploads(timeout_s):
             return None
         return self.uploader.busy() or "failed"
 
-    def wait_for_uploads(self, timeout_s: float | None) -> bool:
+    def _wait_for_uploads(self, timeout_s: float | None) -> bool:
         """Rank 0: let the background upload finish within ``timeout_s``; False (and a log line naming what the
         mirror lacks) when it does not. True on other ranks and without a mirror."""
         if self.uploader is None:
