@@ -77,10 +77,14 @@ def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace
             for proc in procs:
                 _kill_group(proc, wait=False)
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        for proc in procs:
+    def forward(signum: int, _frame: FrameType | None) -> list[int]:
+        """Send ``signum`` to every rank still running; returns those ranks."""
+        sent = []
+        for rank, proc in enumerate(procs):
             if proc.poll() is None:
                 proc.send_signal(signum)
+                sent.append(rank)
+        return sent
 
     procs: list[subprocess.Popen] = []
     # Installed before the ranks start: a signal from now on is never lost nor kills the launcher alone.
@@ -100,13 +104,14 @@ def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace
         if lock is not None:
             lock.add_pids([p.pid for p in procs])
         failed_at: float | None = None  # when the first rank failed: the others get grace_s to stop
+        stopped: list[int] = []  # the ranks this launcher stopped because another failed: never the root cause
         while any(p.poll() is None for p in procs):
             if failed_at is None:
                 bad = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() not in (None, 0, REQUEUE_EXIT_CODE)]
                 if bad:
                     failed_at = time.monotonic()
                     log.error("rank %d exited with code %d; stopping the other ranks", *bad[0])
-                    forward(signal.SIGTERM, None)
+                    stopped = forward(signal.SIGTERM, None)
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 for rank, proc in enumerate(procs):
                     if proc.poll() is None:
@@ -120,7 +125,7 @@ def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace
             signal.signal(sig, handler)
     codes = [int(p.returncode) for p in procs]
     if any(code not in (0, REQUEUE_EXIT_CODE) for code in codes):
-        code = codes[_report(run_dir, codes, started)]
+        code = codes[_report(run_dir, codes, started, stopped)]
         return 128 - code if code < 0 else code  # a rank killed by signal N: 128 + N, as a shell reports it
     if stopped_by and any(code != 0 for code in codes):  # a signal after every rank finished changes nothing
         name = signal.Signals(stopped_by[0]).name
@@ -145,10 +150,10 @@ def _kill_group(proc: subprocess.Popen, wait: bool = True) -> None:
         proc.wait(timeout=10)
 
 
-def _report(run_dir: Path, codes: list[int], started: float) -> int:
+def _report(run_dir: Path, codes: list[int], started: float, stopped: list[int]) -> int:
     """One summary line: the rank whose failure caused the others' and why (its failure record, or the signal
     that killed it), then how each rank ended; returns that rank."""
-    rank, why = root_cause(failures_since(run_dir, started), codes)
+    rank, why = root_cause(failures_since(run_dir, started), codes, stopped)
     endings = ", ".join(f"rank {r}: {_ending(c)}" for r, c in enumerate(codes))
     log.error("run failed: rank %d %s\n  exit codes: %s\n  details: %s", rank, why, endings,
               RunDir(run_dir).failures)  # fmt: skip

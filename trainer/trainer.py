@@ -420,14 +420,17 @@ class Trainer:
 
     def close(self, failed: bool) -> None:
         """Stop the watchdog, the loader workers (they ignore SIGTERM and would block exit), the ledger and the
-        signal handlers; tear the process group down (locally only after a failure)."""
+        signal handlers; tear the process group down (locally only after a failure). After a failure the flag-only
+        handlers stay until the process exits: the launcher sends the surviving ranks SIGTERM, which must not kill
+        this one before it has recorded why it failed."""
         self.watchdog.stop()
         self.profiler.close()
         if self.batches is not None:
             self.batches.close()
         if self.ledger is not None:
             self.ledger.close()
-        self.preemption.uninstall()
+        if not failed:
+            self.preemption.uninstall()
         teardown(self.engine, clean=not failed)
 
     def _start_tracking(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.launch import launch_cmd, logged_steps, run_processes, start, wait_for
-from trainer.resilience.failure import FAILURE_EXIT_CODE, HANG_EXIT_CODE
+from trainer.resilience.failure import FAILURE_EXIT_CODE, HANG_EXIT_CODE, root_cause
 
 BOUND_S = 60
 
@@ -79,3 +79,16 @@ def test_a_rank_that_stops_stepping_is_caught_by_the_watchdog(tmp_path: Path) ->
     assert "Thread" in dump and "trainer/trainer.py" in dump  # every thread's stack, down to where it waited
     time.sleep(1)
     assert _alive_in_groups(groups) == []
+
+
+def test_a_rank_the_launcher_stopped_is_not_named_as_the_root_cause() -> None:
+    """Rank 1 is SIGKILLed; rank 0 records its lost peer and, before it exits, dies of the SIGTERM the launcher sent
+    the survivors (a race CI hit). The summary names rank 1; control: without knowing whom the launcher stopped,
+    the same records name rank 0 and its SIGTERM."""
+    reasons = {0: "DistBackendError: Connection reset by peer"}
+    codes = [-signal.SIGTERM, -signal.SIGKILL]
+    assert root_cause(reasons, codes, stopped=[0]) == (1, "was killed by SIGKILL (no error recorded)")
+    assert root_cause(reasons, codes) == (0, "was killed by SIGTERM (no error recorded)")
+    # A rank's own error still comes first, stopped or not.
+    own = {0: "MissingShardError: shard 3 does not exist"}
+    assert root_cause(own, codes, stopped=[0]) == (0, f"was killed by SIGTERM: {own[0]}")

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from trainer.run_dir import RunDir
@@ -124,11 +124,13 @@ _PEER_LOST = re.compile(
 """How a rank's error reads when the cause was another rank's death (the collective lost its peer)."""
 
 
-def root_cause(reasons: dict[int, str], codes: list[int]) -> tuple[int, str]:
+def root_cause(reasons: dict[int, str], codes: list[int], stopped: Collection[int] = ()) -> tuple[int, str]:
     """The rank whose failure ended the run, and why, from the ranks' failure records and exit codes: a recorded
     error of its own first, then a rank killed by a signal (it could record nothing), then a rank that lost its
     peer, then the first bad exit code. A rank killed by SIGKILL reads as such, not as its peer's "Connection
-    reset"."""
+    reset". ``stopped`` are the ranks the launcher sent SIGTERM because another rank had failed: one of them that
+    died of it (say between its peer-lost error and its exit, with the handlers gone) is a consequence, so a rank
+    killed by a signal nobody in the run sent comes first."""
     import signal
 
     def code_of(rank: int) -> str:
@@ -138,7 +140,7 @@ def root_cause(reasons: dict[int, str], codes: list[int]) -> tuple[int, str]:
     own = [r for r, why in sorted(reasons.items()) if not _PEER_LOST.search(why)]
     if own:
         return own[0], f"{code_of(own[0])}: {reasons[own[0]]}"
-    killed = [r for r, code in enumerate(codes) if code < 0]
+    killed = sorted((r for r, code in enumerate(codes) if code < 0), key=lambda r: r in stopped)
     if killed:
         return killed[0], f"{code_of(killed[0])} (no error recorded)"
     if reasons:
