@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, check_runnable, load_config
 from trainer.observability.tracking import default_tracking_uri, redact, redacted_yaml
+from trainer.resilience.failure import leave
 from trainer.resilience.run_lock import RunDirLocked, RunLock
 from trainer.run_dir import RunDir, prepare_run_dir
 
@@ -254,4 +255,4 @@ def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from trainer.config import load_run_config
-from trainer.resilience.failure import FAILURE_EXIT_CODE, hard_exit, record_exception
+from trainer.resilience.failure import FAILURE_EXIT_CODE, hard_exit, leave, record_exception
 from trainer.resilience.preemption import stop_with_launcher
 from trainer.run_dir import RunDir
 from trainer.trainer import train
@@ -61,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
