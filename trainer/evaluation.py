@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from data.batch import Batch, Loader
+from trainer.config import EvalConfig
 from trainer.distributed import DistEnv
 from trainer.engine import autocast
+from trainer.optim import Schedule
 from trainer.zero import gathered_parameters
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,13 @@ class Evaluable(Protocol):
     def model(self) -> nn.Module: ...
 
     def evaluate(self, passes: EvalPasses, step: int) -> Evaluation: ...
+
+
+def evaluation_due(cfg: EvalConfig, step: int, schedule: Schedule) -> bool:
+    """Whether the trainer evaluates after ``step``: every ``eval.every_steps``, at the end of each epoch with
+    ``eval.each_epoch``, and after the last step."""
+    epoch_end = cfg.each_epoch and step % schedule.steps_per_epoch == 0
+    return step % cfg.every_steps == 0 or step == schedule.total or epoch_end
 
 
 def evaluate(stage: Evaluable, engine: Any, step: int, precision: str, env: DistEnv, stop: StopCheck) -> Evaluation:

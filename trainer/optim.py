@@ -1,4 +1,5 @@
-"""AdamW with the paper's no-decay groups, layer-wise lr decay, and the per-step lr schedule (warmup + cosine).
+"""AdamW with the paper's no-decay groups, layer-wise lr decay, and the run's schedule: steps per epoch and in all,
+the global batch and the per-step lr (warmup + cosine, :class:`Schedule`).
 
 Layer-wise lr decay scales each parameter's lr by ``layer_decay ** (num_layers + 1 - layer_id)``. The model declares
 the layer ids (:meth:`models.convnextv2.ConvNeXtV2Encoder.layer_ids`, the detector's
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from models.convnextv2 import no_weight_decay
-from trainer.config import OptimConfig
+from trainer.config import OptimConfig, TrainConfig
+from trainer.resilience.failure import TrainingError
 
 
 def param_groups(
@@ -78,3 +81,53 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Apply a scheduled lr to every group, times the group's ``lr_scale``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's steps on this world size: ``accum`` micro-batches a step, ``steps_per_epoch`` steps an epoch,
+    ``total`` in all (the first ``warmup`` warm up), ``global_batch`` samples a step, the lr peaking at
+    ``peak_lr`` (scaled with the global batch)."""
+
+    accum: int
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    global_batch: int
+    peak_lr: float
+    min_lr: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> Schedule:
+        """The schedule of ``cfg`` for a loader of ``batches_per_epoch`` batches per rank."""
+        accum = cfg.deepspeed.grad_accum
+        steps_per_epoch = batches_per_epoch // accum
+        if steps_per_epoch == 0:
+            raise TrainingError(
+                f"{batches_per_epoch} batches per epoch cannot fill one step of deepspeed.grad_accum={accum}: "
+                "lower data.batch_size or deepspeed.grad_accum"
+            )
+        return cls(
+            accum=accum,
+            steps_per_epoch=steps_per_epoch,
+            total=cfg.total_steps(steps_per_epoch),
+            warmup=round(cfg.schedule.warmup_epochs * steps_per_epoch),
+            global_batch=cfg.global_batch(world_size),
+            peak_lr=cfg.lr(world_size),
+            min_lr=cfg.optim.min_lr,
+        )
+
+    def lr(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        return lr_at(step, self.total, self.warmup, self.peak_lr, self.min_lr)
+
+    def progress(self, epoch: int, step: int) -> float:
+        """Epochs done after ``step`` steps, in ``epoch``: 1.0 ends epoch 0."""
+        return epoch + ((step - 1) % self.steps_per_epoch + 1) / self.steps_per_epoch
+
+    def describe(self, batch_size: int, world_size: int) -> str:
+        """One line of the run's start banner."""
+        return (
+            f"world {world_size} | global batch {self.global_batch} ({batch_size} x {self.accum} accum x "
+            f"{world_size} ranks) | lr {self.peak_lr:.3g} | {self.steps_per_epoch} steps/epoch | {self.total} steps"
+        )

@@ -8,12 +8,12 @@ spikes and rolls back (:mod:`trainer.resilience.recovery`), the tracker names an
 
     __init__: preemption flag -> distributed -> stage -> newest checkpoint -> DeepSpeed engine -> components
     resume:   engine, loader, stage, recovery and loop state from that checkpoint
-    train:    micro-batches -> train_step -> log (a spike rolls back) -> evaluate (gives way to a preemption)
+    train:    micro-batches -> optimizer step -> log (a spike rolls back) -> evaluate (gives way to a preemption)
               -> save when due (or save and exit on preemption) -> export -> mirror uploads
     close:    watchdog, loader workers, ledger, signal handlers, process group
 
 The step does not wait for the device: losses and the finiteness of each micro-batch stay on the device, and the
-host reads them once per log interval (see :meth:`Trainer.train_step` for the syncs that remain, and why).
+host reads them once per log interval (see :mod:`trainer.step` for the syncs that remain, and why).
 """
 
 from __future__ import annotations
@@ -27,31 +27,29 @@ from typing import Any
 
 import torch
 
-from data.batch import Batch, Loader
-from data.sampling import derive_seed
+from data.batch import Batch
 from trainer.config import TrainConfig
 from trainer.distributed import barrier, init_distributed, teardown
-from trainer.engine import autocast, deepspeed_config, initialize, zero0_grad_norm
-from trainer.evaluation import evaluate
+from trainer.engine import deepspeed_config, initialize
+from trainer.evaluation import evaluate, evaluation_due
 from trainer.observability.logger import MetricsLogger
 from trainer.observability.metrics import Interval, Meter, device_peak_flops
 from trainer.observability.profiling import StepProfiler, SystemMetrics
 from trainer.observability.tracking import Tracker, job_hosts
-from trainer.optim import lr_at, set_lr
+from trainer.optim import Schedule
 from trainer.resilience import faults
 from trainer.resilience.checkpoint import Checkpointer, CheckpointInfo
-from trainer.resilience.failure import TrainingError, export_space
+from trainer.resilience.failure import export_space
 from trainer.resilience.ledger import SampleLedger
 from trainer.resilience.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from trainer.resilience.recovery import Recovery, SegmentLog
 from trainer.resilience.watchdog import StepWatchdog
 from trainer.run_dir import RunDir
 from trainer.stages import stage_class
+from trainer.step import OptimizerStep, StepResult, micro_batch_groups
 from trainer.zero import gathered_parameters
 
 log = logging.getLogger(__name__)
-
-TAG_DROP_PATH = 22
 
 
 @dataclass
@@ -80,29 +78,6 @@ class LoopState:
         return {"first_loss": self.first_loss, "train_time_s": self.train_time_s + segment_s, "restarts": self.restarts}
 
 
-@dataclass
-class StepResult:
-    """What one optimizer step produced. ``loss_sum``/``loss_count`` (finite micro-batch losses of this rank)
-    stay on the device; ``grad_norm`` is whatever DeepSpeed holds (read at log time)."""
-
-    loss_sum: torch.Tensor
-    loss_count: torch.Tensor
-    grad_norm: Any
-    skipped: bool
-
-
-def micro_batch_groups(loader: Loader, accum: int, device: torch.device) -> Generator[list[Batch], None, None]:
-    """Endless micro-batches of one step each; epochs advance as the loader finishes them. A partial group at the
-    end of an epoch is dropped (every rank has the same batch count, so all drop it)."""
-    while True:
-        group: list[Batch] = []
-        for batch in loader:
-            group.append(batch.to(device))
-            if len(group) == accum:
-                yield group
-                group = []
-
-
 class Trainer:
     """Trains (or resumes) one stage in a run directory; :meth:`run` returns the process's exit code."""
 
@@ -112,18 +87,7 @@ class Trainer:
         self.env = env = init_distributed()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.stage = stage_class(cfg.stage)(cfg, env, run_dir)  # type: ignore[call-arg]
-        self.accum = cfg.deepspeed.grad_accum
-        self.steps_per_epoch = len(self.stage.loader) // self.accum
-        if self.steps_per_epoch == 0:
-            raise TrainingError(
-                f"{len(self.stage.loader)} batches per epoch cannot fill one step of deepspeed.grad_accum="
-                f"{self.accum}: lower data.batch_size or deepspeed.grad_accum"
-            )
-        self.total = cfg.total_steps(self.steps_per_epoch)
-        self.warmup = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
-        self.global_batch = cfg.global_batch(env.world_size)
-        self.peak_lr = cfg.lr(env.world_size)
-
+        self.schedule = schedule = Schedule.of(cfg, len(self.stage.loader), env.world_size)
         self.recovery = Recovery(cfg.schedule, cfg.tracking.log_every, env, run_dir)
         self.checkpointer = Checkpointer(
             self.paths.checkpoints, cfg.checkpoint, env, self.recovery.targets(), cfg.cluster.signal_delay_s
@@ -132,18 +96,17 @@ class Trainer:
         self.segments = SegmentLog(run_dir)
         if env.is_main:
             self.segments.start(self.resume_from.tag if self.resume_from else None)
-        self.universal = self.resume_from is not None and self.checkpointer.needs_universal(self.resume_from)
-        if self.universal and self.resume_from is not None:
-            self.checkpointer.prepare_universal(self.resume_from, timeout_s=cfg.watchdog.phase_timeout_s)
+        self.universal = self.checkpointer.prepare_universal(self.resume_from, cfg.watchdog.phase_timeout_s)
         ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.data.batch_size, env.world_size)
         if self.universal:
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine = initialize(self.stage.model, self.stage.optimizer(), ds_config)
+        self.optimizer_step = OptimizerStep(cfg, env, self.stage, self.engine)
 
         self.step = 0
         self.loop_state = LoopState(restarts=self.segments.restarts() if env.is_main else 0)
         self.tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, enabled=env.is_main)
-        self.logger = MetricsLogger(run_dir, self.tracker, self.total, enabled=env.is_main)
+        self.logger = MetricsLogger(run_dir, self.tracker, schedule.total, enabled=env.is_main)
         self.watchdog = StepWatchdog(cfg.watchdog, run_dir, env.rank)
         self.profiler = StepProfiler(cfg.tracking.profile_steps, run_dir, env, self.tracker, self.watchdog)
         self.system_metrics: SystemMetrics | None = None
@@ -170,10 +133,11 @@ class Trainer:
             self.interval.totals.copy_(torch.tensor(state["interval"], dtype=torch.float64))
         if self.recovery.continue_rollback(self.resume_from, self.stage.loader):
             self.interval.totals.zero_()  # a rollback follows a log point: its interval is empty
-        if int(state.get("global_batch", self.global_batch)) != self.global_batch and self.env.is_main:
+        global_batch = self.schedule.global_batch
+        if int(state.get("global_batch", global_batch)) != global_batch and self.env.is_main:
             log.warning(
                 "global batch changed from %d to %d on resume: the lr is rescaled and steps per epoch change",
-                int(state["global_batch"]), self.global_batch,
+                int(state["global_batch"]), global_batch,
             )  # fmt: skip
         if self.env.is_main:
             log.info("resumed from %s at step %d (epoch %d)", self.resume_from.path, self.step, self.stage.loader.epoch)
@@ -198,19 +162,15 @@ class Trainer:
             status = "FINISHED" if code == 0 else "KILLED"
             return code
         finally:
-            try:
-                if self.system_metrics is not None:  # its last samples go in before the run ends
-                    self.system_metrics.close()
-                self.tracker.finish(status)
-            except Exception as err:  # a failed run's tracking (a full disk, a lost server) must not mask its cause
-                if status != "FAILED":
-                    raise
-                log.error("could not close the MLflow run: %s: %s", type(err).__name__, err)
+            if self.system_metrics is not None:  # its last samples go in before the run ends
+                self.system_metrics.close()
+            self.tracker.finish(status)
             self.close(failed=status == "FAILED")
 
     def train(self) -> int:
         """The loop: steps until the total, then the export; a preemption saves and returns the requeue code."""
-        if self.step >= self.total and self.paths.complete():
+        schedule = self.schedule
+        if self.step >= schedule.total and self.paths.complete():
             if self.env.is_main:
                 log.info("run already complete (%d steps); exports are in %s", self.step, self.paths.export)
             return 0
@@ -219,32 +179,34 @@ class Trainer:
         if cfg.tracking.sample_ledger:
             self.ledger = SampleLedger(self.paths.ledger, env, self.step)
         peak = device_peak_flops(env.device, cfg.deepspeed.precision)
-        meter = Meter(self.global_batch, env.world_size, self.total, self.stage.flops, peak)
-        self.batches = micro_batch_groups(self.stage.loader, self.accum, env.device)
+        meter = Meter(schedule.global_batch, env.world_size, schedule.total, self.stage.flops, peak)
+        self.batches = micro_batch_groups(self.stage.loader, schedule.accum, env.device)
         params = sum(p.numel() for p in self.stage.model.parameters())
         self.checkpointer.check_estimated_window(params, cfg.deepspeed.precision, cfg.deepspeed.zero_stage)
         if self.eval_pending and self._evaluate_or_stop(meter):  # the one a preemption stopped
             return REQUEUE_EXIT_CODE
-        while self.step < self.total:
+        while self.step < schedule.total:
             with self.profiler.step(self.step + 1):
                 t0 = time.perf_counter()
                 group = next(self.batches)
                 meter.add(data_s=time.perf_counter() - t0)
-                lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, cfg.optim.min_lr)
-                result = self.train_step(group, lr)
+                lr = schedule.lr(self.step)
+                result = self.optimizer_step(group, self.step, lr)
                 self._after_step(group, result)
             meter.exclude(self.profiler.written_seconds())
-            if self.step % cfg.tracking.log_every == 0 or self.step == self.total or self.recovery.pending is not None:
+            if (
+                self.step % cfg.tracking.log_every == 0
+                or self.step == schedule.total
+                or self.recovery.pending is not None
+            ):
                 self._log(group[0].epoch, lr, meter)
             if self.recovery.pending is not None:
                 self._roll_back()
                 continue
-            epoch_end = cfg.eval.each_epoch and self.step % self.steps_per_epoch == 0
-            eval_due = self.step % cfg.eval.every_steps == 0 or self.step == self.total or epoch_end
-            if eval_due and self._evaluate_or_stop(meter):
+            if evaluation_due(cfg.eval, self.step, schedule) and self._evaluate_or_stop(meter):
                 return REQUEUE_EXIT_CODE
             stop, requested = self.preemption.poll(env.device, save_due=self.checkpointer.clock_due())
-            if self.checkpointer.due(self.step, self.total, requested=stop or requested):
+            if self.checkpointer.due(self.step, schedule.total, requested=stop or requested):
                 self.save()
             if stop:
                 self._finish_uploads(at_preemption=True)
@@ -252,42 +214,6 @@ class Trainer:
         self.export()
         self._finish_uploads(at_preemption=False)
         return 0
-
-    def train_step(self, group: list[Batch], lr: float) -> StepResult:
-        """One optimizer step over ``grad_accum`` micro-batches, without waiting for the device.
-
-        A non-finite loss multiplies this rank's loss by NaN, so its gradients are NaN; DeepSpeed's gradient
-        all-reduce carries the NaN to every rank, and every rank skips the update (DeepSpeed's overflow check)
-        without a collective of ours. Drop path draws come from (seed, step, rank, micro-batch), so a resumed run
-        draws what the uninterrupted one drew. Host reads that remain, once per optimizer step: DeepSpeed's own
-        overflow check and gradient norm inside ``engine.step()``, and under ZeRO-0 our finiteness check of the
-        gradients (ZeRO-0 runs the client optimizer, which would apply NaN gradients).
-        """
-        cfg, env, engine = self.cfg, self.env, self.engine
-        set_lr(engine.optimizer, lr)
-        skipped_before = engine.skipped_steps
-        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-        loss_count = torch.zeros((), dtype=torch.float64, device=env.device)
-        dropped, grad_norm = False, None
-        for micro, batch in enumerate(group):
-            torch.manual_seed(derive_seed(cfg.seed, TAG_DROP_PATH, self.step, env.rank, micro))
-            with autocast(cfg.deepspeed.precision, env.device):
-                loss = self.stage.loss(engine, batch, self.step, micro)
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach().double(), 0.0)
-            loss_count += finite.double()
-            engine.backward(loss * torch.where(finite, 1.0, float("nan")))
-            if micro == len(group) - 1 and cfg.deepspeed.zero_stage == 0:
-                grad_norm = zero0_grad_norm(engine.module, env.device)
-                if not bool(grad_norm.isfinite()):  # sync: ZeRO-0 only, see above
-                    dropped = True  # AdamW skips parameters without gradients
-                    for param in engine.module.parameters():
-                        param.grad = None
-            engine.step()
-        skipped = dropped or engine.skipped_steps > skipped_before
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
-        return StepResult(loss_sum, loss_count, grad_norm, skipped)
 
     def _after_step(self, group: list[Batch], result: StepResult) -> None:
         self.step += 1
@@ -308,7 +234,6 @@ class Trainer:
         sources = loader.source_names
         self.last_loss, served = interval.mean_loss(loader.source_samples if sources else ())
         perf = meter.flush(self.step, self.env.device)
-        progress = epoch + ((self.step - 1) % self.steps_per_epoch + 1) / self.steps_per_epoch  # 1.0 ends epoch 0
         scalars = {
             "loss": self.last_loss,
             "lr": lr,
@@ -317,7 +242,7 @@ class Trainer:
         }
         # samples served per mixture source since the run began, all ranks
         scalars.update({f"samples_{name}": float(n) for name, n in zip(sources, served, strict=True)})
-        self.logger.train(self.step, progress, scalars, perf)
+        self.logger.train(self.step, self.schedule.progress(epoch, self.step), scalars, perf)
         self.recovery.after_log(self.step, self.last_loss)
 
     def _evaluate_or_stop(self, meter: Meter) -> bool:
@@ -351,7 +276,7 @@ class Trainer:
             "loader": self.stage.loader.state_dict(),
             "stage": self.stage.state_dict(),
             **self.recovery.state_dict(),
-            "global_batch": self.global_batch,
+            "global_batch": self.schedule.global_batch,
             "loop": self.loop_state.to_dict(time.perf_counter() - self.started),
             "eval_pending": self.eval_pending,
             "interval": self.interval.totals.tolist(),  # sync: at saves only
@@ -364,11 +289,7 @@ class Trainer:
     def _finish_uploads(self, at_preemption: bool) -> None:
         """Let the mirror upload finish (at a preemption, within the warning window); a mirror left behind is
         tagged."""
-        left = None
-        if at_preemption:  # a rank without the signal itself counts from now: the whole window
-            window = self.cfg.cluster.signal_delay_s
-            left = self.preemption.seconds_left(window)
-            left = window if left is None else left
+        left = self.preemption.seconds_left(self.cfg.cluster.signal_delay_s) if at_preemption else None
         with self.watchdog.phase("mirror upload"):
             missing = self.checkpointer.finish_uploads(left, self.cfg.watchdog.phase_timeout_s)
         if missing is not None:
@@ -380,16 +301,14 @@ class Trainer:
         assert self.batches is not None
         self.batches.close()  # stops the loader's workers before its position changes
         record = self.recovery.roll_back(self.checkpointer, self.stage.loader, self._load)
-        self.batches = micro_batch_groups(self.stage.loader, self.accum, self.env.device)
+        self.batches = micro_batch_groups(self.stage.loader, self.schedule.accum, self.env.device)
         if record is None:
             return
         if self.ledger is not None:
             self.ledger.rewind(record.restored_step)
         if self.env.is_main:
-            made = self.recovery.rollbacks.count()
-            self.tracker.log_metrics({"rollbacks": float(made)}, record.detected_at_step)
-            self.tracker.set_tag("rollbacks", str(made))
-            self.tracker.log_artifact(self.recovery.rollbacks.path, "rollbacks")
+            rollbacks = self.recovery.rollbacks
+            self.tracker.log_rollback(rollbacks.count(), rollbacks.path, record.detected_at_step)
 
     def export(self) -> None:
         """The stage's weights and ``metrics.json`` (the run's summary) for the next stage: rank 0 writes them with
@@ -414,8 +333,8 @@ class Trainer:
                 self.stage.export(out, summary)
         barrier()
         if self.env.is_main:
-            self.tracker.log_artifact(self.paths.export_weights, "export")
-            self.tracker.log_artifact(self.paths.export_metrics, "export")
+            for path in (self.paths.export_weights, self.paths.export_metrics):
+                self.tracker.log_artifact(path, "export")
             log.info("done: %d steps, weights and metrics in %s", self.step, out)
 
     def close(self, failed: bool) -> None:
@@ -441,12 +360,9 @@ class Trainer:
             self.system_metrics = SystemMetrics(cfg.tracking.system_metrics_interval_s, env, self.tracker, hosts)
         if not env.is_main:
             return
-        log.info(
-            "%s | %s | world %d | global batch %d (%d x %d accum x %d ranks) | lr %.3g | %d steps/epoch | %d steps",
-            cfg.stage, self.stage.describe(), env.world_size, self.global_batch, cfg.data.batch_size, self.accum,
-            env.world_size, self.peak_lr, self.steps_per_epoch, self.total,
-        )  # fmt: skip
-        self.profiler.check_range(self.step, self.total)
+        schedule = self.schedule.describe(cfg.data.batch_size, env.world_size)
+        log.info("%s | %s | %s", cfg.stage, self.stage.describe(), schedule)
+        self.profiler.check_range(self.step, self.schedule.total)
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> int:

@@ -28,7 +28,7 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
     from trainer.engine import deepspeed_config, initialize
     from trainer.optim import build_optimizer
     from trainer.stages.pretrain import PretrainStage
-    from trainer.trainer import Trainer
+    from trainer.step import OptimizerStep
 
     env = init_distributed()
     cfg = load_config("demo_fcmae", [*TINY, f"deepspeed.zero_stage={stage}", "data.batch_size=2"])
@@ -49,15 +49,13 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
         model = FCMAE("atto", decoder_dim=64)
         optimizer = build_optimizer(model, cfg.optim)
         engine = initialize(model, optimizer, deepspeed_config(cfg.deepspeed, cfg.optim, 2, 2))
-        trainer = Trainer.__new__(Trainer)  # only its train_step: the engine and stage are made here
-        trainer.cfg, trainer.env, trainer.engine, trainer.stage = cfg, env, engine, stage_
+        optimizer_step = OptimizerStep(cfg, env, stage_, engine)
         skipped = []
         for step, images in enumerate(batches):
             if images is None:
                 continue
             batch = Batch(images, torch.zeros(2), [f"k{rank}{step}", f"k{rank}{step}b"], 0, [0, 0])
-            trainer.step = step
-            skipped.append(trainer.train_step([batch], 1e-3).skipped)
+            skipped.append(optimizer_step([batch], step, 1e-3).skipped)
         weights = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         engine.destroy()
         return skipped, weights

@@ -2,8 +2,9 @@
 
 A host read (``.item()``, ``bool(t)``, ``.tolist()``, ``.nonzero()``, ``float(t)``...) makes the CPU wait for the
 GPU to finish everything queued. On a CPU machine nothing waits, so the test counts the reads themselves: every
-call of those methods made directly from this project's code (``trainer/``, ``models/``, ``data/``) during
-:meth:`Trainer.train_step`. DeepSpeed's own reads inside ``engine.step()`` (its overflow check) are DeepSpeed's.
+call of those methods made directly from this project's code (``trainer/``, ``models/``, ``data/``) during a
+:class:`trainer.step.OptimizerStep`. DeepSpeed's own reads inside ``engine.step()`` (its overflow check) are
+DeepSpeed's.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _rank_main(rank: int, port: int, run_dir: str, zero_stage: int, out: str) ->
     os.environ["DS_ACCELERATOR"] = "cpu"
     from tests.support.launch import TINY
     from trainer.config import load_config
-    from trainer.trainer import Trainer, micro_batch_groups
+    from trainer.step import micro_batch_groups
+    from trainer.trainer import Trainer
 
     overrides = [*TINY, f"deepspeed.zero_stage={zero_stage}", "deepspeed.grad_accum=2", "data.batch_size=4"]
     cfg = load_config("demo_fcmae", [*overrides, "deepspeed.precision=bf16"])
@@ -65,9 +67,8 @@ def _rank_main(rank: int, port: int, run_dir: str, zero_stage: int, out: str) ->
     reads = []
     for step in range(3):
         group = next(groups)
-        trainer.step = step
         with count_host_reads() as counts:
-            trainer.train_step(group, 1e-4)
+            trainer.optimizer_step(group, step, 1e-4)
         reads.append(dict(counts))
     # The instrument works: the encoder without the visible count reads the mask to find it.
     images = group[0].images
@@ -92,6 +93,6 @@ def test_train_step_makes_no_host_read(zero_stage: int, tmp_path: Path) -> None:
         if zero_stage == 0:
             # ZeRO-0 runs the client optimizer: one documented read per optimizer step decides the skip.
             assert list(reads) == [next(iter(reads))] and sum(reads.values()) == 1, (step, reads)
-            assert "trainer/trainer.py" in next(iter(reads)), reads
+            assert "trainer/step.py" in next(iter(reads)), reads
         else:
             assert reads == {}, f"step {step}: host reads in the step: {reads}"

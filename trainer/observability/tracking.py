@@ -186,7 +186,20 @@ class Tracker:
         if self.enabled and self.run_id is not None:
             self._client.set_tag(self.run_id, key, value)
 
+    def log_rollback(self, count: int, log_path: Path, step: int) -> None:
+        """The run's ``count``-th rollback, detected at ``step``: a metric, a tag and the rollback log."""
+        self.log_metrics({"rollbacks": float(count)}, step)
+        self.set_tag("rollbacks", str(count))
+        self.log_artifact(log_path, "rollbacks")
+
     def finish(self, status: str = "FINISHED") -> None:
-        """Close the run: FINISHED, FAILED, or KILLED (preempted: it continues after the requeue)."""
-        if self.enabled and self.run_id is not None:
+        """Close the run: FINISHED, FAILED, or KILLED (preempted: it continues after the requeue). Closing a failed
+        run can fail too (a full disk, a lost server): that is logged, not raised, so it never masks the cause."""
+        if not self.enabled or self.run_id is None:
+            return
+        try:
             self._client.set_terminated(self.run_id, status=status)
+        except Exception as err:
+            if status != "FAILED":
+                raise
+            log.error("could not close the MLflow run: %s: %s", type(err).__name__, err)

@@ -458,21 +458,20 @@ class Checkpointer:
         # from (seed, step, rank) anyway, so nothing is lost.
         return state
 
-    def needs_universal(self, info: CheckpointInfo) -> bool:
-        """Whether ``info`` must be converted to load on this world size. ZeRO-0 keeps whole weights and optimizer
-        state in one file, which loads on any world size as it is."""
-        return info.world_size != self.env.world_size and info.zero_stage != 0
-
-    def prepare_universal(self, info: CheckpointInfo, timeout_s: float) -> None:
-        """Convert a checkpoint written by another world size to DeepSpeed's universal format, once.
+    def prepare_universal(self, info: CheckpointInfo | None, timeout_s: float) -> bool:
+        """Whether ``info`` loads from DeepSpeed's universal format on this world size, converting it first (once)
+        when it does: a checkpoint of another world size, unless written under ZeRO-0, which keeps whole weights
+        and optimizer state in one file that loads on any world size as it is.
 
         Rank 0 converts into a temporary directory, marks it complete and renames it into place, so a retry reuses
         a finished conversion and never sees half of one. The other ranks wait for the marker on the file system,
         not in a collective, so a long conversion cannot run out the process group's timeout.
         """
+        if info is None or info.world_size == self.env.world_size or info.zero_stage == 0:
+            return False
         out = self.root / (info.tag + UNIVERSAL_SUFFIX)
         if (out / MARKER).exists():
-            return
+            return True
         if self.env.is_main:
             log.warning(
                 "checkpoint %s was written by %d ranks, this job has %d: converting it to a universal checkpoint",
@@ -493,7 +492,7 @@ class Checkpointer:
             atomic_write_text(tmp / MARKER, json.dumps({"step": info.step, "world_size": info.world_size}))
             os.replace(tmp, out)
             log.info("universal checkpoint %s written in %.1fs", out, time.perf_counter() - started)
-            return
+            return True
         deadline = time.monotonic() + timeout_s
         while not (out / MARKER).exists():
             if time.monotonic() > deadline:
@@ -502,6 +501,7 @@ class Checkpointer:
                     "(watchdog.phase_timeout_s); see rank 0's log"
                 )
             time.sleep(1.0)
+        return True
 
     # -- mirror ----------------------------------------------------------------------------------------------
     def _fetch_from_mirror(self) -> CheckpointInfo | None:

@@ -89,8 +89,9 @@ class PreemptionHandler:
             log.warning("received %s: saving a checkpoint and exiting for requeue", why)
         return stop, due
 
-    def seconds_left(self, window_s: float) -> float | None:
-        """Seconds left of a ``window_s`` warning window since the signal (None without a signal on this rank)."""
+    def seconds_left(self, window_s: float) -> float:
+        """Seconds left of a ``window_s`` warning window since the signal; the whole window on a rank that received
+        none (another rank's signal stopped it: it counts from now)."""
         if self.received_at is None:
-            return None
+            return window_s
         return window_s - (time.monotonic() - self.received_at)
