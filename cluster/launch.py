@@ -223,7 +223,7 @@ def _launch(args: argparse.Namespace, configs: list[tuple[TrainConfig, Path]], l
     walls: list[float] = []
     for (cfg, run_dir), lock in zip(configs, locks, strict=True):
         started = time.perf_counter()
-        code = run_local(run_dir, local_world_size(cfg), lock)
+        code = run_local(run_dir, local_world_size(cfg), _local_device(cfg), lock)
         walls.append(time.perf_counter() - started)
         if code != 0:
             return code

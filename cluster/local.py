@@ -12,20 +12,17 @@ import time
 from pathlib import Path
 from types import FrameType
 
-import torch
-
-from trainer.distributed import free_port
-from trainer.resilience.checkpoint import LATEST
+from trainer.rendezvous import free_port
 from trainer.resilience.failure import failures_since, root_cause
 from trainer.resilience.preemption import LAUNCHER_PID_ENV, REQUEUE_EXIT_CODE
 from trainer.resilience.run_lock import RunLock
-from trainer.run_dir import RunDir
+from trainer.run_dir import LATEST, RunDir
 
 log = logging.getLogger(__name__)
 
 
-def rank_env(rank: int, world_size: int, port: int, threads: int) -> dict[str, str]:
-    """Environment of one local rank."""
+def rank_env(rank: int, world_size: int, port: int, threads: int, device: str) -> dict[str, str]:
+    """Environment of one local rank on ``device`` (``cpu`` or ``cuda``)."""
     env = dict(os.environ)
     env.update(
         RANK=str(rank),
@@ -37,7 +34,7 @@ def rank_env(rank: int, world_size: int, port: int, threads: int) -> dict[str, s
         OMP_NUM_THREADS=str(threads),
     )
     env[LAUNCHER_PID_ENV] = str(os.getpid())  # the rank stops when this process dies
-    if not torch.cuda.is_available():
+    if device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed compiles a communication op on first use; keep it next to the project, not in $HOME.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "torch_extensions"))
@@ -49,8 +46,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 128 + the signal's number. A second one kills the ranks at once."""
 
 
-def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace_s: float = 30.0) -> int:
-    """Start ``world_size`` worker processes for ``run_dir`` and wait for them.
+def run_local(run_dir: Path, world_size: int, device: str, lock: RunLock | None = None, grace_s: float = 30.0) -> int:
+    """Start ``world_size`` worker processes for ``run_dir`` on ``device`` (``cpu`` or ``cuda``) and wait for them.
 
     SIGUSR2 (a preemption) is forwarded to every rank, which saves and exits through the preemption protocol; the
     launcher returns :data:`REQUEUE_EXIT_CODE`. SIGINT, SIGTERM and SIGHUP (Ctrl-C, ``kill``, a closed terminal)
@@ -95,7 +92,7 @@ def run_local(run_dir: Path, world_size: int, lock: RunLock | None = None, grace
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "trainer.worker", str(run_dir)],
-                    env=rank_env(rank, world_size, port, threads),
+                    env=rank_env(rank, world_size, port, threads, device),
                     start_new_session=True,  # its own process group: the rank and its dataloader workers end together
                 )
             )

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from trainer.config import TrainConfig
-from trainer.observability.metrics import format_duration
+from trainer.observability.logger import format_duration
 from trainer.run_dir import RunDir
 
 

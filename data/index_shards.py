@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from braceexpand import braceexpand
-from webdataset.tariterators import base_plus_ext
 
 from data.manifest import (
     MANIFEST_NAME,
@@ -69,6 +68,8 @@ def index_shard(
     url: str, *, sha256: bool = False, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[ShardInfo, list[str]]:
     """One shard's manifest entry (name = its URL) and the extensions its samples use, from the tar headers."""
+    from webdataset.tariterators import base_plus_ext  # here: webdataset's package imports torch, the launcher not
+
     fs, path = url_to_fs(url, storage_options)
     num_bytes = int(fs.size(path))
     keys = 0

@@ -7,6 +7,7 @@ or from ``storage_options``; neither is ever logged.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import random
@@ -20,8 +21,14 @@ import fsspec
 
 log = logging.getLogger(__name__)
 
-# The package re-exports a function named ``gopen`` that shadows the module attribute; get the module itself.
-_wds_gopen = importlib.import_module("webdataset.gopen")
+
+@functools.cache
+def _wds_gopen() -> Any:
+    """webdataset's ``gopen`` module, imported on first use: the package imports torch, which the launcher (it
+    reads manifests through this module) does without. The package re-exports a function named ``gopen`` that
+    shadows the module attribute, so the module is imported by name."""
+    return importlib.import_module("webdataset.gopen")
+
 
 T = TypeVar("T")
 
@@ -174,15 +181,15 @@ def register_fsspec_schemes(protocols: list[str] | None = None) -> None:
     names = protocols if protocols is not None else list(fsspec.available_protocols())
     for name in names:
         if name not in _NOT_REGISTERED:
-            _wds_gopen.gopen_schemes[name] = _gopen_fsspec
+            _wds_gopen().gopen_schemes[name] = _gopen_fsspec
 
 
 def gopen(url: str, mode: str = "rb", storage_options: Mapping[str, Any] | None = None) -> IO[bytes]:
     """Open ``url`` with webdataset's gopen after making sure fsspec schemes are registered in this process."""
     scheme = urlparse(url).scheme
-    if scheme not in _NOT_REGISTERED and _wds_gopen.gopen_schemes.get(scheme) is not _gopen_fsspec:
+    if scheme not in _NOT_REGISTERED and _wds_gopen().gopen_schemes.get(scheme) is not _gopen_fsspec:
         # Also covers protocols registered with fsspec after start-up (not in available_protocols()).
         register_fsspec_schemes([*fsspec.available_protocols(), scheme])
     if scheme in ("", "file"):
-        return _wds_gopen.gopen(url, mode)
-    return _wds_gopen.gopen(url, mode, storage_options=storage_options)
+        return _wds_gopen().gopen(url, mode)
+    return _wds_gopen().gopen(url, mode, storage_options=storage_options)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from trainer.rendezvous import free_port
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,6 @@ def _env_int(*names: str, default: int) -> int:
         if name in os.environ:
             return int(os.environ[name])
     return default
-
-
-def free_port() -> int:
-    """An unused TCP port on this host."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 NCCL_FAIL_FAST = {

@@ -12,10 +12,10 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -34,6 +34,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """An fp32 CPU copy of ``state`` as safetensors at ``path``."""
+    from safetensors.torch import save_file  # here: the launcher writes state files without importing torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

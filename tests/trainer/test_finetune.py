@@ -23,8 +23,9 @@ from models.convnextv2 import build
 from models.fcmae import FCMAE
 from tests.support.launch import launch, logged_steps
 from trainer.config import load_config
-from trainer.distributed import DistEnv, free_port
+from trainer.distributed import DistEnv
 from trainer.optim import lr_scales, param_groups
+from trainer.rendezvous import free_port
 from trainer.stages.finetune import FinetuneStage, eval_counts, init_head
 from trainer.stages.pretrained import PretrainedWeightsError, load_pretrained
 

@@ -78,7 +78,7 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
 def test_nan_on_one_rank_skips_the_step_on_all(stage: int, tmp_path: Path) -> None:
-    from trainer.distributed import free_port
+    from trainer.rendezvous import free_port
 
     mp.spawn(_rank_main, args=(free_port(), stage, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):

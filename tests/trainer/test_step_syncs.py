@@ -83,7 +83,7 @@ def _rank_main(rank: int, port: int, run_dir: str, zero_stage: int, out: str) ->
 
 @pytest.mark.parametrize("zero_stage", [1, 0])
 def test_train_step_makes_no_host_read(zero_stage: int, tmp_path: Path) -> None:
-    from trainer.distributed import free_port
+    from trainer.rendezvous import free_port
 
     out = tmp_path / "reads.json"
     mp.spawn(_rank_main, args=(free_port(), str(tmp_path / "run"), zero_stage, str(out)), nprocs=1, join=True)

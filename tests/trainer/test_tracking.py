@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.launch import launch
-from trainer.distributed import free_port
 from trainer.observability.tracking import flatten, redact
+from trainer.rendezvous import free_port
 
 
 class ServerUrl(str):

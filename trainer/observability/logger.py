@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainer.observability.metrics import console_line
 from trainer.observability.tracking import Tracker
 from trainer.run_dir import RunDir
 
@@ -54,3 +53,40 @@ class MetricsLogger:
         self.tracker.log_metrics({**metrics, "eval_s": seconds}, step)
         for folder, path in artifacts:
             self.tracker.log_artifact(path, folder)
+
+
+def console_line(step: int, total: int, epoch: float, scalars: dict[str, float], perf: dict[str, float]) -> str:
+    """One compact progress line for rank 0."""
+    parts = [
+        f"step {step:>6d}/{total}",
+        f"ep {epoch:6.2f}",
+        f"loss {scalars['loss']:.4f}",
+        f"lr {scalars['lr']:.2e}",
+        f"gnorm {scalars.get('grad_norm', float('nan')):.3f}",
+        f"{perf['images_per_s']:.0f} img/s ({perf['images_per_s_per_device']:.0f}/dev)",
+        f"data {perf['data_wait_pct']:.0f}%",
+        f"{perf['step_time_s'] * 1e3:.0f} ms/step",
+        f"mem {perf['peak_mem_gb']:.1f}G",
+    ]
+    if "mfu_pct" in perf:
+        parts.append(f"MFU {perf['mfu_pct']:.1f}% (dense-eq {perf['mfu_dense_equiv_pct']:.1f}%)")
+    elif "tflops_per_device" in perf:
+        parts.append(f"{perf['tflops_per_device']:.2f} TFLOP/s/dev")
+    if scalars.get("skipped_steps"):
+        parts.append(f"skipped {int(scalars['skipped_steps'])}")
+    served = {k.removeprefix("samples_"): v for k, v in scalars.items() if k.startswith("samples_")}
+    if served:  # a mixture of sources: each one's share of the samples served so far
+        all_served = sum(served.values()) or 1.0
+        parts.append("mix " + " ".join(f"{name} {100 * n / all_served:.0f}%" for name, n in served.items()))
+    parts.append(f"eta {format_duration(perf['eta_s'])}")
+    return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """``3h04m``, ``12m30s`` or ``45s``."""
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -15,10 +15,10 @@ import os
 import signal
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-
-from trainer.distributed import any_ranks
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class PreemptionHandler:
 
     def poll(self, device: torch.device, save_due: bool = False) -> tuple[bool, bool]:
         """Collective, one all-reduce: (any rank received a signal, any rank says a time-based save is due)."""
+        from trainer.distributed import any_ranks  # torch: the launcher reads this module's names without it
+
         stop, due = any_ranks([self.received is not None, save_due], device)
         if stop and self.received is not None:
             launcher = os.environ.get(LAUNCHER_PID_ENV)
