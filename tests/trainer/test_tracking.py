@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.launch import launch
-from trainer.observability.tracking import flatten, redact
+from trainer.observability.tracking import flatten, redact, seed_sqlite_store
 from trainer.rendezvous import free_port
 
 
@@ -145,3 +147,40 @@ def test_secrets_are_redacted_from_params() -> None:
     params = flatten({"data": {"train_url": "s3://key:secret@bucket/x"}, "aws_secret_access_key": "abc", "n": 3})
     assert params == {"data.train_url": "s3://***@bucket/x", "aws_secret_access_key": "***", "n": "3"}
     assert redact("optim.base_lr", "0.1") == "0.1"
+
+
+def _store_contents(db: Path) -> tuple[list[tuple[str, str]], list[tuple[str, ...]], list[tuple[str, ...]]]:
+    with sqlite3.connect(db) as con:
+        schema = con.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name").fetchall()
+        version = con.execute("SELECT * FROM alembic_version").fetchall()
+        experiments = con.execute("SELECT experiment_id, name, lifecycle_stage FROM experiments").fetchall()
+    return schema, version, experiments
+
+
+def test_a_new_store_starts_as_the_store_mlflow_makes_itself(tmp_path: Path) -> None:
+    """A run's new sqlite store is a copy of an empty store of this MLflow version, made once: the same tables,
+    indexes, schema version and default experiment as the store MLflow makes by migrating. Control: a store one
+    index short is told apart by the same comparison."""
+    from mlflow.tracking import MlflowClient
+
+    templates = tmp_path / "templates"
+    seed_sqlite_store(tmp_path / "seeded.db", templates)
+    seed_sqlite_store(tmp_path / "again.db", templates)  # from the template made by the first
+    assert len(list(templates.glob("empty-*.db"))) == 1 and not list(templates.glob(".*"))
+    own = tmp_path / "own.db"
+    MlflowClient(tracking_uri=f"sqlite:///{own}").search_experiments()
+    assert _store_contents(tmp_path / "seeded.db") == _store_contents(own) == _store_contents(tmp_path / "again.db")
+    assert _store_contents(own)[2], "MLflow's store holds its default experiment"
+    short = tmp_path / "short.db"
+    shutil.copyfile(own, short)
+    with sqlite3.connect(short) as con:
+        (index,) = con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL LIMIT 1"
+        ).fetchone()
+        con.execute(f"DROP INDEX {index}")
+    assert _store_contents(short) != _store_contents(own)
+    # A directory where no template can be made leaves the store to MLflow (no file, no error).
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the templates directory would go")
+    seed_sqlite_store(tmp_path / "left.db", blocked)
+    assert not (tmp_path / "left.db").exists()

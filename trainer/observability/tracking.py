@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -88,6 +89,33 @@ def job_hosts(world_size: int, ranks_per_node: int) -> int:
     return int(os.environ.get("SLURM_JOB_NUM_NODES", max(1, world_size // max(1, ranks_per_node))))
 
 
+STORE_TEMPLATES = Path(__file__).resolve().parents[2] / ".cache" / "mlflow"
+"""Empty sqlite stores, one per MLflow version, that a run's new store starts from (see :func:`seed_sqlite_store`)."""
+
+
+def seed_sqlite_store(db: Path, templates: Path = STORE_TEMPLATES) -> None:
+    """Start the sqlite store ``db`` (not there yet) as a copy of an empty store of this MLflow version. MLflow makes
+    a new store by running every schema migration since its first (~1 s, more on a busy machine, at each new run);
+    the template is made that way once, in a temporary file renamed into place, so concurrent runs never copy half
+    of one. A template that cannot be made or copied (a read-only checkout) leaves the store to MLflow."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    template = templates / f"empty-{mlflow.__version__}.db"
+    try:
+        if not template.exists():
+            templates.mkdir(parents=True, exist_ok=True)
+            tmp = templates / f".{template.name}.tmp{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # creates the schema
+            os.replace(tmp, template)
+        copy = db.with_name(f".{db.name}.tmp{os.getpid()}")
+        shutil.copyfile(template, copy)
+        os.replace(copy, db)
+    except OSError as err:
+        log.info("MLflow creates the store %s itself (no template: %s)", db, err)
+
+
 class Tracker:
     """Rank 0's MLflow run; a no-op on other ranks or when ``enabled`` is false."""
 
@@ -123,6 +151,9 @@ class Tracker:
             return
         from mlflow.tracking import MlflowClient
 
+        db = Path(self.uri.removeprefix("sqlite:///")) if self.uri.startswith("sqlite:///") else None
+        if db is not None and not db.exists():
+            seed_sqlite_store(db)
         self._client = MlflowClient(tracking_uri=self.uri)
         id_file = RunDir(self.run_dir).mlflow_run_id
         if id_file.exists():
@@ -137,10 +168,7 @@ class Tracker:
             else:
                 # A sqlite store would put artifacts in ./mlruns of whatever directory the job started in:
                 # keep them beside the database instead.
-                location = None
-                if self.uri.startswith("sqlite:///"):
-                    db = Path(self.uri.removeprefix("sqlite:///"))
-                    location = (db.parent / "mlartifacts").resolve().as_uri()
+                location = None if db is None else (db.parent / "mlartifacts").resolve().as_uri()
                 experiment_id = self._client.create_experiment(self._experiment, artifact_location=location)
             self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
             id_file.write_text(self.run_id)
