@@ -9,6 +9,7 @@ layer ``num_layers + 1`` and trains at the full lr, earlier layers ever slower.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from torch import nn
 from models.convnextv2 import no_weight_decay
 from trainer.config import OptimConfig, TrainConfig
 from trainer.resilience.failure import TrainingError
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(
@@ -124,6 +127,14 @@ class Schedule:
     def progress(self, epoch: int, step: int) -> float:
         """Epochs done after ``step`` steps, in ``epoch``: 1.0 ends epoch 0."""
         return epoch + ((step - 1) % self.steps_per_epoch + 1) / self.steps_per_epoch
+
+    def check_resumed(self, saved_global_batch: int) -> None:
+        """Say so when the checkpoint a run resumes from was written with another global batch."""
+        if saved_global_batch != self.global_batch:
+            log.warning(
+                "global batch changed from %d to %d on resume: the lr is rescaled and steps per epoch change",
+                saved_global_batch, self.global_batch,
+            )  # fmt: skip
 
     def describe(self, batch_size: int, world_size: int) -> str:
         """One line of the run's start banner."""

@@ -73,6 +73,11 @@ class LoopState:
             restarts=restarts,
         )
 
+    def after_step(self, result: StepResult) -> None:
+        """Keep the run's first loss (the summary's ``first_loss``): of the first step that was not skipped."""
+        if self.first_loss is None and not result.skipped:
+            self.first_loss = float(result.loss_sum / result.loss_count)  # sync: once per run
+
     def to_dict(self, segment_s: float) -> dict[str, Any]:
         """The state as saved (and reported in ``metrics.json``), with the current segment's time added."""
         return {"first_loss": self.first_loss, "train_time_s": self.train_time_s + segment_s, "restarts": self.restarts}
@@ -106,7 +111,7 @@ class Trainer:
         self.step = 0
         self.loop_state = LoopState(restarts=self.segments.restarts() if env.is_main else 0)
         self.tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, enabled=env.is_main)
-        self.logger = MetricsLogger(run_dir, self.tracker, schedule.total, enabled=env.is_main)
+        self.logger = MetricsLogger(run_dir, self.tracker, schedule.total, cfg.tracking.log_every, env.is_main)
         self.watchdog = StepWatchdog(cfg.watchdog, run_dir, env.rank)
         self.profiler = StepProfiler(cfg.tracking.profile_steps, run_dir, env, self.tracker, self.watchdog)
         self.system_metrics: SystemMetrics | None = None
@@ -133,13 +138,8 @@ class Trainer:
             self.interval.totals.copy_(torch.tensor(state["interval"], dtype=torch.float64))
         if self.recovery.continue_rollback(self.resume_from, self.stage.loader):
             self.interval.totals.zero_()  # a rollback follows a log point: its interval is empty
-        global_batch = self.schedule.global_batch
-        if int(state.get("global_batch", global_batch)) != global_batch and self.env.is_main:
-            log.warning(
-                "global batch changed from %d to %d on resume: the lr is rescaled and steps per epoch change",
-                int(state["global_batch"]), global_batch,
-            )  # fmt: skip
         if self.env.is_main:
+            self.schedule.check_resumed(int(state.get("global_batch", self.schedule.global_batch)))
             log.info("resumed from %s at step %d (epoch %d)", self.resume_from.path, self.step, self.stage.loader.epoch)
 
     def _load(self, info: CheckpointInfo, universal: bool = False) -> dict[str, Any]:
@@ -194,11 +194,7 @@ class Trainer:
                 result = self.optimizer_step(group, self.step, lr)
                 self._after_step(group, result)
             meter.exclude(self.profiler.written_seconds())
-            if (
-                self.step % cfg.tracking.log_every == 0
-                or self.step == schedule.total
-                or self.recovery.pending is not None
-            ):
+            if self.logger.due(self.step) or self.recovery.pending is not None:  # and before a rollback
                 self._log(group[0].epoch, lr, meter)
             if self.recovery.pending is not None:
                 self._roll_back()
@@ -224,9 +220,7 @@ class Trainer:
         faults.at("step", self.step, self.run_dir)
         self.stage.after_step(self.engine, self.step, result.skipped)
         self.recovery.after_step(self.step, keys, result.skipped, self.checkpointer.root)
-        if self.loop_state.first_loss is None and not result.skipped:
-            # sync: once per run, the first step's loss (the summary's "first_loss")
-            self.loop_state.first_loss = float(result.loss_sum / result.loss_count)
+        self.loop_state.after_step(result)
         self.interval.add(result.loss_sum, result.loss_count, result.grad_norm, result.skipped)
 
     def _log(self, epoch: int, lr: float, meter: Meter) -> None:

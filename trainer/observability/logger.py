@@ -22,11 +22,17 @@ log = logging.getLogger(__name__)
 class MetricsLogger:
     """Fans the trainer's metrics out to the console, ``metrics.jsonl`` and the MLflow run of ``tracker``."""
 
-    def __init__(self, run_dir: Path, tracker: Tracker, total_steps: int, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, tracker: Tracker, total_steps: int, every: int, enabled: bool) -> None:
         self.path = RunDir(run_dir).metrics_log
         self.tracker = tracker
         self.total_steps = total_steps
+        self.every = every
         self.enabled = enabled
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` ends a log interval: every ``tracking.log_every`` steps and the last step (on every
+        rank: the interval's mean is a collective)."""
+        return step % self.every == 0 or step == self.total_steps
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
