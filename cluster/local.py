@@ -48,6 +48,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def run_local(run_dir: Path, world_size: int, device: str, lock: RunLock | None = None, grace_s: float = 30.0) -> int:
     """Start ``world_size`` worker processes for ``run_dir`` on ``device`` (``cpu`` or ``cuda``) and wait for them.
+    Each rank runs ``OMP_NUM_THREADS`` threads when that is set (as torchrun), else its share of the cores.
 
     SIGUSR2 (a preemption) is forwarded to every rank, which saves and exits through the preemption protocol; the
     launcher returns :data:`REQUEUE_EXIT_CODE`. SIGINT, SIGTERM and SIGHUP (Ctrl-C, ``kill``, a closed terminal)
@@ -59,7 +60,7 @@ def run_local(run_dir: Path, world_size: int, device: str, lock: RunLock | None 
     that failed first and why (:func:`trainer.resilience.failure.root_cause`).
     """
     port = free_port()
-    threads = max(1, (os.cpu_count() or 1) // world_size)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // world_size)
     started = time.time()
     stopped_by: list[int] = []
 

@@ -11,6 +11,20 @@ import pytest
 from tests.support.env import moto_server
 from tests.support.shards import detection_shards, fmnist_shards_of
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest-xdist worker's share of the cores: its runs' ranks (the launcher honours OMP_NUM_THREADS) and its
+    in-process torch. Two workers whose 1-rank runs each took both cores ran 13x slower (OpenMP threads spinning
+    against each other; bench/RESULTS.md, the test suite)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 REQUIRE_ALL = "TESTS_REQUIRE_ALL"
 
 
