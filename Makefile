@@ -11,7 +11,6 @@ MINKOWSKI := $(VENV)/.minkowski
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
-export OMP_NUM_THREADS ?= 2
 
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_DATA  := runs/data/fashion-mnist-64

@@ -73,8 +73,6 @@ def dataset_size(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[int, st
     synthetic = parse_synthetic_url(spec) if isinstance(spec, str) else None
     if synthetic is not None:
         return synthetic, "synthetic"
-    if not spec:
-        raise ConfigError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
     from data.manifest import data_specs
 
     urls = data_specs(spec)

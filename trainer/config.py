@@ -103,6 +103,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check_sources(self) -> DataConfig:
+        if not self.train_url and isinstance(self.train_url, str):
+            raise ValueError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
         for key, spec in (("train_url", self.train_url), ("val_url", self.val_url)):
             if isinstance(spec, list | dict):
                 if not spec:

@@ -51,8 +51,6 @@ def build_train_loader(
     serves samples without a ``.cls`` label too; ``decode="tensor"`` hands ``transform`` uint8 tensors (torchvision's
     faster decoders, for v2 transforms). Shards without a manifest are read through their index, beside
     them or in the run directory's ``index/`` (the launcher made it)."""
-    if not cfg.data.train_url:
-        raise ValueError("data.train_url is empty: set it to a shard set (path or s3:// URL) or synthetic://N")
     config = loader_config(cfg, env, shuffle=True, remainder="drop", require_labels=require_labels, decode=decode)
     return _build(cfg, run_dir, cfg.data.train_url, config, transform, sample_transform)
 

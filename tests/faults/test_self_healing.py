@@ -84,12 +84,13 @@ def _first_line(log: Path, pattern: str) -> re.Match[str] | None:
 def test_a_signal_during_an_evaluation_saves_and_exits_within_the_window(
     tmp_path: Path, fmnist_shards: str, fmnist_test_shards: str
 ) -> None:
-    """Fine-tuning at 224 px evaluates 1,268 images after step 3. SIGUSR2 during that evaluation: it gives way (all
+    """Fine-tuning at 224 px evaluates 500 images after step 3. SIGUSR2 during that evaluation: it gives way (all
     ranks agree at the next batch), the step's checkpoint is saved and the run exits with 75, in a fraction of the
-    time the whole evaluation takes (measured by the resumed run, which evaluates the step again, completely)."""
+    time the whole evaluation takes (measured by the resumed run, which evaluates the step again, completely; an
+    evaluation that did not give way would take all of it, plus the save)."""
     run_dir = tmp_path / "run"
     cmd = launch_cmd(
-        run_dir, f"data.train_url={fmnist_shards}", f"data.val_url=[{fmnist_shards}, {fmnist_test_shards}]",
+        run_dir, f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}",
         "data.image_size=224", "data.batch_size=8", "schedule.max_steps=3", "eval.every_steps=3",
         "model.num_classes=10", "model.pretrained=null", "data.num_workers=1", ranks=2, config="demo_finetune",
     )  # fmt: skip
@@ -104,8 +105,9 @@ def test_a_signal_during_an_evaluation_saves_and_exits_within_the_window(
     assert run(cmd) == 0  # the resumed run evaluates step 3 completely
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (full,) = [r for r in evals if r["kind"] == "eval" and r["step"] == 3]
-    assert full["val_images"] == 768 + 500
+    assert full["val_images"] == 500
     assert stopped_in < full["eval_s"] / 2 + 3.0, (stopped_in, full["eval_s"])  # 3 s: the save and the exit
+    print(f"stopped in {stopped_in:.1f} s; the whole evaluation takes {full['eval_s']:.1f} s")
 
 
 @pytest.mark.slow

@@ -60,9 +60,11 @@ def ensure_installed() -> None:
     if _which("apt-get") is None:
         raise SlurmUnavailable(f"SLURM tests need {', '.join(missing)}; no apt-get on this machine to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "PATH": f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}"}
+    # Another apt (a machine's own updates, a set-up step) may hold dpkg's lock for a while: wait for it.
+    wait_lock = ["-o", "DPkg::Lock::Timeout=300"]
     for cmd in (
-        ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES],
+        ["apt-get", *wait_lock, "update"],
+        ["apt-get", *wait_lock, "install", "-y", "--no-install-recommends", *APT_PACKAGES],
     ):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:

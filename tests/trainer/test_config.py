@@ -43,6 +43,7 @@ def test_overrides_are_typed_and_merge_into_sections() -> None:
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
         ("data.image_size=100", "data.image_size=100 must be a multiple of 32"),
         ("optim.base_lr", "must look like section.key=value"),
+        ('data.train_url=""', "data.train_url is empty: set it to a shard set"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:
