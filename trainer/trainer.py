@@ -18,6 +18,7 @@ host reads them once per log interval (see :mod:`trainer.step` for the syncs tha
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Generator
@@ -32,7 +33,7 @@ from trainer.config import TrainConfig
 from trainer.distributed import barrier, init_distributed, teardown
 from trainer.engine import deepspeed_config, initialize
 from trainer.evaluation import evaluate, evaluation_due
-from trainer.observability.logger import MetricsLogger
+from trainer.observability.logger import MetricsLogger, result_line
 from trainer.observability.metrics import Interval, Meter, device_peak_flops
 from trainer.observability.profiling import StepProfiler, SystemMetrics
 from trainer.observability.tracking import Tracker, job_hosts
@@ -329,6 +330,7 @@ class Trainer:
         if self.env.is_main:
             for path in (self.paths.export_weights, self.paths.export_metrics):
                 self.tracker.log_artifact(path, "export")
+            self.tracker.describe_result(self.step, result_line(json.loads(self.paths.export_metrics.read_text())))
             log.info("done: %d steps, weights and metrics in %s", self.step, out)
 
     def close(self, failed: bool) -> None:
@@ -348,14 +350,17 @@ class Trainer:
 
     def _start_tracking(self) -> None:
         cfg, env = self.cfg, self.env
-        self.tracker.start_run(cfg, env.world_size)
+        summary = ""  # rank 0's one-line summary of the run: also the MLflow run's description
+        if env.is_main:
+            schedule = self.schedule.describe(cfg.data.batch_size, env.world_size)
+            summary = f"{cfg.stage} | {self.stage.describe()} | {schedule}"
+        self.tracker.start_run(cfg, env.world_size, summary)
         if cfg.tracking.system_metrics:  # every rank: other nodes receive rank 0's run id
             hosts = job_hosts(env.world_size, cfg.cluster.ranks_per_node)
             self.system_metrics = SystemMetrics(cfg.tracking.system_metrics_interval_s, env, self.tracker, hosts)
         if not env.is_main:
             return
-        schedule = self.schedule.describe(cfg.data.batch_size, env.world_size)
-        log.info("%s | %s | %s", cfg.stage, self.stage.describe(), schedule)
+        log.info("%s", summary)
         self.profiler.check_range(self.step, self.schedule.total)
 
 

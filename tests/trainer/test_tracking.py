@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -13,11 +15,21 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.launch import launch
-from trainer.observability.tracking import flatten, redact, seed_sqlite_store
+from trainer.config import load_config
+from trainer.observability.logger import result_line
+from trainer.observability.tracking import (
+    DESCRIPTION_TAG,
+    EXPERIMENT_KIND,
+    Tracker,
+    flatten,
+    redact,
+    seed_sqlite_store,
+)
 from trainer.rendezvous import free_port
 
 
@@ -109,6 +121,18 @@ def test_a_run_reaches_the_tracking_server(
         assert math.isfinite(metrics[name]), name
     assert metrics["images_per_s"] > 0 and 0 <= metrics["data_wait_pct"] <= 100
     assert 0 < metrics["feature_cosine_distance_s4"] <= 2
+    # For people: a training experiment, the run named after its config, described by its summary line and, once
+    # exported, what it reached; its inputs say which data it read.
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+    assert run.info.run_name == "demo_fcmae"
+    description = run.data.tags[DESCRIPTION_TAG]
+    assert description.startswith("pretrain | FCMAE atto (gather, mask 0.6)") and "| world 1 |" in description
+    assert "global batch 4" in description and "| 4 steps" in description
+    assert description.endswith("Reached at step 4: loss " + result_line(_metrics(tmp_path)).removeprefix("loss "))
+    (training,) = run.inputs.dataset_inputs
+    assert training.dataset.name == "synthetic" and training.dataset.source_type == "synthetic"
+    assert {t.key: t.value for t in training.tags} == {"mlflow.data.context": "training"}
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "reconstructions", "export"} <= artifacts
     images = [a.path for a in client.list_artifacts(run_id, "reconstructions")]
@@ -126,6 +150,10 @@ def test_a_run_reaches_the_tracking_server(
     resumed = client.get_run(run_id)
     assert resumed.data.tags["restart_count"] == "1" and resumed.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    again = resumed.data.tags[DESCRIPTION_TAG]  # the same summary line; what it reached is replaced, not added
+    assert again.split("\n\n")[0] == description.split("\n\n")[0] and again.count("Reached") == 1
+    assert again.endswith("Reached at step 6: " + result_line(_metrics(tmp_path)))
+    assert len(resumed.inputs.dataset_inputs) == 1  # inputs are logged once
     _assert_no_secret("the console", "".join(capfd.readouterr()))
 
     # Nothing in the whole MLflow store (database, artifacts, server log) or in the run directory's files, but
@@ -136,6 +164,64 @@ def test_a_run_reaches_the_tracking_server(
         if path.is_file() and path.suffix not in (".pt", ".safetensors"):
             _assert_no_secret(str(path), path.read_bytes().decode("utf-8", "replace"))
     assert "hunter2" in (tmp_path / "config.yaml").read_text()  # the ranks read the real values from the run dir
+
+
+def _metrics(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "export" / "metrics.json").read_text())
+
+
+def test_a_run_records_its_inputs_and_gets_a_free_name(
+    tmp_path: Path, fmnist_shards: str, fmnist_test_shards: str
+) -> None:
+    """Each shard set a fine-tuning run reads (two mixture sources with their weights, the validation set) and its
+    upstream export are the run's MLflow inputs, digested by their manifests and the export's bytes. Control: a
+    copy of a set whose manifest changed gets another digest. A second run of the same config in the experiment is
+    named after its run directory."""
+    from mlflow.tracking import MlflowClient
+
+    upstream = tmp_path / "upstream.safetensors"
+    upstream.write_bytes(b"weights of an upstream export")
+    changed = tmp_path / "changed"
+    shutil.copytree(fmnist_test_shards, changed)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    (changed / "manifest.json").write_text(json.dumps({**manifest, "created_utc": "2026-12-06T00:00:00Z"}))
+    overrides = [f"data.train_url={{{fmnist_shards}: 3.0, {changed}: 1.0}}", f"data.val_url={fmnist_test_shards}",
+                 f"model.pretrained={upstream}"]  # fmt: skip
+    cfg = load_config("demo_finetune", overrides)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(tmp_path / "first", uri, "inputs", enabled=True)
+    (tmp_path / "first").mkdir()
+    tracker.start_run(cfg, 1, "finetune | a summary line")
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+
+    def digest(path: Path | str) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+    found = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
+             for d in run.inputs.dataset_inputs}  # fmt: skip
+    assert sorted(found) == [("changed", "training"), ("test", "validation"), ("train", "training"),
+                             ("upstream-export", "upstream")]  # fmt: skip
+    train, test, copy = found["train", "training"], found["test", "validation"], found["changed", "training"]
+    assert train.digest == digest(Path(fmnist_shards) / "manifest.json")
+    assert json.loads(train.profile) == {"samples": 768, "shards": 6, "classes": 10, "weight": 3.0}
+    assert json.loads(train.source) == {"url": fmnist_shards} and train.source_type == "local"
+    assert test.digest == digest(Path(fmnist_test_shards) / "manifest.json") and "weight" not in test.profile
+    assert copy.digest == digest(changed / "manifest.json") != test.digest  # control: another version
+    assert found["upstream-export", "upstream"].digest == digest(upstream)
+    assert run.info.run_name == "demo_finetune" and run.data.tags[DESCRIPTION_TAG] == "finetune | a summary line"
+    tracker.describe_result(5, "top-1 50.0%")
+    assert client.get_run(tracker.run_id).data.tags[DESCRIPTION_TAG] == (
+        "finetune | a summary line\n\nReached at step 5: top-1 50.0%"
+    )
+    names = []
+    for run_dir in ("second", "demo_finetune", "second"):
+        (tmp_path / run_dir).mkdir(exist_ok=True)
+        (tmp_path / run_dir / "mlflow_run_id").unlink(missing_ok=True)
+        other = Tracker(tmp_path / run_dir, uri, "inputs", enabled=True)
+        other.start_run(cfg, 1, "finetune | a summary line")
+        names.append(client.get_run(other.run_id).info.run_name)
+    assert names == ["demo_finetune-second", "demo_finetune-2", "demo_finetune-second-2"]
 
 
 def _assert_no_secret(where: str, text: str) -> None:

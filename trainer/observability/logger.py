@@ -96,3 +96,22 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def result_line(metrics: dict[str, Any]) -> str:
+    """What a stage reached, from its ``metrics.json`` summary: the demo's table and the MLflow run's description."""
+    stage = metrics.get("stage")
+    if stage == "pretrain":
+        text = f"loss {metrics.get('first_loss', float('nan')):.3f} -> {metrics.get('final_loss', float('nan')):.3f}"
+        if "knn_top1" in metrics:
+            text += f", kNN top-1 {metrics['knn_top1']:.1f}% (random init {metrics['knn_top1_random']:.1f}%)"
+        return text
+    if stage == "finetune":
+        text = f"top-1 {metrics.get('top1', float('nan')):.1f}%"
+        if "ema_top1" in metrics:
+            text += f" (EMA {metrics['ema_top1']:.1f}%)"
+        return text + f", top-5 {metrics.get('top5', float('nan')):.1f}%"
+    if stage == "detection":
+        box, mask = metrics.get("box_ap", float("nan")), metrics.get("mask_ap", float("nan"))
+        return f"box AP {100 * box:.1f}, mask AP {100 * mask:.1f}"
+    return "-"

@@ -2,7 +2,13 @@
 
 The store is ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a sqlite file in the run directory
 (no server needed). The run id is kept in ``<run_dir>/mlflow_run_id`` so a requeued job logs into the same run;
-params are logged once; the ``restart_count`` tag counts restarts. Other ranks get a tracker that does nothing.
+params and inputs are logged once; the ``restart_count`` tag counts restarts. Other ranks get a tracker that does
+nothing.
+
+For people reading the UI: the experiment is a model-training one (MLflow's ``mlflow.experimentKind`` tag, so the
+UI opens its training view, not the GenAI one); a run is named after its config, with the run directory's name
+added only when the experiment already has a run of that name; its description (``mlflow.note.content``) is the
+run's one-line summary (stage, model, world, global batch, lr, steps) and, once it has exported, what it reached.
 """
 
 from __future__ import annotations
@@ -89,6 +95,12 @@ def job_hosts(world_size: int, ranks_per_node: int) -> int:
     return int(os.environ.get("SLURM_JOB_NUM_NODES", max(1, world_size // max(1, ranks_per_node))))
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""The experiment tag that makes MLflow's UI show a training experiment (runs, metrics, models)."""
+DESCRIPTION_TAG = "mlflow.note.content"
+"""The tag MLflow shows as a run's description."""
+
+
 STORE_TEMPLATES = Path(__file__).resolve().parents[2] / ".cache" / "mlflow"
 """Empty sqlite stores, one per MLflow version, that a run's new store starts from (see :func:`seed_sqlite_store`)."""
 
@@ -130,9 +142,10 @@ class Tracker:
         self._client: Any = None
         self._experiment = experiment
 
-    def start_run(self, cfg: TrainConfig, world_size: int) -> None:
+    def start_run(self, cfg: TrainConfig, world_size: int, description: str) -> None:
         """Start (or continue) the run of ``cfg`` with the run's tags: the code's commit, the world and its hosts,
-        the SLURM job, the stage; a first start also uploads the resolved config."""
+        the SLURM job, the stage; a first start also records the description, the resolved config and the run's
+        inputs (:mod:`trainer.observability.inputs`)."""
         tags = {
             "git_commit": git_commit(),
             "world_size": str(world_size),
@@ -141,12 +154,16 @@ class Tracker:
             "stage": cfg.stage,
         }
         resolved = cfg.model_dump(mode="json")
-        self.start(resolved, tags, run_name=f"{cfg.name}-{self.run_dir.name}")
-        if self.restart_count == 0:
-            self.log_config(resolved)
+        self.start(resolved, tags, run_name=cfg.name, description=description)
+        if self.restart_count == 0 and self.enabled:
+            from trainer.observability.inputs import as_mlflow, run_inputs
 
-    def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str) -> None:
-        """Create the run, or continue the one recorded in the run directory (restart count + 1)."""
+            self.log_config(resolved)
+            self._client.log_inputs(self.run_id, datasets=as_mlflow(run_inputs(cfg, self.run_dir)))
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str, description: str = "") -> None:
+        """Create the run, or continue the one recorded in the run directory (restart count + 1). A new run is
+        named ``run_name``, with the run directory's name added when the experiment already has a run so named."""
         if not self.enabled:
             return
         from mlflow.tracking import MlflowClient
@@ -170,12 +187,39 @@ class Tracker:
                 # keep them beside the database instead.
                 location = None if db is None else (db.parent / "mlartifacts").resolve().as_uri()
                 experiment_id = self._client.create_experiment(self._experiment, artifact_location=location)
-            self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+                self._client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+            name = self._free_run_name(experiment_id, run_name)
+            tags_at_creation = {DESCRIPTION_TAG: description} if description else {}
+            self.run_id = self._client.create_run(experiment_id, run_name=name, tags=tags_at_creation).info.run_id
             id_file.write_text(self.run_id)
             self._log_params(flatten(params))
         for key, value in {**tags, "restart_count": str(self.restart_count)}.items():
             self._client.set_tag(self.run_id, key, value)
         log.info("MLflow run %s at %s", self.run_id, redact("uri", self.uri))
+
+    def _free_run_name(self, experiment_id: str, name: str) -> str:
+        """``name``, or ``name-<run dir>`` (then ``-2``, ``-3``, ...) when the experiment has a run so named."""
+
+        def taken(candidate: str) -> bool:
+            quoted = candidate.replace("'", "\\'")
+            found = self._client.search_runs([experiment_id], f"attributes.run_name = '{quoted}'", max_results=1)
+            return bool(found)
+
+        if not taken(name):
+            return name
+        base = f"{name}-{self.run_dir.name}" if self.run_dir.name != name else name
+        candidate, n = base, 1
+        while candidate == name or taken(candidate):
+            n += 1
+            candidate = f"{base}-{n}"
+        return candidate
+
+    def describe_result(self, step: int, result: str) -> None:
+        """Add what the run reached (the export's summary) to its description, under the start's summary line."""
+        if not self.enabled or self.run_id is None:
+            return
+        first = self._client.get_run(self.run_id).data.tags.get(DESCRIPTION_TAG, "").split("\n\n", 1)[0]
+        self._client.set_tag(self.run_id, DESCRIPTION_TAG, f"{first}\n\nReached at step {step}: {result}".strip())
 
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
