@@ -227,6 +227,9 @@ class TrackingConfig(_Section):
 
     experiment: str = Field("fcmae", description="MLflow experiment name")
     tracking_uri: str | None = Field(None, description="MLflow URI; default: env MLFLOW_TRACKING_URI or run dir sqlite")
+    register_as: str | None = Field(
+        None, description="register the export (an MLflow logged model) as a new version of this registered model"
+    )
     log_every: int = Field(20, ge=1, description="console + metric logging interval (steps)")
     sample_ledger: bool = Field(
         False, description="write the sample keys of every step to ledger/rank_N.jsonl in the run directory"

@@ -4,7 +4,8 @@
 
     config.yaml        the resolved config              lock.json(.guard)  the live run's lock (resilience.run_lock)
     checkpoints/       step_N/, latest (checkpoint.py)   rollbacks.jsonl    rollbacks made (resilience.recovery)
-    export/            model.safetensors, metrics.json   segments.jsonl     every start of the run
+    export/            model.safetensors, metrics.json,  segments.jsonl     every start of the run
+                       mlflow_model_id (its MLflow model)
     ledger/            sample keys per step              metrics.jsonl      every logged number (observability)
     images/            reconstruction grids              mlflow_run_id      the MLflow run a requeued job continues
     index/             indexes of foreign shards         mlflow.db          the default MLflow store
@@ -28,6 +29,9 @@ MARKER = "COMPLETE"
 """The file that makes a checkpoint directory complete (written last; :mod:`trainer.resilience.checkpoint`)."""
 LATEST = "latest"
 """The pointer naming the newest complete checkpoint, in ``checkpoints/`` and on the mirror."""
+
+MODEL_ID_FILE = "mlflow_model_id"
+"""Beside an export's files: the id of the MLflow logged model holding them (a later stage links it as an input)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class RunDir:
     def export_metrics(self) -> Path:
         """The stage's final metrics, written last: its presence means the export is complete."""
         return self.export / "metrics.json"
+
+    @property
+    def export_model_id(self) -> Path:
+        return self.export / MODEL_ID_FILE
 
     @property
     def ledger(self) -> Path:

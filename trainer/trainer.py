@@ -328,8 +328,8 @@ class Trainer:
                 self.stage.export(out, summary)
         barrier()
         if self.env.is_main:
-            for path in (self.paths.export_weights, self.paths.export_metrics):
-                self.tracker.log_artifact(path, "export")
+            config = self.cfg.model_dump(mode="json")
+            self.tracker.log_model(out, config, self.cfg.stage, self.cfg.tracking.register_as)
             self.tracker.describe_result(self.step, result_line(json.loads(self.paths.export_metrics.read_text())))
             log.info("done: %d steps, weights and metrics in %s", self.step, out)
 

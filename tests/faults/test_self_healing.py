@@ -53,7 +53,7 @@ def test_a_loss_spike_from_a_window_of_noise_rolls_back_and_skips_it(tmp_path: P
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     mlflow_run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
     assert mlflow_run.data.tags["rollbacks"] == "1"
-    assert [(m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "rollbacks")] == [
+    assert [(m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "train/rollbacks")] == [
         (noisy_step, 1.0)
     ]
     assert [a.path for a in client.list_artifacts(mlflow_run.info.run_id, "rollbacks")] == ["rollbacks/rollbacks.jsonl"]

@@ -105,6 +105,27 @@ def test_online_knn_and_rank_are_logged_and_equal_an_offline_computation(
     assert last["knn_top1_random"] == pytest.approx(random_top1, abs=0.41)
     offline = knn_top1(bank, bank_labels, queries, query_labels, num_classes=10)
     assert last["knn_top1"] == pytest.approx(offline, abs=0.41)  # at most one of 500 queries on a tie
+
+    # The MLflow run, read back as a person finds it: named and described, its three shard sets as inputs, the
+    # export as a logged model, the metrics in sections, and the kNN baseline in a child run under the probe's name
+    # (one chart draws both).
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.run_name == "demo_fcmae" and run.data.tags["mlflow.note.content"].startswith("pretrain | FCMAE")
+    contexts = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    # the training set is also the kNN bank here: one input in both roles
+    assert contexts == {(Path(fmnist_shards).name, "training,knn_bank"), (Path(fmnist_test_shards).name, "validation")}
+    assert client.get_logged_model(run.data.tags["logged_model_id"]).source_run_id == run.info.run_id
+    assert {"train/loss", "speed/images_per_s", "speed/data_wait_pct", "eval/knn_top1"} <= run.data.metrics.keys()
+    probe = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/knn_top1")]
+    assert probe == [(r["step"], r["knn_top1"]) for r in evals]
+    (baseline,) = client.search_runs([run.info.experiment_id], f"tags.baseline_of = '{run.info.run_id}'")
+    assert baseline.info.run_name == "demo_fcmae / random init" and baseline.info.status == "FINISHED"
+    assert baseline.data.tags["mlflow.parentRunId"] == run.info.run_id
+    history = [(m.step, m.value) for m in client.get_metric_history(baseline.info.run_id, "eval/knn_top1")]
+    assert history == [(r["step"], r["knn_top1_random"]) for r in evals]
     assert last["effective_rank"] == pytest.approx(effective_rank(queries), rel=1e-3)
     assert last["knn_images"] == 500.0 and last["knn_bank_images"] == 768.0  # each image once, padding dropped
 

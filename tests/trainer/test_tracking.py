@@ -18,19 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.support.launch import launch
+from trainer import stages as trainer_stages
 from trainer.config import load_config
 from trainer.observability.logger import result_line
 from trainer.observability.tracking import (
     DESCRIPTION_TAG,
     EXPERIMENT_KIND,
     Tracker,
+    download_logged_model,
     flatten,
     redact,
     seed_sqlite_store,
 )
 from trainer.rendezvous import free_port
+from trainer.stages import load_export
 
 
 class ServerUrl(str):
@@ -98,7 +103,7 @@ def test_a_run_reaches_the_tracking_server(
     code = launch(
         tmp_path, "data.batch_size=4", "schedule.max_steps=4", "eval.every_steps=2", "tracking.experiment=ci",
         f"data.label_field={secret_url}", f"tracking.tracking_uri={secret_uri}",
-        "deepspeed.overrides.api_token=sekrit42",
+        "deepspeed.overrides.api_token=sekrit42", "tracking.register_as=fcmae-ci",
     )  # fmt: skip
     assert code == 0
     console = "".join(capfd.readouterr())
@@ -114,13 +119,16 @@ def test_a_run_reaches_the_tracking_server(
     assert run.data.tags["restart_count"] == "0"
     assert run.data.tags["world_size"] == "1"
     assert len(run.data.tags["git_commit"]) >= 7
-    losses = client.get_metric_history(run_id, "loss")
+    losses = client.get_metric_history(run_id, "train/loss")
     assert [m.step for m in losses] == [1, 2, 3, 4]
     metrics = run.data.metrics
-    for name in ("lr", "grad_norm", "step_time_s", "peak_mem_gb", "eta_s", "feature_cosine_distance_s4"):
+    names = ("train/lr", "train/grad_norm", "speed/step_time_s", "speed/peak_mem_gb", "speed/eta_s",
+             "eval/feature_cosine_distance_s4", "eval/eval_s")  # fmt: skip
+    for name in names:
         assert math.isfinite(metrics[name]), name
-    assert metrics["images_per_s"] > 0 and 0 <= metrics["data_wait_pct"] <= 100
-    assert 0 < metrics["feature_cosine_distance_s4"] <= 2
+    assert metrics["speed/images_per_s"] > 0 and 0 <= metrics["speed/data_wait_pct"] <= 100
+    assert 0 < metrics["eval/feature_cosine_distance_s4"] <= 2
+    assert all(name.split("/")[0] in ("train", "speed", "eval") for name in metrics), sorted(metrics)
     # For people: a training experiment, the run named after its config, described by its summary line and, once
     # exported, what it reached; its inputs say which data it read.
     experiment = client.get_experiment(run.info.experiment_id)
@@ -134,26 +142,46 @@ def test_a_run_reaches_the_tracking_server(
     assert training.dataset.name == "synthetic" and training.dataset.source_type == "synthetic"
     assert {t.key: t.value for t in training.tags} == {"mlflow.data.context": "training"}
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "reconstructions", "export"} <= artifacts
+    assert {"config.yaml", "reconstructions"} <= artifacts
     images = [a.path for a in client.list_artifacts(run_id, "reconstructions")]
     assert images and all(p.endswith(".png") for p in images)
-    assert "export/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "export")}
+    # The export is a logged model of the run, registered, and builds our model back exactly.
+    model_id = run.data.tags["logged_model_id"]
+    assert (tmp_path / "export" / "mlflow_model_id").read_text() == model_id
+    logged = client.get_logged_model(model_id)
+    assert (logged.source_run_id, str(logged.status), logged.name) == (run_id, "READY", "demo_fcmae")
+    (version,) = client.search_model_versions("name = 'fcmae-ci'")
+    assert (version.version, version.source, version.run_id) == ("1", f"models:/{model_id}", run_id)
+    files = download_logged_model(model_id, tmp_path / "downloaded", mlflow_server)
+    assert {"model.safetensors", "fcmae.safetensors", "metrics.json", "config.yaml"} <= {
+        p.name for p in files.iterdir()
+    }
+    _assert_no_secret("the logged model's config", (files / "config.yaml").read_text())
+    model, cfg = load_export(files)
+    exported = load_file(str(tmp_path / "export" / "fcmae.safetensors"))
+    assert cfg.name == "demo_fcmae" and type(model).__name__ == "FCMAE"
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+    fresh = trainer_stages.build_model(cfg).state_dict()  # control: the same check tells an untrained model apart
+    assert not all(torch.equal(exported[k], v) for k, v in fresh.items())
 
     # The same command with a longer schedule resumes the run and continues the same MLflow run.
     code = launch(
         tmp_path, "data.batch_size=4", "schedule.max_steps=6", "eval.every_steps=2", "tracking.experiment=ci",
         f"data.label_field={secret_url}", f"tracking.tracking_uri={secret_uri}",
-        "deepspeed.overrides.api_token=sekrit42",
+        "deepspeed.overrides.api_token=sekrit42", "tracking.register_as=fcmae-ci",
     )  # fmt: skip
     assert code == 0
     assert (tmp_path / "mlflow_run_id").read_text().strip() == run_id
     resumed = client.get_run(run_id)
     assert resumed.data.tags["restart_count"] == "1" and resumed.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
     again = resumed.data.tags[DESCRIPTION_TAG]  # the same summary line; what it reached is replaced, not added
     assert again.split("\n\n")[0] == description.split("\n\n")[0] and again.count("Reached") == 1
     assert again.endswith("Reached at step 6: " + result_line(_metrics(tmp_path)))
     assert len(resumed.inputs.dataset_inputs) == 1  # inputs are logged once
+    second = resumed.data.tags["logged_model_id"]  # the longer schedule's export: a new version of the model
+    assert second != model_id and [v.source for v in client.search_model_versions("name = 'fcmae-ci'")] == [
+        f"models:/{second}", f"models:/{model_id}"]  # fmt: skip
     _assert_no_secret("the console", "".join(capfd.readouterr()))
 
     # Nothing in the whole MLflow store (database, artifacts, server log) or in the run directory's files, but
@@ -179,7 +207,8 @@ def test_a_run_records_its_inputs_and_gets_a_free_name(
     named after its run directory."""
     from mlflow.tracking import MlflowClient
 
-    upstream = tmp_path / "upstream.safetensors"
+    upstream = tmp_path / "upstream" / "model.safetensors"
+    upstream.parent.mkdir()
     upstream.write_bytes(b"weights of an upstream export")
     changed = tmp_path / "changed"
     shutil.copytree(fmnist_test_shards, changed)
@@ -189,11 +218,14 @@ def test_a_run_records_its_inputs_and_gets_a_free_name(
                  f"model.pretrained={upstream}"]  # fmt: skip
     cfg = load_config("demo_finetune", overrides)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    upstream_model = client.create_logged_model(client.create_experiment("upstream"), name="pretrain").model_id
+    (upstream.parent / "mlflow_model_id").write_text(upstream_model)  # as the upstream run's export leaves it
     tracker = Tracker(tmp_path / "first", uri, "inputs", enabled=True)
     (tmp_path / "first").mkdir()
     tracker.start_run(cfg, 1, "finetune | a summary line")
-    client = MlflowClient(tracking_uri=uri)
     run = client.get_run(tracker.run_id)
+    assert [m.model_id for m in run.inputs.model_inputs] == [upstream_model]  # the chain of stages
 
     def digest(path: Path | str) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

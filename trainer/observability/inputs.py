@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ class RunInput:
     name: str
     """A short name: the set's last path component (``train``, ``fashion-mnist-64``) or ``upstream-export``."""
     context: str
-    """``training``, ``validation``, ``knn_bank`` or ``upstream``."""
+    """``training``, ``validation``, ``knn_bank`` or ``upstream``; a set read in two roles names both, joined by
+    a comma."""
     url: str
     """Where it is read from, credentials redacted."""
     source_type: str
@@ -65,7 +66,17 @@ def run_inputs(cfg: TrainConfig, run_dir: Path) -> list[RunInput]:
     upstream = getattr(cfg.model, "pretrained", None)
     if upstream:
         inputs.append(_export(upstream))
-    return inputs
+    return _merge_roles(inputs)
+
+
+def _merge_roles(inputs: list[RunInput]) -> list[RunInput]:
+    """One input per set: a set read in two roles (the training set as the kNN bank) carries both contexts
+    (``training,knn_bank``); MLflow keeps one input per dataset and would drop the second role."""
+    merged: dict[str, RunInput] = {}
+    for item in inputs:
+        seen = merged.get(item.url)
+        merged[item.url] = item if seen is None else replace(seen, context=f"{seen.context},{item.context}")
+    return list(merged.values())
 
 
 def _source_type(url: str) -> str:

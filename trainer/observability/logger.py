@@ -3,6 +3,13 @@
 ``metrics.jsonl`` (rank 0, in the run directory) holds one JSON record per line with a ``kind``: ``train`` (a log
 interval: loss, lr, grad norm, throughput, memory, MFU, ETA) or ``eval`` (an evaluation's metrics and its
 duration ``eval_s``, which is not counted in any interval's images/s). Other ranks log nothing.
+
+In MLflow the same numbers carry a section prefix, because its UI groups a run's charts by the name before ``/``:
+``train/`` (loss, lr, grad norm, epoch, skipped steps, samples per source), ``speed/`` (images/s, data wait, step
+time, memory, MFU, ETA) and ``eval/`` (the probes or accuracies and ``eval_s``); MLflow's own system metrics are
+``system/``. A baseline (the kNN probe on a randomly initialized encoder) is also logged under the probe's own name
+in a child run, so MLflow's charts draw the probe and its baseline on one chart
+(:meth:`trainer.observability.tracking.Tracker.log_baseline`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ from trainer.observability.tracking import Tracker
 from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
+
+
+BASELINES = {"knn_top1": "knn_top1_random"}
+"""An evaluation metric -> the metric holding its baseline (logged in MLflow beside it, on one chart)."""
 
 
 class MetricsLogger:
@@ -45,8 +56,8 @@ class MetricsLogger:
             return
         log.info(console_line(step, self.total_steps, epoch, scalars, perf))
         self._write({"kind": "train", "step": step, "epoch": epoch, **scalars, **perf})
-        finite = {k: v for k, v in scalars.items() if math.isfinite(v)}
-        self.tracker.log_metrics({**finite, **perf, "epoch": epoch}, step)
+        finite = {f"train/{k}": v for k, v in scalars.items() if math.isfinite(v)}
+        self.tracker.log_metrics({**finite, **{f"speed/{k}": v for k, v in perf.items()}, "train/epoch": epoch}, step)
 
     def eval(self, step: int, metrics: dict[str, float], seconds: float, artifacts: list[tuple[str, Path]]) -> None:
         """An evaluation: its metrics and duration, and its files as MLflow artifacts."""
@@ -56,7 +67,10 @@ class MetricsLogger:
             shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             log.info("eval step %d (%.1fs): %s", step, seconds, shown)
         self._write({"kind": "eval", "step": step, "eval_s": seconds, **metrics})
-        self.tracker.log_metrics({**metrics, "eval_s": seconds}, step)
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in {**metrics, "eval_s": seconds}.items()}, step)
+        for name, baseline in BASELINES.items():
+            if name in metrics and baseline in metrics:
+                self.tracker.log_baseline("random init", {f"eval/{name}": metrics[baseline]}, step)
         for folder, path in artifacts:
             self.tracker.log_artifact(path, folder)
 

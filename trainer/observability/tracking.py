@@ -27,7 +27,7 @@ import yaml
 
 from trainer.config import TrainConfig
 from trainer.resilience.run_lock import slurm_job_id
-from trainer.run_dir import RunDir
+from trainer.run_dir import MODEL_ID_FILE, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class Tracker:
         self.run_id: str | None = None
         self.restart_count = 0
         self._client: Any = None
+        self._baseline_runs: dict[str, str] = {}
         self._experiment = experiment
 
     def start_run(self, cfg: TrainConfig, world_size: int, description: str) -> None:
@@ -160,6 +161,9 @@ class Tracker:
 
             self.log_config(resolved)
             self._client.log_inputs(self.run_id, datasets=as_mlflow(run_inputs(cfg, self.run_dir)))
+            upstream = getattr(cfg.model, "pretrained", None)
+            if upstream:
+                self.link_upstream(upstream)
 
     def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str, description: str = "") -> None:
         """Create the run, or continue the one recorded in the run directory (restart count + 1). A new run is
@@ -214,6 +218,61 @@ class Tracker:
             candidate = f"{base}-{n}"
         return candidate
 
+    def log_model(self, export_dir: Path, config: dict[str, Any], stage: str, register_as: str | None) -> str | None:
+        """The stage's export as an MLflow logged model of this run: every file of ``export_dir`` (the weights as
+        safetensors, ``metrics.json``) and the resolved ``config.yaml`` (secrets redacted) that builds them back
+        (:func:`trainer.stages.load_export`); ``register_as`` registers it as a new version of that model. The
+        model's id is written to ``export_dir/mlflow_model_id`` (a later stage that reads this export links it as
+        its input). Returns the id (None on ranks that do not track)."""
+        if not self.enabled or self.run_id is None:
+            return None
+        from mlflow.entities import LoggedModelStatus
+
+        run = self._client.get_run(self.run_id)
+        model = self._client.create_logged_model(
+            run.info.experiment_id, name=run.info.run_name, source_run_id=self.run_id, model_type=stage,
+            params={"stage": stage, "model.size": str(config.get("model", {}).get("size"))},
+        )  # fmt: skip
+        try:
+            self._client.log_model_artifacts(model.model_id, str(export_dir))
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "config.yaml").write_text(redacted_yaml(config))
+                self._client.log_model_artifacts(model.model_id, tmp)
+        except BaseException:
+            self._client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self._client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self._client.set_tag(self.run_id, "logged_model_id", model.model_id)
+        (export_dir / MODEL_ID_FILE).write_text(model.model_id)
+        if register_as:
+            self._register(model.model_id, register_as)
+        return str(model.model_id)
+
+    def _register(self, model_id: str, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self._client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=self.run_id, model_id=model_id
+        )
+        log.info("registered the export as %s version %s", name, version.version)
+
+    def link_upstream(self, export: str) -> None:
+        """Name the logged model a transfer stage starts from (``model.pretrained``, when its export directory
+        says which model it is) as an input of this run: the chain of stages is then visible in the UI."""
+        if not self.enabled or self.run_id is None or "://" in export:
+            return
+        id_file = Path(export).parent / MODEL_ID_FILE
+        if id_file.exists():
+            from mlflow.entities import LoggedModelInput
+
+            self._client.log_inputs(self.run_id, models=[LoggedModelInput(id_file.read_text().strip())])
+            self.set_tag("upstream_model_id", id_file.read_text().strip())
+
     def describe_result(self, step: int, result: str) -> None:
         """Add what the run reached (the export's summary) to its description, under the start's summary line."""
         if not self.enabled or self.run_id is None:
@@ -260,9 +319,34 @@ class Tracker:
 
     def log_rollback(self, count: int, log_path: Path, step: int) -> None:
         """The run's ``count``-th rollback, detected at ``step``: a metric, a tag and the rollback log."""
-        self.log_metrics({"rollbacks": float(count)}, step)
+        self.log_metrics({"train/rollbacks": float(count)}, step)
         self.set_tag("rollbacks", str(count))
         self.log_artifact(log_path, "rollbacks")
+
+    def log_baseline(self, label: str, metrics: dict[str, float], step: int) -> None:
+        """A baseline's values under the names of the metrics they are a baseline for, in a child run named
+        ``<run> / <label>`` (found again after a restart): MLflow's charts draw a metric over the runs shown, so the
+        run and its baseline share one chart."""
+        if not self.enabled or self.run_id is None:
+            return
+        child = self._baseline_runs.get(label)
+        if child is None:
+            run = self._client.get_run(self.run_id)
+            query = f"tags.baseline_of = '{self.run_id}' and tags.baseline = '{label}'"
+            found = self._client.search_runs([run.info.experiment_id], query, max_results=1)
+            if found:
+                child = found[0].info.run_id
+            else:
+                about = f"The baseline of {run.info.run_name}: its probes on a {label} encoder."
+                tags = {"mlflow.parentRunId": self.run_id, "baseline_of": self.run_id, "baseline": label,
+                        DESCRIPTION_TAG: about}  # fmt: skip
+                name = f"{run.info.run_name} / {label}"
+                child = self._client.create_run(run.info.experiment_id, run_name=name, tags=tags).info.run_id
+            self._baseline_runs[label] = child
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(child, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run: FINISHED, FAILED, or KILLED (preempted: it continues after the requeue). Closing a failed
@@ -270,8 +354,22 @@ class Tracker:
         if not self.enabled or self.run_id is None:
             return
         try:
+            for child in self._baseline_runs.values():
+                self._client.set_terminated(child, status=status)
             self._client.set_terminated(self.run_id, status=status)
         except Exception as err:
             if status != "FAILED":
                 raise
             log.error("could not close the MLflow run: %s: %s", type(err).__name__, err)
+
+
+def download_logged_model(model_id: str, dst: Path, tracking_uri: str | None = None) -> Path:
+    """The files of the logged model ``model_id`` (an export and its ``config.yaml``) downloaded into ``dst``; build
+    the model back with :func:`trainer.stages.load_export`."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    location = MlflowClient(tracking_uri=uri).get_logged_model(model_id).artifact_location
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst), tracking_uri=uri))

@@ -91,3 +91,22 @@ def stage_class(stage: str) -> type[Stage]:
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The network of ``cfg``'s stage, exactly as a run builds it before loading weights (see the module doc)."""
     return _module(cfg.stage).build_model(cfg)
+
+
+STAGE_WEIGHTS = {"pretrain": "fcmae.safetensors"}
+"""The export file holding a stage's whole trained model (others: ``model.safetensors``; pretraining's is the
+encoder alone, what the next stage reads)."""
+
+
+def load_export(directory: Path) -> tuple[nn.Module, TrainConfig]:
+    """The model a stage exported, built from its config and loaded exactly (strict): ``directory`` holds the
+    weights and ``config.yaml`` (an MLflow logged model's files) or is a run's ``export/`` (the config beside it)."""
+    from safetensors.torch import load_file
+
+    from trainer.config import load_run_config
+
+    config = directory / "config.yaml"
+    cfg = load_run_config(config if config.exists() else directory.parent / "config.yaml")
+    model = build_model(cfg)
+    model.load_state_dict(load_file(str(directory / STAGE_WEIGHTS.get(cfg.stage, "model.safetensors"))))
+    return model, cfg
