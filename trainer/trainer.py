@@ -329,7 +329,7 @@ class Trainer:
         barrier()
         if self.env.is_main:
             config = self.cfg.model_dump(mode="json")
-            self.tracker.log_model(out, config, self.cfg.stage, self.cfg.tracking.register_as)
+            self.tracker.log_model(out, config, self.cfg.stage, self.step, self.cfg.tracking.register_as)
             self.tracker.describe_result(self.step, result_line(json.loads(self.paths.export_metrics.read_text())))
             log.info("done: %d steps, weights and metrics in %s", self.step, out)
 

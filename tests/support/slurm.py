@@ -20,30 +20,26 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.apt import SYSTEM_PATH, Unavailable, ensure_programs, which
+
 APT_PACKAGES = ("slurm-wlm", "munge", "slurmdbd", "mariadb-server")
 REQUIRED_BINARIES = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "mariadb-install-db", "sbatch", "sacct")
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 4  # more than this machine has: slurmd accepts it through SlurmdParameters=config_overrides
 START_TIMEOUT_S = 90.0
-# Daemons and tools live in sbin/bin; a minimal CI PATH may lack sbin.
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MUNGE_SOCKET_DIR = Path("/run/munge")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 HOSTS_FILE = Path("/etc/hosts")
 DB_USER, DB_PASS, DB_NAME = "slurm", "slurm-test", "slurm_acct_db"
 
 
-class SlurmUnavailable(Exception):
-    """SLURM cannot be provided here (not root, or no apt); the message says how to enable it."""
-
-
-def _which(name: str) -> str | None:
-    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}")
+SlurmUnavailable = Unavailable
+"""SLURM cannot be provided here (not root, or no apt); the message says how to enable it."""
 
 
 def missing_binaries() -> list[str]:
     """The SLURM, munge and mariadb programs that are not installed."""
-    return [b for b in REQUIRED_BINARIES if _which(b) is None]
+    return [b for b in REQUIRED_BINARIES if which(b) is None]
 
 
 def ensure_installed() -> None:
@@ -51,29 +47,7 @@ def ensure_installed() -> None:
 
     Raises SlurmUnavailable when they are missing and cannot be installed here, RuntimeError when apt fails.
     """
-    missing = missing_binaries()
-    if not missing:
-        return
-    how = f"run the tests as root on Debian/Ubuntu, or `apt-get install {' '.join(APT_PACKAGES)}`"
-    if os.geteuid() != 0:
-        raise SlurmUnavailable(f"SLURM tests need {', '.join(missing)} and root; {how}")
-    if _which("apt-get") is None:
-        raise SlurmUnavailable(f"SLURM tests need {', '.join(missing)}; no apt-get on this machine to install them")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "PATH": f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}"}
-    # Another apt (a machine's own updates, a set-up step) may hold dpkg's lock for a while: wait for it.
-    wait_lock = ["-o", "DPkg::Lock::Timeout=300"]
-    for cmd in (
-        ["apt-get", *wait_lock, "update"],
-        ["apt-get", *wait_lock, "install", "-y", "--no-install-recommends", *APT_PACKAGES],
-    ):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"`{shlex.join(cmd)}` failed with exit code {proc.returncode}; install {' '.join(APT_PACKAGES)} "
-                f"by hand to run the SLURM tests:\n{_tail_text(proc.stdout + proc.stderr, 30)}"
-            )
-    if still := missing_binaries():
-        raise RuntimeError(f"installed {' '.join(APT_PACKAGES)} but {', '.join(still)} are still missing")
+    ensure_programs(REQUIRED_BINARIES, APT_PACKAGES, "SLURM tests")
 
 
 def _tail_text(text: str, lines: int) -> str:
@@ -357,7 +331,7 @@ def _start_munge(stack: contextlib.ExitStack) -> None:
     os.chown(MUNGE_SOCKET_DIR, uid, gid)
     # --force: a munged killed earlier may have left its socket behind, which would block the start.
     proc = subprocess.run(
-        ["runuser", "-u", "munge", "--", _which("munged") or "munged", "--force"],
+        ["runuser", "-u", "munge", "--", which("munged") or "munged", "--force"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -402,7 +376,7 @@ def _start_mariadb(stack: contextlib.ExitStack, root: Path, port: int, log: Path
     datadir, sock = root / "mariadb", root / "run" / "mysqld.sock"
     install = subprocess.run(
         [
-            _which("mariadb-install-db") or "mariadb-install-db",
+            which("mariadb-install-db") or "mariadb-install-db",
             "--no-defaults",
             f"--datadir={datadir}",
             "--user=root",
@@ -418,7 +392,7 @@ def _start_mariadb(stack: contextlib.ExitStack, root: Path, port: int, log: Path
     daemon = _Daemon(
         "mariadbd",
         [
-            _which("mariadbd") or "mariadbd",
+            which("mariadbd") or "mariadbd",
             "--no-defaults",
             f"--datadir={datadir}",
             f"--socket={sock}",
@@ -438,7 +412,7 @@ def _start_mariadb(stack: contextlib.ExitStack, root: Path, port: int, log: Path
         root / "log" / "mariadbd.out",
     )
     stack.callback(daemon.stop)
-    client = [_which("mariadb") or "mariadb", "--no-defaults", f"--socket={sock}", "-u", "root"]
+    client = [which("mariadb") or "mariadb", "--no-defaults", f"--socket={sock}", "-u", "root"]
 
     def ready() -> bool:
         daemon.check_alive(lambda: _tail_file(log, 20))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -21,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.apt import Unavailable, ensure_programs, which
 from tests.support.launch import launch
 from trainer import stages as trainer_stages
 from trainer.config import load_config
@@ -151,7 +154,7 @@ def test_a_run_reaches_the_tracking_server(
     logged = client.get_logged_model(model_id)
     assert (logged.source_run_id, str(logged.status), logged.name) == (run_id, "READY", "demo_fcmae")
     (version,) = client.search_model_versions("name = 'fcmae-ci'")
-    assert (version.version, version.source, version.run_id) == ("1", f"models:/{model_id}", run_id)
+    assert (version.version, version.source, version.run_id) == ("1", logged.artifact_location, run_id)
     files = download_logged_model(model_id, tmp_path / "downloaded", mlflow_server)
     assert {"model.safetensors", "fcmae.safetensors", "metrics.json", "config.yaml"} <= {
         p.name for p in files.iterdir()
@@ -180,8 +183,9 @@ def test_a_run_reaches_the_tracking_server(
     assert again.endswith("Reached at step 6: " + result_line(_metrics(tmp_path)))
     assert len(resumed.inputs.dataset_inputs) == 1  # inputs are logged once
     second = resumed.data.tags["logged_model_id"]  # the longer schedule's export: a new version of the model
-    assert second != model_id and [v.source for v in client.search_model_versions("name = 'fcmae-ci'")] == [
-        f"models:/{second}", f"models:/{model_id}"]  # fmt: skip
+    versions = {v.version: v.source for v in client.search_model_versions("name = 'fcmae-ci'")}
+    assert second != model_id and versions == {
+        "1": logged.artifact_location, "2": client.get_logged_model(second).artifact_location}  # fmt: skip
     _assert_no_secret("the console", "".join(capfd.readouterr()))
 
     # Nothing in the whole MLflow store (database, artifacts, server log) or in the run directory's files, but
@@ -302,3 +306,64 @@ def test_a_new_store_starts_as_the_store_mlflow_makes_itself(tmp_path: Path) -> 
     blocked.write_text("a file where the templates directory would go")
     seed_sqlite_store(tmp_path / "left.db", blocked)
     assert not (tmp_path / "left.db").exists()
+
+
+def _page_text(chromium: str, url: str) -> str:
+    """The visible text of ``url`` as headless Chromium renders it (MLflow's UI is a script-built page), cells
+    separated by `` | ``."""
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--virtual-time-budget=20000", "--dump-dom", url]  # fmt: skip
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    text = re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S)
+    text = re.sub(r"(\s*\|\s*)+", " | ", re.sub(r"<[^>]+>", " | ", text))
+    return html.unescape(text)
+
+
+@pytest.mark.slow
+def test_the_run_page_in_a_browser_shows_datasets_model_and_description(
+    mlflow_server: ServerUrl, tmp_path: Path, fmnist_shards: str
+) -> None:
+    """Headless Chromium (Debian's) renders the UI's run page from the server: it shows the description, the shard
+    set with its digest, the logged model and its registered version, and the training metrics before the speed
+    and evaluation ones. Control: the page of a bare run in the same experiment shows none of the three."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        ensure_programs(["chromium"], ["chromium"], "the browser test")
+    except Unavailable as e:
+        pytest.skip(str(e))
+    chromium = which("chromium")
+    assert chromium is not None
+    run_dir = tmp_path / "run"
+    overrides = (f"data.train_url={fmnist_shards}", "data.batch_size=4", "schedule.max_steps=2",
+                 "tracking.experiment=ui", f"tracking.tracking_uri={mlflow_server}",
+                 "tracking.register_as=ui-encoder")  # fmt: skip
+    assert launch(run_dir, *overrides) == 0
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    (dataset,) = (d.dataset for d in run.inputs.dataset_inputs)
+    model = client.get_logged_model(run.data.tags["logged_model_id"])
+    summary_line = run.data.tags[DESCRIPTION_TAG].split("\n")[0]
+
+    def shown(text: str) -> dict[str, bool]:
+        return {
+            "description": summary_line in text and "Reached at step 2: loss" in text,
+            "dataset": f"Datasets | {dataset.name} ({dataset.digest}) | training" in text,
+            "model": "Logged models (1) |" in text and f"| {model.name} | Ready |" in text,
+            "registered": "Registered models | ui-encoder | v1" in text,
+        }
+
+    page = f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    text = _page_text(chromium, page)
+    assert shown(text) == dict.fromkeys(("description", "dataset", "model", "registered"), True), text[:3000]
+    assert text.index("train/loss") < text.index("speed/images_per_s") < text.index("eval/eval_s")
+    screenshot = run_dir / "run_page.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--virtual-time-budget=20000", "--window-size=1400,2400", f"--screenshot={screenshot}", page],
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+
+    bare = client.create_run(run.info.experiment_id, run_name="bare").info.run_id
+    client.set_terminated(bare)
+    control = _page_text(chromium, f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{bare}")
+    assert "| bare |" in control and not any(shown(control).values()), control[:3000]

@@ -175,7 +175,7 @@ class Tracker:
         db = Path(self.uri.removeprefix("sqlite:///")) if self.uri.startswith("sqlite:///") else None
         if db is not None and not db.exists():
             seed_sqlite_store(db)
-        self._client = MlflowClient(tracking_uri=self.uri)
+        self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         id_file = RunDir(self.run_dir).mlflow_run_id
         if id_file.exists():
             self.run_id = id_file.read_text().strip()
@@ -218,7 +218,9 @@ class Tracker:
             candidate = f"{base}-{n}"
         return candidate
 
-    def log_model(self, export_dir: Path, config: dict[str, Any], stage: str, register_as: str | None) -> str | None:
+    def log_model(
+        self, export_dir: Path, config: dict[str, Any], stage: str, step: int, register_as: str | None
+    ) -> str | None:
         """The stage's export as an MLflow logged model of this run: every file of ``export_dir`` (the weights as
         safetensors, ``metrics.json``) and the resolved ``config.yaml`` (secrets redacted) that builds them back
         (:func:`trainer.stages.load_export`); ``register_as`` registers it as a new version of that model. The
@@ -226,7 +228,7 @@ class Tracker:
         its input). Returns the id (None on ranks that do not track)."""
         if not self.enabled or self.run_id is None:
             return None
-        from mlflow.entities import LoggedModelStatus
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
         run = self._client.get_run(self.run_id)
         model = self._client.create_logged_model(
@@ -242,6 +244,7 @@ class Tracker:
             self._client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
             raise
         self._client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self._client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])  # the run page lists it
         self._client.set_tag(self.run_id, "logged_model_id", model.model_id)
         (export_dir / MODEL_ID_FILE).write_text(model.model_id)
         if register_as:
@@ -256,9 +259,10 @@ class Tracker:
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = self._client.create_model_version(
-            name, source=f"models:/{model_id}", run_id=self.run_id, model_id=model_id
-        )
+        # The logged model's own location as the source: a models:/ source is looked up through MLflow's global
+        # tracking URI, not this client's (mlflow/store/model_registry/sqlalchemy_store.py, create_model_version).
+        location = self._client.get_logged_model(model_id).artifact_location
+        version = self._client.create_model_version(name, source=location, run_id=self.run_id, model_id=model_id)
         log.info("registered the export as %s version %s", name, version.version)
 
     def link_upstream(self, export: str) -> None:
