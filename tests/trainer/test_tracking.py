@@ -271,9 +271,13 @@ def test_secrets_are_redacted_from_params() -> None:
     assert redact("optim.base_lr", "0.1") == "0.1"
 
 
-def _store_contents(db: Path) -> tuple[list[tuple[str, str]], list[tuple[str, ...]], list[tuple[str, ...]]]:
+def _store_contents(db: Path) -> tuple[list[tuple[str, Any]], list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """Tables and indexes (each definition as its set of lines: SQLAlchemy's sqlite migrations write a table's
+    CHECK constraints in an order that differs between two stores made in one process), schema version,
+    experiments."""
     with sqlite3.connect(db) as con:
-        schema = con.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name").fetchall()
+        ddl = con.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name").fetchall()
+        schema = [(name, sorted(line.strip().rstrip(",") for line in sql.splitlines())) for name, sql in ddl]
         version = con.execute("SELECT * FROM alembic_version").fetchall()
         experiments = con.execute("SELECT experiment_id, name, lifecycle_stage FROM experiments").fetchall()
     return schema, version, experiments
