@@ -230,9 +230,30 @@ def _launch(args: argparse.Namespace, configs: list[tuple[TrainConfig, Path]], l
     from cluster.summary import summary_table
 
     print(f"\n{summary_table(configs, walls)}")
-    uri = redact("uri", default_tracking_uri(configs[0][1], configs[0][0].tracking.tracking_uri))
-    print(f"\nMLflow UI: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}", flush=True)
+    uri = default_tracking_uri(configs[0][1], configs[0][0].tracking.tracking_uri)
+    shown = redact("uri", uri)
+    print(f"\nMLflow UI: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {shown}", flush=True)
+    page = training_view(uri, configs[0][0].tracking.experiment)
+    if page:
+        print(f"then open {page}", flush=True)
     return 0
+
+
+def training_view(uri: str, experiment: str) -> str | None:
+    """The experiment's page in the MLflow UI's model-training view: MLflow 3.17's UI opens its GenAI view unless
+    the page's URL asks for ``workflowType=machine_learning`` (it reads that before the experiment's kind tag). A
+    server URI gives its own address; a file store the address of ``mlflow ui``."""
+    from mlflow.tracking import MlflowClient  # here: at the end of a local chain, never at start-up
+
+    try:
+        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except Exception as err:  # the store or server may be gone by now: the hint is not worth a failure
+        log.warning("could not look up MLflow experiment %r: %s", experiment, err)
+        return None
+    if found is None:
+        return None
+    base = redact("uri", uri) if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{found.experiment_id}?workflowType=machine_learning"
 
 
 def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:

@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cluster.launch import training_view
 from tests.support.apt import Unavailable, ensure_programs, which
 from tests.support.launch import launch
 from trainer import stages as trainer_stages
@@ -366,6 +367,15 @@ def test_the_run_page_in_a_browser_shows_datasets_model_and_description(
                     "--virtual-time-budget=20000", "--window-size=1400,2400", f"--screenshot={screenshot}", page],
                    capture_output=True, timeout=120, check=True)  # fmt: skip
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+
+    # The experiment's page as the launcher prints it opens the model-training view (its runs with their datasets);
+    # control: without the view in the URL, MLflow 3.17's UI opens its GenAI overview.
+    view = training_view(mlflow_server, "ui")
+    assert view == f"{mlflow_server}/#/experiments/{run.info.experiment_id}?workflowType=machine_learning"
+    runs_page = _page_text(chromium, view)
+    assert "Run Name" in runs_page and f"| {run.info.run_name} |" in runs_page, runs_page[:3000]
+    assert f"{dataset.name} ({dataset.digest})" in runs_page
+    assert "Run Name" not in _page_text(chromium, view.split("?")[0])
 
     bare = client.create_run(run.info.experiment_id, run_name="bare").info.run_id
     client.set_terminated(bare)
