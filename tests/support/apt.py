@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import shutil
@@ -10,6 +11,10 @@ from collections.abc import Sequence
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 """Daemons and tools live in sbin/bin; a minimal CI PATH may lack sbin."""
+
+
+INSTALL_LOCK = "/tmp/tests-apt-install.lock"
+"""Held while the tests install packages: one install at a time on the machine."""
 
 
 class Unavailable(Exception):
@@ -33,8 +38,19 @@ def ensure_programs(programs: Sequence[str], packages: Sequence[str], what: str)
     if which("apt-get") is None:
         raise Unavailable(f"{what} need {', '.join(missing)}; no apt-get on this machine to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "PATH": f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}"}
-    # Another apt (a machine's own updates, a set-up step) may hold dpkg's lock for a while: wait for it.
+    # Another apt (a machine's own updates, a set-up step) may hold dpkg's lock for a while: wait for it; and the
+    # two pytest-xdist workers install one after the other (apt's list lock has no wait of its own).
     wait_lock = ["-o", "DPkg::Lock::Timeout=300"]
+    with open(INSTALL_LOCK, "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        _install(packages, programs, what, env, wait_lock)
+
+
+def _install(
+    packages: Sequence[str], programs: Sequence[str], what: str, env: dict[str, str], wait_lock: list[str]
+) -> None:
+    if not [p for p in programs if which(p) is None]:  # the other worker installed them meanwhile
+        return
     for cmd in (
         ["apt-get", *wait_lock, "update"],
         ["apt-get", *wait_lock, "install", "-y", "--no-install-recommends", *packages],
