@@ -63,10 +63,6 @@ class RunDir:
         return self.export / "metrics.json"
 
     @property
-    def export_model_id(self) -> Path:
-        return self.export / MODEL_ID_FILE
-
-    @property
     def ledger(self) -> Path:
         return self.root / "ledger"
 

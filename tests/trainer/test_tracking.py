@@ -313,12 +313,18 @@ def test_a_new_store_starts_as_the_store_mlflow_makes_itself(tmp_path: Path) -> 
     assert not (tmp_path / "left.db").exists()
 
 
+def _headless(chromium: str, *args: str) -> str:
+    """Headless Chromium (as root: no sandbox) with ``args``, given 20 s of page time to run MLflow's scripts;
+    returns its standard output."""
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--virtual-time-budget=20000", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
 def _page_text(chromium: str, url: str) -> str:
     """The visible text of ``url`` as headless Chromium renders it (MLflow's UI is a script-built page), cells
     separated by `` | ``."""
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--virtual-time-budget=20000", "--dump-dom", url]  # fmt: skip
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = _headless(chromium, "--dump-dom", url)
     text = re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S)
     text = re.sub(r"(\s*\|\s*)+", " | ", re.sub(r"<[^>]+>", " | ", text))
     return html.unescape(text)
@@ -363,9 +369,7 @@ def test_the_run_page_in_a_browser_shows_datasets_model_and_description(
     assert shown(text) == dict.fromkeys(("description", "dataset", "model", "registered"), True), text[:3000]
     assert text.index("train/loss") < text.index("speed/images_per_s") < text.index("eval/eval_s")
     screenshot = run_dir / "run_page.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--virtual-time-budget=20000", "--window-size=1400,2400", f"--screenshot={screenshot}", page],
-                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    _headless(chromium, "--window-size=1400,2400", f"--screenshot={screenshot}", page)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
 
     # The experiment's page as the launcher prints it opens the model-training view (its runs with their datasets);

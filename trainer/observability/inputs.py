@@ -9,7 +9,7 @@ carries its URL with credentials redacted, a digest and a profile (samples, shar
 - an export's digest is the sha256 of its bytes (read once, at the run's first start);
 - ``synthetic://N`` is digested by its URL.
 
-Rank 0 logs them once, at the run's first start (:meth:`trainer.observability.tracking.Tracker.log_inputs`).
+Rank 0 logs them once, at the run's first start (:meth:`trainer.observability.tracking.Tracker.start_run`).
 """
 
 from __future__ import annotations

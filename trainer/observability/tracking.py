@@ -248,10 +248,10 @@ class Tracker:
         self._client.set_tag(self.run_id, "logged_model_id", model.model_id)
         (export_dir / MODEL_ID_FILE).write_text(model.model_id)
         if register_as:
-            self._register(model.model_id, register_as)
+            self._register(model.model_id, model.artifact_location, register_as)
         return str(model.model_id)
 
-    def _register(self, model_id: str, name: str) -> None:
+    def _register(self, model_id: str, location: str, name: str) -> None:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -261,7 +261,6 @@ class Tracker:
                 raise
         # The logged model's own location as the source: a models:/ source is looked up through MLflow's global
         # tracking URI, not this client's (mlflow/store/model_registry/sqlalchemy_store.py, create_model_version).
-        location = self._client.get_logged_model(model_id).artifact_location
         version = self._client.create_model_version(name, source=location, run_id=self.run_id, model_id=model_id)
         log.info("registered the export as %s version %s", name, version.version)
 
@@ -274,8 +273,9 @@ class Tracker:
         if id_file.exists():
             from mlflow.entities import LoggedModelInput
 
-            self._client.log_inputs(self.run_id, models=[LoggedModelInput(id_file.read_text().strip())])
-            self.set_tag("upstream_model_id", id_file.read_text().strip())
+            model_id = id_file.read_text().strip()
+            self._client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+            self.set_tag("upstream_model_id", model_id)
 
     def describe_result(self, step: int, result: str) -> None:
         """Add what the run reached (the export's summary) to its description, under the start's summary line."""
