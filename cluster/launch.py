@@ -15,12 +15,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trainer.config import ConfigError, TrainConfig, check_runnable, load_config
+from trainer.config import ConfigError, PretrainConfig, TrainConfig, check_runnable, load_config
 from trainer.observability.tracking import default_tracking_uri, redact, redacted_yaml
 from trainer.resilience.failure import leave
 from trainer.resilience.run_lock import RunDirLocked, RunLock
 from trainer.run_dir import RunDir, prepare_run_dir
+
+if TYPE_CHECKING:
+    from trainer.stages.continuation import InitWeights
 
 log = logging.getLogger("launch")
 
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chain = [(args.config, args.overrides)] + [(name, []) for name in args.chain]
         configs: list[tuple[TrainConfig, Path]] = []
+        inits: dict[Path, InitWeights] = {}
         previous: Path | None = None
         for i, (name, overrides) in enumerate(chain):
             extra = list(overrides)
@@ -149,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _resolve(name, args, extra)
             run_dir = ((args.run_dir if i == 0 and args.run_dir else None) or Path("runs") / cfg.name).resolve()
             _check(cfg, local=args.local)
+            init = _check_init(cfg, run_dir)
+            if init is not None:
+                inits[run_dir] = init
             configs.append((cfg, run_dir))
             previous = run_dir
     except ConfigError as err:
@@ -166,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"config error: {err}", file=sys.stderr)
                 return 2
             print(format_plan(cfg, plan), flush=True)
+            if isinstance(cfg, PretrainConfig) and cfg.model.init_from:
+                what = inits[run_dir].describe() if run_dir in inits else f"converted already in {run_dir}/init"
+                print(f"  init from         {what}", flush=True)
         return 0
 
     if not args.local:
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 RunLock(run_dir).check_free()
                 check_no_job_queued(run_dir)
-        return _launch(args, configs, locks)
+        return _launch(args, configs, locks, inits)
     except RunDirLocked as err:
         print(f"run directory error: {err}", file=sys.stderr)
         return 2
@@ -199,8 +210,30 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
 
 
-def _launch(args: argparse.Namespace, configs: list[tuple[TrainConfig, Path]], locks: list[RunLock]) -> int:
-    """Index the data, store the configs, then run here or submit (the run directories are locked)."""
+def _check_init(cfg: TrainConfig, run_dir: Path) -> InitWeights | None:
+    """A pretraining run's ``model.init_from``, read, converted and checked against the model before anything is
+    written (None: no source, or the run directory holds its conversion already)."""
+    if not isinstance(cfg, PretrainConfig) or not cfg.model.init_from:
+        return None
+    from trainer.stages.continuation import cached_source, load_init
+    from trainer.stages.pretrained import PretrainedWeightsError
+
+    if cached_source(run_dir) == cfg.model.init_from:
+        return None
+    try:
+        return load_init(cfg)
+    except PretrainedWeightsError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _launch(
+    args: argparse.Namespace,
+    configs: list[tuple[TrainConfig, Path]],
+    locks: list[RunLock],
+    inits: dict[Path, InitWeights],
+) -> int:
+    """Index the data, store the configs and the converted ``model.init_from``, then run here or submit (the run
+    directories are locked)."""
     for cfg, run_dir in configs:
         try:
             _index_data(cfg, run_dir)
@@ -212,6 +245,12 @@ def _launch(args: argparse.Namespace, configs: list[tuple[TrainConfig, Path]], l
         try:
             if prepare_run_dir(cfg, run_dir):
                 log.info("run directory exists: resuming %s", run_dir)
+            if run_dir in inits:
+                from trainer.stages.continuation import prepare_init
+
+                assert isinstance(cfg, PretrainConfig)
+                prepare_init(cfg, run_dir, inits[run_dir])
+                log.info("model.init_from: %s (converted into %s)", inits[run_dir].describe(), run_dir / "init")
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2

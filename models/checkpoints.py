@@ -207,6 +207,42 @@ def to_official(state_dict: Mapping[str, object]) -> StateDict:
     return out
 
 
+FCMAE_DECODER = ("proj.", "mask_token", "decoder.", "pred.")
+"""Key prefixes of an FCMAE's decoder side (the 1x1 projection, mask token, decoder blocks, pixel head), the same in
+this project's :class:`models.fcmae.FCMAE` and the official release's."""
+
+
+def fcmae_layout(state_dict: Mapping[str, object]) -> str | None:
+    """``"ours"`` or ``"official"`` for an FCMAE state dict (encoder under ``encoder.``), None for any other."""
+    sd = _unwrap(state_dict)
+    if any(k.startswith("encoder.stem.conv.") for k in sd):
+        return "ours"
+    if any(k.startswith("encoder.downsample_layers.") for k in sd):
+        return "official"
+    return None
+
+
+def split_fcmae(state_dict: Mapping[str, object]) -> tuple[StateDict, StateDict]:
+    """An FCMAE state dict (this project's or the official release's, sparse) -> ``(encoder, decoder)`` in the keys
+    :class:`models.fcmae.FCMAE` holds: the encoder without the ``encoder.`` prefix, the decoder side as is (empty
+    when the file carries none, as the official release's). Keys that are neither are kept on the encoder side, so
+    that a strict load names them."""
+    sd = _unwrap(state_dict)
+    layout = fcmae_layout(sd)
+    if layout is None:
+        raise ValueError("not an FCMAE state dict: expected encoder.stem.conv.* (ours) or encoder.downsample_layers.*")
+    decoder = {k: v for k, v in sd.items() if k.startswith(FCMAE_DECODER)}
+    if layout == "ours":
+        encoder = {k.removeprefix("encoder."): v for k, v in sd.items() if not k.startswith(FCMAE_DECODER)}
+        return encoder, decoder
+    encoder = from_official({k: v for k, v in sd.items() if not k.startswith(FCMAE_DECODER)})
+    if not any(k.startswith("encoder.norm.") for k in sd):
+        encoder = {k: v for k, v in encoder.items() if not k.startswith("norm.")}  # from_official's added norm
+    # The official decoder blocks are dense ConvNeXt V2 blocks: only GRN's (1, 1, 1, C) parameters differ.
+    decoder = {k: v.reshape(-1) if k.endswith(("grn.gamma", "grn.beta")) else v for k, v in decoder.items()}
+    return encoder, decoder
+
+
 def load_foreign(state_dict: Mapping[str, object]) -> StateDict:
     """Detect the layout (ours, timm, official dense or FCMAE) and convert to ours."""
     sd = _unwrap(state_dict)

@@ -179,11 +179,15 @@ class FCMAE(nn.Module):
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         visible: int | None = None,
+        train_encoder: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``train_encoder=False`` runs the encoder without autograd (a decoder warm-up): only the decoder side gets
+        gradients, and the encoder's activations are not kept for a backward."""
         if mask is None:
             mask = self.random_mask(imgs, generator)
             visible = self.visible_patches(*self.grid_size(imgs))
-        features = self.forward_encoder(imgs, mask, visible)
+        with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+            features = self.forward_encoder(imgs, mask, visible)
         pred = self.forward_decoder(features, mask)
         return self.forward_loss(imgs, pred, mask), pred, mask
 

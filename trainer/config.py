@@ -50,6 +50,11 @@ class FCMAEModelConfig(ModelConfig):
     compile: bool = Field(False, description="torch.compile the model (gather and dense_masked backends)")
     block: Literal["v2", "v1"] = Field("v2", description="v1: ConvNeXt V1 blocks (LayerScale, no GRN), an ablation")
     sparse: bool = Field(True, description="false: dense convs on the masked image, the paper's ablation")
+    init_from: str | None = Field(
+        None,
+        description="continue pretraining from these weights (path or URL): the official FCMAE or dense ConvNeXt V2 "
+        "checkpoints, timm convnextv2 weights, this project's export or a run directory / checkpoint; None: random",
+    )
 
     @model_validator(mode="after")
     def _backend_rules(self) -> FCMAEModelConfig:
@@ -183,6 +188,17 @@ class ScheduleConfig(_Section):
     )
     spike_window: int = Field(20, ge=2, description="log intervals the spike median is taken over")
     max_rollbacks: int = Field(3, ge=0, description="rollbacks a run may make before it fails")
+
+
+class PretrainScheduleConfig(ScheduleConfig):
+    """Pretraining's schedule, plus the decoder warm-up of a continuation."""
+
+    decoder_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="train only the decoder and mask token for the first N steps of a run that starts from "
+        "model.init_from (the encoder frozen; its optimizer state starts at the switch)",
+    )
 
 
 class DeepSpeedConfig(_Section):
@@ -363,6 +379,7 @@ class PretrainConfig(RunConfig):
     model: FCMAEModelConfig = Field(default_factory=FCMAEModelConfig)
     data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
     eval: PretrainEvalConfig = Field(default_factory=PretrainEvalConfig)
+    schedule: PretrainScheduleConfig = Field(default_factory=PretrainScheduleConfig)
 
     @model_validator(mode="after")
     def _patch_rules(self) -> PretrainConfig:
@@ -381,6 +398,11 @@ class PretrainConfig(RunConfig):
             raise ValueError(
                 "pretraining's kNN probe needs both eval.knn_bank_url (the labeled bank) and data.val_url (the "
                 "queries); set both, or neither"
+            )
+        if self.schedule.decoder_warmup_steps and not self.model.init_from:
+            raise ValueError(
+                f"schedule.decoder_warmup_steps={self.schedule.decoder_warmup_steps} freezes the encoder, which only "
+                "makes sense for pretrained weights: set model.init_from, or schedule.decoder_warmup_steps=0"
             )
         return self
 

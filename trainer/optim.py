@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,21 +29,33 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,
     lr_scale: Callable[[str], float] | None = None,
+    part: Callable[[str], str] | None = None,
 ) -> list[dict]:
-    """Split trainable parameters into decay / no-decay groups (and by ``lr_scale(name)`` when given).
+    """Split trainable parameters into decay / no-decay groups (and by ``lr_scale(name)`` and ``part(name)`` when
+    given).
 
     Biases, norm weights and GRN gamma/beta take no weight decay. ``lr_scale`` (layer-wise lr decay in
     fine-tuning) multiplies the scheduled lr of a group; the scale is stored as ``lr_scale`` in the group.
+    ``part`` names the part of the model a parameter belongs to (``"encoder"``, ``"decoder"``), stored as ``part``:
+    parts that never share a group can be frozen and restarted apart (:func:`set_lr`, :func:`restart_groups`).
     """
-    groups: dict[tuple[bool, float], dict] = {}
+    groups: dict[tuple[bool, float, str], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = not no_weight_decay(name, param)
         scale = lr_scale(name) if lr_scale is not None else 1.0
+        where = part(name) if part is not None else ""
         group = groups.setdefault(
-            (decay, scale),
-            {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale},
+            (decay, scale, where),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+                "part": where,
+                "frozen": False,
+            },
         )
         group["params"].append(param)
         group["names"].append(name)
@@ -62,10 +75,13 @@ def lr_scales(layer_ids: Mapping[str, int], num_layers: int, layer_decay: float)
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, lr_scale: Callable[[str], float] | None = None
+    model: nn.Module,
+    cfg: OptimConfig,
+    lr_scale: Callable[[str], float] | None = None,
+    part: Callable[[str], str] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; the lr is set every step by :func:`set_lr`."""
-    groups = param_groups(model, cfg.weight_decay, lr_scale)
+    groups = param_groups(model, cfg.weight_decay, lr_scale, part)
     for group in groups:
         group.pop("names")
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps)
@@ -81,9 +97,42 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Apply a scheduled lr to every group, times the group's ``lr_scale``."""
+    """Apply a scheduled lr to every group, times the group's ``lr_scale``; a ``frozen`` group gets 0 (AdamW then
+    changes nothing, weight decay included)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = 0.0 if group.get("frozen") else lr * group.get("lr_scale", 1.0)
+
+
+def freeze_part(optimizer: Any, part: str, frozen: bool) -> None:
+    """Mark the groups of ``part`` (see :func:`param_groups`) frozen or not, for :func:`set_lr`. ``optimizer``: the
+    client optimizer or the DeepSpeed engine's, which exposes the client's groups."""
+    for group in optimizer.param_groups:
+        if group.get("part") == part:
+            group["frozen"] = frozen
+
+
+def restart_part(optimizer: Any, part: str) -> int:
+    """Forget the AdamW state (moments and step count) of ``part``'s groups, so that its next step is the first of a
+    fresh optimizer; returns the number of state entries reset. Finds the tensors the state is kept for under every
+    DeepSpeed optimizer: the client's own parameters (ZeRO-0, fp32), a flat fp32 partition per group (ZeRO-1/2, the
+    bf16 optimizer) or per sub-group (ZeRO-3, whose groups list their partitions only during a step)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups = [i for i, group in enumerate(inner.param_groups) if group.get("part") == part]
+    keys: list[torch.Tensor] = [p for i in groups for p in inner.param_groups[i]["params"]]
+    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    if flats is not None:
+        keys += [flat for sub, flat in enumerate(flats) if optimizer.sub_group_to_group_id[sub] in groups]
+    reset = 0
+    for key in keys:
+        state = inner.state.get(key)
+        if state:
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+                else:
+                    state[name] = type(value)(0)
+            reset += 1
+    return reset
 
 
 @dataclass(frozen=True)

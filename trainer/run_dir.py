@@ -11,6 +11,7 @@
     index/             indexes of foreign shards         mlflow.db          the default MLflow store
     failures/          one file per failed rank          hangs/             watchdog stack dumps, NCCL traces
     profile/           profiler traces                   slurm/             submitit's folders, jobs.txt, restarts
+    init/              model.init_from converted once (stages.continuation): weights.safetensors, source.json
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class RunDir:
     def index(self) -> Path:
         """Indexes of shards without a manifest whose own location was not writable."""
         return self.root / "index"
+
+    @property
+    def init(self) -> Path:
+        """``model.init_from`` converted to this project's FCMAE layout, once (:mod:`trainer.stages.continuation`)."""
+        return self.root / "init"
 
     @property
     def failures(self) -> Path:

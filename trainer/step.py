@@ -59,6 +59,7 @@ class OptimizerStep:
     def __call__(self, group: list[Batch], step: int, lr: float) -> StepResult:
         """Optimizer step ``step + 1`` over ``group`` at learning rate ``lr``."""
         cfg, env, engine = self.cfg, self.env, self.engine
+        self.stage.before_step(engine, step)
         set_lr(engine.optimizer, lr)
         skipped_before = engine.skipped_steps
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)

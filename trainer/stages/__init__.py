@@ -57,6 +57,10 @@ class Stage(Protocol):
         """Forward one micro-batch through ``engine`` and return the scalar loss, left on the device (the
         trainer reads losses only at log intervals)."""
 
+    def before_step(self, engine: Any, step: int) -> None:
+        """Called before optimizer step ``step + 1``'s micro-batches, before its lr is set (a phase of the stage
+        that begins at a step: the decoder warm-up's switch)."""
+
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
         """Called after every optimizer step (EMA updates; ``skipped``: the update was not applied)."""
 

@@ -203,6 +203,9 @@ class DetectionStage:
         losses = engine(list(batch.images), targets)
         return torch.stack(list(losses.values())).sum()
 
+    def before_step(self, engine: Any, step: int) -> None:
+        """Nothing begins at a step in this stage."""
+
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
         """Nothing to do after a detection step."""
 

@@ -187,6 +187,9 @@ class FinetuneStage:
         images, targets = self.mixup(images, labels, step=micro_step, rank=self.env.rank)
         return self.soft_target_loss(engine(images).float(), targets)
 
+    def before_step(self, engine: Any, step: int) -> None:
+        """Nothing begins at a step in this stage."""
+
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
         """Update the EMA from the new weights (a skipped step changed nothing)."""
         if self.ema is not None and not skipped:

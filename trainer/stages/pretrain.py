@@ -29,14 +29,17 @@ from trainer.export import write_metrics, write_weights
 from trainer.loaders import build_eval_loader, build_train_loader
 from trainer.observability.metrics import count_fcmae_flops
 from trainer.observability.probes import effective_rank, knn_top1, labeled, loader_features, stage_outputs
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, freeze_part, restart_part
 from trainer.run_dir import RunDir
+from trainer.stages.continuation import apply_init, cached_init
 from trainer.stages.fcmae_eval import feature_cosine_distance, save_reconstructions
 
 log = logging.getLogger(__name__)
 
 TAG_MASK = 21
 TAG_RANDOM_ENCODER = 23
+ENCODER = "encoder"
+"""The FCMAE's encoder: its parameters' names start with it; the optimizer's part the decoder warm-up freezes."""
 
 
 def sample_masks(keys: list[str], seed: int, epoch: int, num_patches: int, ratio: float) -> torch.Tensor:
@@ -81,7 +84,15 @@ class PretrainStage:
         self.cfg = cfg
         self.env = env
         self.run_dir = run_dir
-        model = build_model(cfg).to(env.device)
+        model = build_model(cfg)
+        self.init_line = "random init"
+        if cfg.model.init_from:  # a resumed run's checkpoint replaces these weights right after
+            init = cached_init(cfg, run_dir)
+            apply_init(model, init)
+            self.init_line = init.describe()
+            if env.is_main:
+                log.info("model.init_from: %s", self.init_line)
+        model = model.to(env.device)
         if cfg.model.channels_last and env.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -105,18 +116,38 @@ class PretrainStage:
         """The effective rank at the first evaluation: the reference of the collapse warning."""
         self.random_top1: float | None = None
         """The kNN top-1 of a randomly initialized encoder (measured once): the baseline pretraining must beat."""
+        self.start_top1: float | None = None
+        """With ``model.init_from``: the kNN top-1 of the encoder the run started from (measured once)."""
+        self.warmup = cfg.schedule.decoder_warmup_steps
 
     def describe(self) -> str:
         """Size and the FLOPs the masked encoder really does per image."""
         assert self.flops is not None
+        warmup = f" | decoder warm-up {self.warmup} steps" if self.warmup else ""
         return (
             f"FCMAE {self.cfg.model.size} ({self.cfg.model.backend}, mask {self.cfg.model.mask_ratio}) | "
-            f"{self.flops.masked / 1e9:.2f} GFLOPs/img train (dense-equivalent {self.flops.dense / 1e9:.2f})"
+            f"{self.flops.masked / 1e9:.2f} GFLOPs/img train (dense-equivalent {self.flops.dense / 1e9:.2f}) | "
+            f"from {self.init_line}{warmup}"
         )
 
     def optimizer(self) -> torch.optim.Optimizer:
-        """AdamW (0.9, 0.95) without weight decay on biases, norms and GRN."""
-        return build_optimizer(self.model, self.cfg.optim)
+        """AdamW (0.9, 0.95) without weight decay on biases, norms and GRN; with a decoder warm-up the encoder's
+        parameters form groups of their own (frozen, then restarted: :meth:`before_step`)."""
+        part = (lambda name: ENCODER if name.startswith(f"{ENCODER}.") else "decoder") if self.warmup else None
+        return build_optimizer(self.model, self.cfg.optim, part=part)
+
+    def before_step(self, engine: Any, step: int) -> None:
+        """The decoder warm-up: the encoder's groups frozen (lr 0) for the first ``decoder_warmup_steps`` steps;
+        at the switch its AdamW state starts afresh, so the first encoder update is a first step (bias-corrected
+        moments of one gradient), not one weighed against the warm-up's steps."""
+        if not self.warmup:
+            return
+        freeze_part(engine.optimizer, ENCODER, frozen=step < self.warmup)
+        if step == self.warmup:
+            restarted = restart_part(engine.optimizer, ENCODER)
+            if self.env.is_main:
+                log.info("decoder warm-up done after %d steps: the encoder trains from now on (AdamW state of "
+                         "%d encoder partition(s) restarted)", step, restarted)  # fmt: skip
 
     def loss(self, engine: Any, batch: Batch, step: int, micro: int) -> torch.Tensor:
         """Masked-patch loss of one micro-batch."""
@@ -127,7 +158,7 @@ class PretrainStage:
         masks = masks.to(self.env.device)
         if self._eval_batch is None:
             self._eval_batch = (images[:8].detach().clone(), masks[:8].clone())
-        loss, _, _ = engine(images, masks, visible=self.visible)
+        loss, _, _ = engine(images, masks, visible=self.visible, train_encoder=step >= self.warmup)
         return loss
 
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
@@ -159,6 +190,13 @@ class PretrainStage:
             if embedded is None:
                 return Evaluation()
             self.random_top1 = knn_top1(*embedded, ev.knn_k, ev.knn_temperature)
+        if self.start_top1 is None and self.cfg.model.init_from:  # and the encoder the run started from
+            start = build_encoder(self.cfg.model.size, block=self.cfg.model.block)
+            start.load_state_dict(cached_init(self.cfg, self.run_dir).encoder)
+            embedded = self._embed(start.to(self.env.device).eval(), passes)
+            if embedded is None:
+                return Evaluation()
+            self.start_top1 = knn_top1(*embedded, ev.knn_k, ev.knn_temperature)
         embedded = self._embed(self.model.encoder, passes)
         if embedded is None:
             return Evaluation()
@@ -176,6 +214,7 @@ class PretrainStage:
         metrics = {
             "knn_top1": top1,
             "knn_top1_random": self.random_top1,
+            **({"knn_top1_start": self.start_top1} if self.start_top1 is not None else {}),
             "effective_rank": rank,
             "knn_images": float(len(queries)),
             "knn_bank_images": float(len(embedded[0])),
@@ -210,17 +249,24 @@ class PretrainStage:
         write_metrics(out_dir, summary)
 
     def state_dict(self) -> dict[str, Any]:
-        """The collapse warning's reference (the first evaluation's effective rank), the kNN baseline, and the
+        """The collapse warning's reference (the first evaluation's effective rank), the kNN baselines, and the
         fixed evaluation batch (the run's first 8 images and masks of this rank), so that a resumed run evaluates
         (and redoes an evaluation a preemption stopped) on the same images as the uninterrupted one."""
         batch = None if self._eval_batch is None else [t.cpu() for t in self._eval_batch]
-        return {"first_rank": self.first_rank, "random_top1": self.random_top1, "eval_batch": batch}
+        return {
+            "first_rank": self.first_rank,
+            "random_top1": self.random_top1,
+            "start_top1": self.start_top1,
+            "eval_batch": batch,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
         first, random_top1 = state.get("first_rank"), state.get("random_top1")
         self.first_rank = None if first is None else float(first)
         self.random_top1 = None if random_top1 is None else float(random_top1)
+        start = state.get("start_top1")
+        self.start_top1 = None if start is None else float(start)
         batch = state.get("eval_batch")
         if batch is not None:
             self._eval_batch = (batch[0].to(self.env.device), batch[1].to(self.env.device))

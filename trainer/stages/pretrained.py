@@ -27,22 +27,24 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt")
 
 
-def read_checkpoint(url: str) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or ``.pth``/``.pt`` file (torch.load with ``weights_only=True``) at a path or
-    fsspec URL, converted to this project's layout from ours, timm's or the official release's."""
+def read_tensors(url: str, setting: str = "model.pretrained") -> dict[str, Any]:
+    """The raw dict of a ``.safetensors`` or ``.pth``/``.pt`` file (torch.load with ``weights_only=True``) at a path
+    or fsspec URL, in the layout its writer used; errors name ``setting``, the config key that gave the URL."""
     name = url.split("?", 1)[0].lower()
     if not name.endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
         raise PretrainedWeightsError(
-            f"model.pretrained={url!r}: expected a .safetensors (our export, timm) or .pth/.pt (official, timm) file"
+            f"{setting}={url!r}: expected a .safetensors (our export, timm) or .pth/.pt (official, timm) file"
         )
     try:
         with open_url(url) as f:
             data = f.read()
     except FileNotFoundError:
         raise PretrainedWeightsError(
-            f"model.pretrained={url!r} does not exist: run the pretraining stage first (it writes "
-            "export/model.safetensors) or point model.pretrained at an existing checkpoint"
+            f"{setting}={url!r} does not exist: run the pretraining stage first (it writes export/model.safetensors) "
+            f"or point {setting} at an existing checkpoint"
         ) from None
+    except Exception as exc:  # the storage client's own errors: unreachable host, credentials, bad bucket
+        raise PretrainedWeightsError(f"{setting}={url!r} cannot be read: {type(exc).__name__}: {exc}") from exc
     if name.endswith(SAFETENSORS_SUFFIXES):
         raw: Any = load_safetensors(data)
     else:
@@ -50,14 +52,22 @@ def read_checkpoint(url: str) -> dict[str, torch.Tensor]:
             raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # the unpickler raises several types for non-tensor objects
             raise PretrainedWeightsError(
-                f"model.pretrained={url!r} does not load with weights_only=True ({type(exc).__name__}: {exc}); "
+                f"{setting}={url!r} does not load with weights_only=True ({type(exc).__name__}: {exc}); "
                 "re-save only its state dict, e.g. torch.save(ckpt['model'], 'weights.pth')"
             ) from exc
     if not isinstance(raw, dict):
-        raise PretrainedWeightsError(f"model.pretrained={url!r} holds a {type(raw).__name__}, not a state dict")
+        raise PretrainedWeightsError(f"{setting}={url!r} holds a {type(raw).__name__}, not a state dict")
+    return raw
+
+
+def read_checkpoint(url: str) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file (:func:`read_tensors`) converted to this project's classifier layout from ours,
+    timm's or the official release's."""
     try:
-        return load_foreign(raw)
+        return load_foreign(read_tensors(url))
     except (KeyError, ValueError) as exc:
+        if isinstance(exc, PretrainedWeightsError):
+            raise
         raise PretrainedWeightsError(f"model.pretrained={url!r}: {exc}") from exc
 
 
