@@ -250,11 +250,23 @@ def fashion_mnist_files(root: str | Path, split: str) -> tuple[Path, Path]:
 
 
 class FashionMNISTSource:
-    """Fashion-MNIST from idx files: 28x28 grayscale, upscaled (bicubic) to ``image_size`` and made 3-channel."""
+    """Fashion-MNIST from idx files: 28x28 grayscale, upscaled (bicubic) to ``image_size`` and made 3-channel.
+
+    ``classes`` keeps the images of those classes only (a set of another domain: the bench's continuation source
+    and target); ``per_class`` keeps the first N of each class in an order drawn from ``seed`` (a few-label set).
+    """
 
     kind = "fashion-mnist"
 
-    def __init__(self, root: str | Path = FASHION_MNIST_DIR, split: str = "train", image_size: int = 64) -> None:
+    def __init__(
+        self,
+        root: str | Path = FASHION_MNIST_DIR,
+        split: str = "train",
+        image_size: int = 64,
+        classes: Sequence[int] | None = None,
+        per_class: int | None = None,
+        seed: int = 0,
+    ) -> None:
         self.root = Path(root)
         self.split = split
         images_path, labels_path = fashion_mnist_files(self.root, split)
@@ -263,13 +275,26 @@ class FashionMNISTSource:
         if self.images.ndim != 3 or len(self.images) != len(self.labels):
             raise ValueError(f"{images_path}, {labels_path}: image/label counts or shapes do not match")
         self.image_size = image_size
+        self.classes = sorted(classes) if classes is not None else list(range(len(FASHION_MNIST_CLASSES)))
+        bad = [c for c in self.classes if not 0 <= c < len(FASHION_MNIST_CLASSES)]
+        if bad:
+            raise ValueError(f"Fashion-MNIST has classes 0-{len(FASHION_MNIST_CLASSES) - 1}, not {bad}")
+        if per_class is not None and per_class < 1:
+            raise ValueError(f"per_class must be >= 1, got {per_class}")
+        self.per_class, self.seed = per_class, seed
+        order = np.arange(len(self.labels))
+        if per_class is not None:  # the first N of each class in a seeded order, then back in idx order
+            order = np.random.default_rng(seed).permutation(len(self.labels))
+            order = np.sort(np.concatenate([order[self.labels[order] == c][:per_class] for c in self.classes]))
+        self.indices = order[np.isin(self.labels[order], self.classes)]
 
     def __len__(self) -> int:
-        """Number of images in the split."""
-        return len(self.labels)
+        """Number of images kept."""
+        return len(self.indices)
 
     def load(self, index: int) -> SourceSample:
-        """Image ``index`` upscaled to a square RGB image; the key keeps the idx index."""
+        """Kept image ``index`` upscaled to a square RGB image; the key keeps the idx index."""
+        index = int(self.indices[index])
         image = PIL.Image.fromarray(self.images[index])  # uint8 HxW -> mode "L"
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), PIL.Image.Resampling.BICUBIC)
@@ -279,11 +304,15 @@ class FashionMNISTSource:
 
     def describe(self) -> dict[str, Any]:
         """Split, classes and the original resolution."""
+        subset = {"kept_classes": self.classes} if len(self.classes) < len(FASHION_MNIST_CLASSES) else {}
+        if self.per_class is not None:
+            subset.update(per_class=self.per_class, per_class_seed=self.seed)
         return {
             "split": self.split,
             "classes": list(FASHION_MNIST_CLASSES),
             "num_classes": len(FASHION_MNIST_CLASSES),
             "original_size": list(self.images.shape[1:]),
+            **subset,
         }
 
 
@@ -417,10 +446,17 @@ def build_source(
     image_size: int | None,
     split: str = "train",
     image_root: str | None = None,
+    classes: Sequence[int] | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
 ) -> Source:
-    """Construct the source named ``kind`` (imagefolder, list, fashion-mnist, coco)."""
+    """Construct the source named ``kind`` (imagefolder, list, fashion-mnist, coco); ``classes``, ``per_class`` and
+    ``seed`` select a subset of Fashion-MNIST (:class:`FashionMNISTSource`)."""
     if kind == "fashion-mnist":
-        return FashionMNISTSource(input_path or FASHION_MNIST_DIR, split=split, image_size=image_size or 64)
+        root = input_path or FASHION_MNIST_DIR
+        return FashionMNISTSource(root, split, image_size or 64, classes=classes, per_class=per_class, seed=seed)
+    if classes is not None or per_class is not None:
+        raise ValueError("--classes and --per-class select from Fashion-MNIST's labels: use them with that source")
     if input_path is None:
         raise ValueError(f"--source {kind} needs --input")
     if kind == "imagefolder":

@@ -43,6 +43,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="train", choices=("train", "test"), help="Fashion-MNIST split")
     p.add_argument("--image-root", help="COCO image folder (default: images/ beside the JSON)")
     p.add_argument("--prefix", help="shard name prefix (default: the split for Fashion-MNIST, else 'shard')")
+    p.add_argument(
+        "--classes", type=lambda text: [int(c) for c in text.split(",")],
+        help="Fashion-MNIST: keep these classes only, e.g. 5,6,7,8,9",
+    )  # fmt: skip
+    p.add_argument(
+        "--per-class", type=int,
+        help="Fashion-MNIST: keep N images of each class, drawn with --shuffle-seed (a few-label set)",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, help="write only the first N samples (after shuffling)")
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the write order shuffle (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
@@ -61,8 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         source = build_source(
-            args.source, args.input, image_size=args.image_size, split=args.split, image_root=args.image_root
-        )
+            args.source, args.input, image_size=args.image_size, split=args.split, image_root=args.image_root,
+            classes=args.classes, per_class=args.per_class, seed=args.shuffle_seed,
+        )  # fmt: skip
         config = WriterConfig(
             output=args.output,
             image_format=args.format,

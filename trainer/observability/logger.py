@@ -118,7 +118,8 @@ def result_line(metrics: dict[str, Any]) -> str:
     if stage == "pretrain":
         text = f"loss {metrics.get('first_loss', float('nan')):.3f} -> {metrics.get('final_loss', float('nan')):.3f}"
         if "knn_top1" in metrics:
-            text += f", kNN top-1 {metrics['knn_top1']:.1f}% (random init {metrics['knn_top1_random']:.1f}%)"
+            start = f"at start {metrics['knn_top1_start']:.1f}%, " if "knn_top1_start" in metrics else ""
+            text += f", kNN top-1 {metrics['knn_top1']:.1f}% ({start}random init {metrics['knn_top1_random']:.1f}%)"
         return text
     if stage == "finetune":
         text = f"top-1 {metrics.get('top1', float('nan')):.1f}%"

@@ -102,6 +102,10 @@ def read_init(source: str) -> InitWeights:
     path = Path(source)
     if "://" not in source and path.is_dir():
         return _read_directory(path, source)
+    if "://" not in source and not path.exists():
+        raise PretrainedWeightsError(
+            f"{SETTING}={source!r} does not exist: point it at a weights file, an export or a run directory"
+        )
     name = source.split("?", 1)[0].lower()
     if not name.endswith((".safetensors", ".pth", ".pt")):  # a remote export directory
         fs, remote = url_to_fs(source)
