@@ -19,7 +19,7 @@ DEMO_SETS  := $(DEMO_DATA)/train/manifest.json $(DEMO_DATA)/test/manifest.json \
               $(DEMO_DATA)/knn-train/manifest.json $(DEMO_DATA)/knn-test/manifest.json \
               $(DET_DATA)/train/manifest.json $(DET_DATA)/val/manifest.json
 
-.PHONY: setup system-deps demo test lint typecheck pytest bench minkowski gpu-kit gpu-rehearsal clean
+.PHONY: setup system-deps demo demo-continue test lint typecheck pytest bench minkowski gpu-kit gpu-rehearsal clean
 
 setup: $(STAMP) system-deps
 
@@ -70,6 +70,12 @@ $(DET_DATA)/%/manifest.json: | setup
 demo: setup $(DEMO_SETS)
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/runs/mlflow.db $(BIN)/python cluster/launch.py --local \
 	    --config demo_fcmae --chain demo_finetune --chain demo_maskrcnn
+
+# The quick start's continuation (after `make demo`): the demo's FCMAE export continued on another set, the
+# detection demo's canvases, with the kNN probe at its start and its end; the same MLflow store.
+demo-continue: setup $(DEMO_SETS)
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/runs/mlflow.db $(BIN)/python cluster/launch.py --local \
+	    --config demo_fcmae_continue
 
 lint: setup
 	$(BIN)/ruff format --check .

@@ -304,7 +304,9 @@ class FashionMNISTSource:
 
     def describe(self) -> dict[str, Any]:
         """Split, classes and the original resolution."""
-        subset = {"kept_classes": self.classes} if len(self.classes) < len(FASHION_MNIST_CLASSES) else {}
+        subset: dict[str, Any] = {}
+        if len(self.classes) < len(FASHION_MNIST_CLASSES):
+            subset["kept_classes"] = self.classes
         if self.per_class is not None:
             subset.update(per_class=self.per_class, per_class_seed=self.seed)
         return {

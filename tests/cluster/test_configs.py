@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from cluster.launch import main as launch
-from trainer.config import available_configs
+from trainer.config import PretrainConfig, available_configs, load_config
 
 SIZES = ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"]
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,20 @@ def test_every_config_passes_dry_run_or_says_why(name: str, capsys: pytest.Captu
 
 def test_named_configs_are_the_product() -> None:
     names = set(available_configs())
-    assert {f"{s}_{kind}" for s in SIZES for kind in ("fcmae", "finetune", "maskrcnn")} <= names
+    assert {f"{s}_{kind}" for s in SIZES for kind in ("fcmae", "fcmae_continue", "finetune", "maskrcnn")} <= names
+    for size in SIZES:  # a continuation keeps its size's batch, sharding and cluster, on a shorter, gentler schedule
+        paper = load_config(f"{size}_fcmae")
+        cont = load_config(f"{size}_fcmae_continue", ["model.init_from=weights.pt"])
+        assert isinstance(cont, PretrainConfig) and isinstance(paper, PretrainConfig)
+        assert (cont.data, cont.deepspeed, cont.cluster, cont.model.size) == (
+            paper.data,
+            paper.deepspeed,
+            paper.cluster,
+            paper.model.size,
+        )
+        assert cont.optim.betas == paper.optim.betas and cont.optim.weight_decay == paper.optim.weight_decay
+        assert cont.optim.base_lr < paper.optim.base_lr and cont.schedule.epochs < paper.schedule.epochs
+        assert cont.schedule.decoder_warmup_steps > 0
 
 
 TINY_RUN = [

@@ -93,6 +93,24 @@ def test_fashion_mnist_is_upscaled_to_the_requested_size(tmp_path: Path) -> None
         np.testing.assert_array_equal(rgb[..., 1], expected)
 
 
+@needs_fmnist
+def test_fashion_mnist_subsets_keep_the_chosen_classes_and_n_per_class_drawn_from_the_seed(tmp_path: Path) -> None:
+    def labels(*args: str) -> dict[str, int]:
+        out = tmp_path / "-".join(args).replace(",", "_")
+        cmd = ["--source", "fashion-mnist", "--split", "test", "--image-size", "28", "--output", str(out), "--quiet"]
+        assert main([*cmd, *args]) == 0
+        return {key: int(files["cls"]) for key, files in read_set(out).items()}
+
+    target = labels("--classes", "5,6,7,8,9")
+    assert len(target) == 5000 and set(target.values()) == {5, 6, 7, 8, 9}
+    few = labels("--classes", "5,6,7,8,9", "--per-class", "3", "--shuffle-seed", "0")
+    assert sorted(few.values()) == [c for c in (5, 6, 7, 8, 9) for _ in range(3)]
+    assert few.keys() <= target.keys()
+    assert few == labels("--per-class", "3", "--classes", "5,6,7,8,9", "--shuffle-seed", "0")  # the same draw
+    other = labels("--classes", "5,6,7,8,9", "--per-class", "3", "--shuffle-seed", "1")
+    assert sorted(other.values()) == sorted(few.values()) and other.keys() != few.keys()  # another seed, others
+
+
 def test_rerun_refuses_existing_output_unless_overwrite(
     tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

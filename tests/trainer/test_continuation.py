@@ -9,6 +9,7 @@ source without a decoder must leave the decoder exactly as a fresh run of the sa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from data.storage import open_url
 from models.convnextv2 import build_encoder
 from models.fcmae import FCMAE
+from tests.support.env import http_server
 from tests.support.launch import launch
 from tests.support.official import official_decoder, official_model, to_sparse_fcmae_layout
 from tests.support.tensors import randomize_, rel_err
@@ -184,3 +187,58 @@ def test_the_launcher_refuses_a_source_before_writing_and_the_dry_run_says_what_
     assert f"init from         timm convnextv2 from {timm_file}: encoder 136 tensors" in out
     assert "decoder fresh" in out
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_the_quick_start_continuation_reports_the_probe_at_its_start_and_end(
+    det_shards: tuple[str, str],
+    fmnist_shards: str,
+    fmnist_test_shards: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``demo_fcmae_continue`` (the README's ``make demo-continue``) on the test-sized sets: it continues a full
+    FCMAE export on detection canvases and reports the kNN of the encoder it started from next to its final one."""
+    export = tmp_path / "demo_fcmae" / "export"
+    trained = randomize_(FCMAE("atto"), seed=11)
+    write_weights(export / "fcmae.safetensors", trained.state_dict(), {"size": "atto"})
+    run_dir = tmp_path / "run"
+    code = launch(
+        run_dir, f"model.init_from={export}", "model.decoder_dim=512", f"data.train_url={det_shards[0]}",
+        "data.batch_size=8", "schedule.max_steps=4", "schedule.decoder_warmup_steps=2", "eval.every_steps=4",
+        f"eval.knn_bank_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}", config="demo_fcmae_continue",
+    )  # fmt: skip
+    assert code == 0
+    metrics = json.loads((run_dir / "export" / "metrics.json").read_text())
+    start, end, random = metrics["knn_top1_start"], metrics["knn_top1"], metrics["knn_top1_random"]
+    assert start != random  # the start probe ran on the loaded encoder, not on the random baseline
+    out = capsys.readouterr().out
+    assert f"kNN top-1 {end:.1f}% (at start {start:.1f}%, random init {random:.1f}%)" in out
+    assert (run_dir / "init" / "source.json").is_file()
+
+
+def test_sources_load_from_s3_and_http_as_from_disk(s3_bucket: str, tmp_path: Path) -> None:
+    """A file on S3 (moto's real S3 API behind s3fs), an export directory on S3, a file over HTTP (a local
+    ``http.server``: fsspec's HTTP filesystem, as for https://) give exactly the tensors the same files give on disk."""
+    served = tmp_path / "served"
+    reference = official_model("atto")
+    served.mkdir()
+    torch.save({"model": to_sparse_fcmae_layout(reference.state_dict())}, served / "fcmae.pt")
+    trained = randomize_(FCMAE("atto"), seed=12)
+    write_weights(tmp_path / "export" / "fcmae.safetensors", trained.state_dict(), {"size": "atto"})
+    with open_url(f"{s3_bucket}/run/export/fcmae.safetensors", "wb") as f:
+        f.write((tmp_path / "export" / "fcmae.safetensors").read_bytes())
+    on_disk = load_init(_cfg(tmp_path / "export"))
+    on_s3 = load_init(_cfg(f"{s3_bucket}/run/export"))  # the export directory's URL
+    assert on_s3.layout == on_disk.layout == "this project's FCMAE"
+    for part in ("encoder", "decoder"):
+        mine, theirs = getattr(on_disk, part), getattr(on_s3, part)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with http_server(served) as base:
+        over_http = load_init(_cfg(f"{base}/fcmae.pt"))
+        from_disk = load_init(_cfg(served / "fcmae.pt"))
+        assert all(torch.equal(over_http.encoder[k], v) for k, v in from_disk.encoder.items())
+        with pytest.raises(PretrainedWeightsError, match="does not exist"):
+            load_init(_cfg(f"{base}/convnextv2_atto_1k_224_fcmae.pt"))
+    with pytest.raises(PretrainedWeightsError, match="does not exist"):
+        load_init(_cfg(f"{s3_bucket}/missing/model.safetensors"))
