@@ -66,6 +66,11 @@ def run_inputs(cfg: TrainConfig, run_dir: Path) -> list[RunInput]:
     upstream = getattr(cfg.model, "pretrained", None)
     if upstream:
         inputs.append(_export(upstream))
+    init_from = getattr(cfg.model, "init_from", None)
+    if init_from:  # digested as loaded: the conversion the launcher stored in the run directory
+        from trainer.stages.continuation import WEIGHTS_FILE
+
+        inputs.append(_export(str(RunDir(run_dir).init / WEIGHTS_FILE), shown=init_from, context="init_from"))
     return _merge_roles(inputs)
 
 
@@ -105,16 +110,18 @@ def _shard_set(url: str, context: str, index_dir: str, weight: float | None = No
     return RunInput(source_label(url), context, redact("url", url), _source_type(url), digest, profile)
 
 
-def _export(url: str) -> RunInput:
+def _export(url: str, shown: str | None = None, context: str = "upstream") -> RunInput:
+    """Weights a run starts from, digested from ``url``, named by ``shown`` (default ``url``)."""
     sha, size = hashlib.sha256(), 0
     with open_url(url) as f:
         while chunk := f.read(1 << 20):
             sha.update(chunk)
             size += len(chunk)
     profile = {"bytes": size}
-    return RunInput(
-        "upstream-export", "upstream", redact("url", url), _source_type(url), sha.hexdigest()[:DIGEST_CHARS], profile
-    )
+    shown = shown or url
+    digest = sha.hexdigest()[:DIGEST_CHARS]
+    return RunInput(f"{context.replace('_', '-')}-weights" if context != "upstream" else "upstream-export", context,
+                    redact("url", shown), _source_type(shown), digest, profile)  # fmt: skip
 
 
 def as_mlflow(inputs: list[RunInput]) -> list[Any]:

@@ -161,7 +161,7 @@ class Tracker:
 
             self.log_config(resolved)
             self._client.log_inputs(self.run_id, datasets=as_mlflow(run_inputs(cfg, self.run_dir)))
-            upstream = getattr(cfg.model, "pretrained", None)
+            upstream = getattr(cfg.model, "pretrained", None) or getattr(cfg.model, "init_from", None)
             if upstream:
                 self.link_upstream(upstream)
 
@@ -265,12 +265,15 @@ class Tracker:
         log.info("registered the export as %s version %s", name, version.version)
 
     def link_upstream(self, export: str) -> None:
-        """Name the logged model a transfer stage starts from (``model.pretrained``, when its export directory
-        says which model it is) as an input of this run: the chain of stages is then visible in the UI."""
+        """Name the logged model a stage starts from (``model.pretrained`` or ``model.init_from``: an export's file,
+        the export directory or its run directory, when the export says which model it is) as an input of this run:
+        the chain of stages is then visible in the UI."""
         if not self.enabled or self.run_id is None or "://" in export:
             return
-        id_file = Path(export).parent / MODEL_ID_FILE
-        if id_file.exists():
+        path = Path(export)
+        found = [p / MODEL_ID_FILE for p in (path.parent, path, path / "export") if (p / MODEL_ID_FILE).is_file()]
+        if found:
+            id_file = found[0]
             from mlflow.entities import LoggedModelInput
 
             model_id = id_file.read_text().strip()
