@@ -16,19 +16,18 @@ target training images, effective rank of their features) and by fine-tuning wit
 per class of the target training set, drawn from the seed; top-1 on all 5,000 target test images). Every run goes
 through ``cluster/launch.py --local``. Prints mean and standard deviation over seeds.
 
-    python bench/continuation.py --seeds 0 1 --source-steps 600 --steps 300 --warmup 50 --finetune-steps 100
+    python -m bench.continuation --seeds 0 1 --source-steps 600 --steps 300 --warmup 50 --finetune-steps 100
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from cluster.launch import main as launch
+from bench.fidelity import launch_once
 
 DATA = Path("runs/data/fashion-mnist-64")
 SOURCE_CLASSES, TARGET_CLASSES = "0,1,2,3,4", "5,6,7,8,9"
@@ -42,15 +41,6 @@ def class_set(name: str, split: str, classes: str, *extra: str) -> Path:
         cmd += ["--image-size", "64", "--classes", classes, "--samples-per-shard", "5000", *extra]
         subprocess.run([*cmd, "--output", str(out), "--overwrite", "--quiet"], check=True)
     return out
-
-
-def _launch(config: str, run_dir: Path, overrides: list[str]) -> dict:
-    metrics = run_dir / "export" / "metrics.json"
-    if not metrics.exists():
-        code = launch(["--config", config, "--local", "--run-dir", str(run_dir), *overrides])
-        if code != 0:
-            raise RuntimeError(f"{config} in {run_dir} exited with {code}")
-    return json.loads(metrics.read_text())
 
 
 def main() -> None:
@@ -74,7 +64,7 @@ def main() -> None:
     probe.append("tracking.register_as=null")  # demo_fcmae registers its encoder; these runs are measurements
 
     source_run = args.out / "source"
-    _launch(
+    launch_once(
         "demo_fcmae", source_run,
         [f"data.train_url={source_train}", "seed=100", f"schedule.max_steps={args.source_steps}",
          f"eval.every_steps={args.source_steps}", *probe],
@@ -94,7 +84,7 @@ def main() -> None:
         base = [f"seed={seed}", f"data.train_url={target_train}", f"schedule.max_steps={args.steps}"]
         for name, extra in arms.items():
             run_dir = args.out / f"seed{seed}" / name
-            metrics = _launch("demo_fcmae", run_dir, [*base, f"eval.every_steps={args.steps}", *probe, *extra])
+            metrics = launch_once("demo_fcmae", run_dir, [*base, f"eval.every_steps={args.steps}", *probe, *extra])
             weights = run_dir / "export" / "model.safetensors"
             results[name].append(metrics | _finetune(weights, labeled, seed, args, name))
         # The source encoder itself on the target probes: a continuation of no steps (its kNN is the start probe).
@@ -132,7 +122,7 @@ def _finetune(weights: Path, labeled: Path, seed: int, args: argparse.Namespace,
     target_test = DATA / "target-test"
     run_dir = args.out / f"seed{seed}" / f"{name}_finetune"
     batch = min(64, args.labels * 5)
-    metrics = _launch(
+    metrics = launch_once(
         "demo_finetune", run_dir,
         [f"seed={seed}", f"model.pretrained={weights}", f"data.train_url={labeled}", f"data.val_url={target_test}",
          f"data.batch_size={batch}", "schedule.epochs=1000", f"schedule.max_steps={args.finetune_steps}",

@@ -53,7 +53,9 @@ def probe_set(split: str, images: int) -> Path:
     return out
 
 
-def _launch(config: str, run_dir: Path, overrides: list[str]) -> dict:
+def launch_once(config: str, run_dir: Path, overrides: list[str]) -> dict:
+    """Run ``config`` through ``cluster/launch.py --local`` in ``run_dir`` unless it finished there already; returns
+    its ``export/metrics.json`` (a bench re-run picks up where it stopped)."""
     metrics = run_dir / "export" / "metrics.json"
     if not metrics.exists():
         code = launch(["--config", config, "--local", "--run-dir", str(run_dir), *overrides])
@@ -86,12 +88,12 @@ def run_seed(seed: int, args: argparse.Namespace, bank: Path, queries: Path) -> 
         overrides = [f"seed={seed}", f"schedule.max_steps={args.pretrain_steps}", size, "tracking.log_every=50"]
         # One evaluation, at the end (plus the random-encoder baseline before the first step).
         overrides += [f"eval.every_steps={args.pretrain_steps}", f"eval.knn_bank_url={bank}", f"data.val_url={queries}"]
-        results[name] = _launch("demo_fcmae", args.out / f"seed{seed}" / name, [*overrides, *extra])
+        results[name] = launch_once("demo_fcmae", args.out / f"seed{seed}" / name, [*overrides, *extra])
         results[name]["effective_rank_init"] = rank_at_init([*overrides, *extra], queries, args.image_size)
     for name, source in FINETUNE.items():
         weights = "null" if source is None else str(args.out / f"seed{seed}" / source / "export" / "model.safetensors")
         overrides = [f"seed={seed}", f"schedule.max_steps={args.finetune_steps}", size, f"model.pretrained={weights}"]
-        results[name] = _launch(
+        results[name] = launch_once(
             "demo_finetune", args.out / f"seed{seed}" / name, [*overrides, f"data.val_url={queries}"]
         )
     return results

@@ -34,6 +34,7 @@ def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
     cfg = load_config("demo_fcmae", [*TINY, f"deepspeed.zero_stage={stage}", "data.batch_size=2"])
     stage_ = PretrainStage.__new__(PretrainStage)  # only its loss(): no loader needed
     stage_.cfg, stage_.env, stage_.num_patches, stage_.visible, stage_._eval_batch = cfg, env, 4, 1, None
+    stage_.warmup = 0  # no decoder warm-up
     gen = torch.Generator().manual_seed(rank)
     good = [
         (torch.randn(2, 3, 64, 64, generator=gen), torch.zeros(2), [f"k{rank}{i}", f"k{rank}{i}b"]) for i in range(2)
