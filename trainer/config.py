@@ -145,6 +145,11 @@ class FinetuneSection(_Section):
     re_prob: float = Field(0.25, ge=0.0, le=1.0, description="RandomErasing probability")
     crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="eval center-crop fraction")
     head_init_scale: float = Field(0.001, gt=0.0, description="scale of the new classifier's initial weights")
+    linear_probe: bool = Field(
+        False,
+        description="linear probing: only a new head trains, on the frozen trunk's pooled features normalized by a "
+        "BatchNorm without affine (MAE's protocol), with LARS; no mixup, RandAugment, erasing or drop path",
+    )
 
 
 class DetectionSection(_Section):
@@ -425,6 +430,21 @@ class FinetuneConfig(_ValidatedRunConfig):
     stage: Literal["finetune"] = Field("finetune", description="what this run trains")
     model: ClassifierModelConfig = Field(default_factory=ClassifierModelConfig)
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+
+    @model_validator(mode="after")
+    def _probe_rules(self) -> FinetuneConfig:
+        ft = self.finetune
+        if not ft.linear_probe:
+            return self
+        changes = {"finetune.mixup": ft.mixup, "finetune.cutmix": ft.cutmix, "finetune.re_prob": ft.re_prob,
+                   "finetune.auto_augment": ft.auto_augment, "model.drop_path": self.model.drop_path}  # fmt: skip
+        active = [f"{key}={value!r}" for key, value in changes.items() if value]
+        if active:
+            raise ValueError(
+                f"finetune.linear_probe trains a linear head on the frozen trunk's features, which {', '.join(active)} "
+                "would change (or whose labels they would mix): set them to 0 or '' (the *_linprobe recipes do)"
+            )
+        return self
 
 
 class DetectionConfig(_ValidatedRunConfig):

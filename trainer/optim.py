@@ -87,6 +87,15 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps)
 
 
+def build_sgd(model: nn.Module, cfg: OptimConfig, momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD with momentum over :func:`param_groups` (the trainable parameters only): the linear probe's optimizer,
+    as MoCo's and SimCLR's linear evaluations use at ordinary batch sizes (MAE's LARS only pays at 16k)."""
+    groups = param_groups(model, cfg.weight_decay)
+    for group in groups:
+        group.pop("names")
+    return torch.optim.SGD(groups, lr=0.0, momentum=momentum)
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``peak_lr``, then cosine to ``min_lr``."""
     if warmup_steps > 0 and step < warmup_steps:

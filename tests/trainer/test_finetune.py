@@ -3,13 +3,16 @@ restored on resume, and a real run on Fashion-MNIST that learns well above chanc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import fsspec
+import numpy as np
 import pytest
 import timm
 import torch
@@ -18,15 +21,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data.loader import IGNORE_LABEL
+from data.sources import FashionMNISTSource, SourceSample
+from data.writer import WriterConfig, write_shards
 from models.checkpoints import to_official, to_timm
 from models.convnextv2 import build
 from models.fcmae import FCMAE
 from tests.support.launch import launch, logged_steps
+from tests.support.tensors import rel_err
 from trainer.config import load_config
 from trainer.distributed import DistEnv
 from trainer.optim import lr_scales, param_groups
 from trainer.rendezvous import free_port
-from trainer.stages.finetune import FinetuneStage, eval_counts, init_head
+from trainer.stages.finetune import FinetuneStage, attach_probe, eval_counts, init_head
 from trainer.stages.pretrained import PretrainedWeightsError, load_pretrained
 
 LD = 0.8
@@ -256,3 +262,64 @@ def test_ema_is_restored_on_resume(tmp_path: Path) -> None:
         torch.testing.assert_close(value, restored, rtol=0, atol=1e-6)
     restarted = {k: decay * first["model"][k] + (1 - decay) * model[k] for k in ema}
     assert any(not torch.allclose(ema[k], restarted[k], atol=1e-4) for k in ema)
+
+
+class _ShuffledLabels:
+    """A Fashion-MNIST source whose labels are those of other images (a fixed permutation): nothing to learn."""
+
+    kind = "fashion-mnist"
+
+    def __init__(self, base: FashionMNISTSource) -> None:
+        self.base = base
+        self.perm = np.random.default_rng(0).permutation(len(base))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def load(self, index: int) -> SourceSample:
+        other = int(self.base.labels[self.base.indices[self.perm[index]]])
+        return dataclasses.replace(self.base.load(index), label=other)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.base.describe(), "labels": "shuffled"}
+
+
+@pytest.mark.slow
+def test_a_linear_probe_learns_separable_features_not_shuffled_labels_and_leaves_the_trunk(
+    fmnist_shards: str, fmnist_test_shards: str, tmp_path: Path
+) -> None:
+    """The probe (``finetune.linear_probe``, ``demo_linprobe``) on a random-init trunk: Fashion-MNIST's pooled
+    features are linearly separable far above chance, the same images with shuffled labels are not; the trunk ends
+    exactly as built; the export (BatchNorm folded into the head) gives the probe's logits."""
+    shuffled = tmp_path / "shuffled"
+    base = FashionMNISTSource(split="train", image_size=64)  # the same 768 images as fmnist_shards, other labels
+    config = WriterConfig(output=str(shuffled), samples_per_shard=128, limit=768, progress=False)
+    write_shards(_ShuffledLabels(base), config)
+    common = [f"data.val_url={fmnist_test_shards}", "data.batch_size=32", "model.pretrained=null", "schedule.epochs=2",
+              "schedule.max_steps=48", "eval.every_steps=1000", "checkpoint.every_steps=48"]  # fmt: skip
+    top1 = {}
+    for name, train in (("separable", fmnist_shards), ("shuffled", str(shuffled))):
+        run_dir = tmp_path / name
+        assert launch(run_dir, f"data.train_url={train}", *common, config="demo_linprobe") == 0
+        top1[name] = json.loads((run_dir / "export" / "metrics.json").read_text())["top1"]
+    print("linear probe top-1:", top1)
+    assert top1["separable"] >= 45.0 and top1["shuffled"] <= 20.0, top1  # chance: 10%
+
+    run_dir = tmp_path / "separable"
+    exported = load_file(str(run_dir / "export" / "model.safetensors"))
+    torch.manual_seed(0)  # the run's seed: the trunk as the stage built it
+    built = build("atto", num_classes=10).state_dict()
+    assert exported.keys() == built.keys()  # the plain classifier's layout: the next stage loads it
+    trunk = [k for k in built if not k.startswith("head.")]
+    assert all(torch.equal(exported[k], built[k]) for k in trunk)
+    assert not torch.equal(exported["head.weight"], built["head.weight"])
+    # The probe as trained (the last checkpoint's module: BatchNorm, then the head) against the folded export.
+    saved = torch.load(run_dir / "checkpoints" / "step_00000048" / "mp_rank_00_model_states.pt", weights_only=False)
+    probe = build("atto", num_classes=10)
+    attach_probe(probe)
+    probe.load_state_dict(saved["module"])
+    folded = build("atto", num_classes=10)
+    folded.load_state_dict(exported)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(folded.eval()(x), probe.eval()(x)) < 1e-5

@@ -18,7 +18,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -38,13 +38,58 @@ from trainer.evaluation import EvalPasses, Evaluation
 from trainer.export import write_metrics, write_weights
 from trainer.loaders import build_eval_loader, build_train_loader
 from trainer.observability.metrics import FlopCount, flop_counter
-from trainer.optim import build_optimizer, lr_scales
+from trainer.optim import build_optimizer, build_sgd, lr_scales
 from trainer.run_dir import RunDir
 from trainer.stages.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
 HEAD_STD = 0.02  # the trunk's init std; the head starts at HEAD_STD * head_init_scale
+PROBE_BN_EPS = 1e-6  # MAE's linear probe: BatchNorm1d(affine=False, eps=1e-6) before the head
+
+
+class ProbeHead(nn.Sequential):
+    """The linear probe's head: a BatchNorm without affine on the pooled, normalized features, then the linear
+    classifier (MAE's protocol). Exported folded into one Linear (:func:`classifier_state`)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(nn.BatchNorm1d(linear.in_features, affine=False, eps=PROBE_BN_EPS), linear)
+
+    @property
+    def linear(self) -> nn.Linear:
+        return cast(nn.Linear, self[1])
+
+    @property
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The BatchNorm's running mean and variance (buffers, updated in place)."""
+        bn = cast(nn.BatchNorm1d, self[0])
+        assert bn.running_mean is not None and bn.running_var is not None
+        return bn.running_mean, bn.running_var
+
+
+def attach_probe(model: ConvNeXtV2) -> ProbeHead:
+    """Freeze every parameter but the head's and put the probe's BatchNorm in front of the head."""
+    if not isinstance(model.head, nn.Linear):
+        raise ValueError("model.num_classes must be >= 1 for a linear probe (it trains the classifier's head)")
+    model.head = head = ProbeHead(model.head)
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("head.")
+    return head
+
+
+def classifier_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights in the layout ``build(size, num_classes)`` loads: a probe's BatchNorm folded into its Linear
+    (``W' = W / sqrt(var + eps)``, ``b' = b - W' mean``), so a probed classifier is an ordinary one."""
+    head = getattr(model, "head", None)
+    state = model.state_dict()
+    if not isinstance(head, ProbeHead):
+        return state
+    mean, var = head.stats
+    with torch.no_grad():
+        weight = head.linear.weight * (var + PROBE_BN_EPS).rsqrt()
+        bias = head.linear.bias - weight @ mean
+    out = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return {**out, "head.weight": weight.clone(), "head.bias": bias.clone()}
 
 
 def init_head(model: ConvNeXtV2, head_init_scale: float) -> None:
@@ -69,10 +114,13 @@ def eval_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def count_classifier_flops(model: nn.Module, image_size: int, device: torch.device) -> FlopCount:
     """Training FLOPs (forward + backward) per image; a dense model does what it counts (masked == dense)."""
+    training = model.training
+    model.eval()  # one image: a linear probe's BatchNorm has no batch statistics of it (the count is the same)
     with flop_counter() as counter:
         model(torch.zeros(1, 3, image_size, image_size, device=device)).sum().backward()
     model.zero_grad(set_to_none=True)
     flops = float(counter.get_total_flops())
+    model.train(training)
     return FlopCount(masked=flops, dense=flops)
 
 
@@ -126,6 +174,7 @@ class FinetuneStage:
         if cfg.model.pretrained:
             load_pretrained(model, cfg.model.pretrained, cfg.model.size)
         init_head(model, ft.head_init_scale)
+        self.probe = attach_probe(model) if ft.linear_probe else None
         if cfg.model.channels_last and env.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -160,6 +209,12 @@ class FinetuneStage:
         """Size, classes, where the weights come from, the recipe's regularizers and the FLOPs per image."""
         cfg, ft = self.cfg, self.cfg.finetune
         assert self.flops is not None
+        if ft.linear_probe:
+            return (
+                f"ConvNeXt V2-{cfg.model.size} linear probe ({cfg.model.num_classes} classes) on the frozen trunk of "
+                f"{cfg.model.pretrained or 'random init'} | BatchNorm (no affine) + linear head, SGD momentum 0.9 | "
+                f"EMA {ft.ema_decay or 'off'} | smoothing {ft.label_smoothing}"
+            )
         return (
             f"ConvNeXt V2-{cfg.model.size} fine-tune ({cfg.model.num_classes} classes) from "
             f"{cfg.model.pretrained or 'random init'} | layer decay {ft.layer_decay} per {ft.layer_decay_grouping} | "
@@ -168,8 +223,10 @@ class FinetuneStage:
         )
 
     def optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over no-decay and layer-decay groups."""
+        """AdamW over no-decay and layer-decay groups; a linear probe: SGD with momentum over the head."""
         ft = self.cfg.finetune
+        if ft.linear_probe:
+            return build_sgd(self.model, self.cfg.optim)
         grouping = ft.layer_decay_grouping
         scales = lr_scales(self.model.layer_ids(grouping), self.model.num_layers(grouping), ft.layer_decay)
         return build_optimizer(self.model, self.cfg.optim, lr_scale=scales)
@@ -191,7 +248,12 @@ class FinetuneStage:
         """Nothing begins at a step in this stage."""
 
     def after_step(self, engine: Any, step: int, skipped: bool) -> None:
-        """Update the EMA from the new weights (a skipped step changed nothing)."""
+        """Average a probe's BatchNorm statistics over the ranks (every rank then holds the same, as the checkpoint
+        does); update the EMA from the new weights (a skipped step changed nothing)."""
+        if self.probe is not None and dist.is_initialized() and dist.get_world_size() > 1:
+            for stats in self.probe.stats:
+                dist.all_reduce(stats)
+                stats.div_(dist.get_world_size())
         if self.ema is not None and not skipped:
             self.ema.update(self.model)
 
@@ -228,7 +290,7 @@ class FinetuneStage:
         weights = self.ema.module if self.best.source == "ema" and self.ema is not None else self.model
         path = RunDir(self.run_dir).export / "best.safetensors"
         extra = {"source": self.best.source, "step": str(self.best.step), "top1": f"{self.best.top1:.4f}"}
-        write_weights(path, weights.state_dict(), {**self._metadata(), **extra})
+        write_weights(path, classifier_state(weights), {**self._metadata(), **extra})
 
     def _metadata(self) -> dict[str, str]:
         cfg = self.cfg
@@ -238,9 +300,9 @@ class FinetuneStage:
         """``model.safetensors`` (final weights, for ``build(size, num_classes)``), ``ema.safetensors``,
         ``metrics.json`` (the loop's summary with the last evaluation, plus the best top-1)."""
         meta = {**self._metadata(), "step": str(summary.get("steps", ""))}
-        write_weights(out_dir / "model.safetensors", self.model.state_dict(), meta)
+        write_weights(out_dir / "model.safetensors", classifier_state(self.model), meta)
         if self.ema is not None:
-            write_weights(out_dir / "ema.safetensors", self.ema.module.state_dict(), meta)
+            write_weights(out_dir / "ema.safetensors", classifier_state(self.ema.module), meta)
         top1 = self.best.top1 if self.best.source else None  # None: never evaluated
         best = {"best_top1": top1, "best_source": self.best.source, "best_step": self.best.step}
         write_metrics(out_dir, {**summary, **best})
