@@ -147,3 +147,12 @@ def test_huge_finetune_has_the_papers_recipe() -> None:
     assert (cfg.stage, cfg.model.size, cfg.model.drop_path) == ("finetune", "huge", 0.3)
     assert (cfg.optim.base_lr, cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (1.25e-3, 50, 10)
     assert cfg.finetune.layer_decay == 0.75
+
+
+def test_a_linear_probe_refuses_what_would_change_its_features_or_labels() -> None:
+    cfg = load_config("atto_linprobe")  # the recipe: the protocol's settings
+    assert cfg.stage == "finetune" and cfg.finetune.linear_probe and cfg.model.drop_path == 0  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"linear_probe .* finetune\.re_prob=0\.25, .*model\.drop_path=0\.1"):
+        load_config("atto_finetune", ["finetune.linear_probe=true"])  # the fine-tuning recipe's augmentation
+    with pytest.raises(ConfigError, match=r"model\.drop_path=0\.1"):
+        load_config("atto_linprobe", ["model.drop_path=0.1"])

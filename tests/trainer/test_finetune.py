@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import tarfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from data.loader import IGNORE_LABEL
 from data.sources import FashionMNISTSource, SourceSample
+from data.write_shards import main as write_main
 from data.writer import WriterConfig, write_shards
 from models.checkpoints import to_official, to_timm
 from models.convnextv2 import build
@@ -32,7 +34,7 @@ from trainer.config import load_config
 from trainer.distributed import DistEnv
 from trainer.optim import lr_scales, param_groups
 from trainer.rendezvous import free_port
-from trainer.stages.finetune import FinetuneStage, attach_probe, eval_counts, init_head
+from trainer.stages.finetune import LABELED_FILE, FinetuneStage, attach_probe, eval_counts, init_head
 from trainer.stages.pretrained import PretrainedWeightsError, load_pretrained
 
 LD = 0.8
@@ -264,6 +266,14 @@ def test_ema_is_restored_on_resume(tmp_path: Path) -> None:
     assert any(not torch.allclose(ema[k], restarted[k], atol=1e-4) for k in ema)
 
 
+def _members(shard_set: Path) -> list[str]:
+    names = []
+    for tar in sorted(shard_set.glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            names += [m.name for m in archive.getmembers() if m.name.endswith(".cls")]
+    return names
+
+
 class _ShuffledLabels:
     """A Fashion-MNIST source whose labels are those of other images (a fixed permutation): nothing to learn."""
 
@@ -304,6 +314,17 @@ def test_a_linear_probe_learns_separable_features_not_shuffled_labels_and_leaves
         top1[name] = json.loads((run_dir / "export" / "metrics.json").read_text())["top1"]
     print("linear probe top-1:", top1)
     assert top1["separable"] >= 45.0 and top1["shuffled"] <= 20.0, top1  # chance: 10%
+    assert not (tmp_path / "separable" / LABELED_FILE).exists()  # a full set: its labels are its shards'
+
+    # A few-label set (3 per class, carved by the writer): every labeled sample is listed in the run directory.
+    few = tmp_path / "few"
+    write_main(["--source", "fashion-mnist", "--image-size", "64", "--per-class", "3", "--shuffle-seed", "4",
+                "--output", str(few), "--quiet"])  # fmt: skip
+    assert launch(tmp_path / "few_run", f"data.train_url={few}", *common[:-3], "data.batch_size=10",
+                  "schedule.max_steps=2", config="demo_linprobe") == 0  # fmt: skip
+    listed = [json.loads(line) for line in (tmp_path / "few_run" / LABELED_FILE).read_text().splitlines()]
+    assert sorted(r["label"] for r in listed) == [c for c in range(10) for _ in range(3)]
+    assert {r["key"] for r in listed} == {name.split(".")[0] for name in _members(few)}
 
     run_dir = tmp_path / "separable"
     exported = load_file(str(run_dir / "export" / "model.safetensors"))

@@ -14,6 +14,7 @@ of the two is kept in ``export/best.safetensors``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -112,6 +113,41 @@ def eval_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+LABELED_FILE = "labeled_samples.jsonl"
+"""In a fine-tuning run's directory: every sample of a few-label training set (key, label, shard)."""
+
+
+def list_labeled_subset(url: str, out: Path) -> int | None:
+    """List every sample of a few-label training set (one written with ``data.write_shards --per-class N``: its
+    manifest says so) with its label, in ``out``; returns the count, or None for any other set (not listed: a
+    full training set's labels are its shards')."""
+    from data.manifest import manifest_url, read_manifest, shard_url
+    from data.reader import RawSample, ShardReader
+    from data.storage import url_to_fs
+    from trainer.export import atomic_write_text
+
+    fs, path = url_to_fs(manifest_url(url))
+    if not fs.exists(path):  # a brace pattern or foreign shards (indexed elsewhere): not a carved subset
+        return None
+    manifest = read_manifest(url)
+    if "per_class" not in manifest.source:
+        return None
+    reader = ShardReader([shard_url(url, shard.name) for shard in manifest.shards])
+    lines = []
+    try:
+        for index, shard in enumerate(manifest.shards):
+            samples = reader.read(index, range(shard.num_samples))
+            for member in sorted(samples):
+                sample = samples[member]
+                if isinstance(sample, RawSample):
+                    record = {"key": sample.key, "label": int(sample.files["cls"]), "shard": shard.name}
+                    lines.append(json.dumps(record))
+    finally:
+        reader.close()
+    atomic_write_text(out, "".join(f"{line}\n" for line in lines))
+    return len(lines)
+
+
 def count_classifier_flops(model: nn.Module, image_size: int, device: torch.device) -> FlopCount:
     """Training FLOPs (forward + backward) per image; a dense model does what it counts (masked == dense)."""
     training = model.training
@@ -184,6 +220,11 @@ class FinetuneStage:
         self.ema = ModelEmaV2(model, decay=ft.ema_decay) if ft.ema_decay is not None else None
         self.best = Best()
 
+        train_url = cfg.data.train_url
+        if env.is_main and isinstance(train_url, str) and not train_url.startswith("synthetic://"):
+            listed = list_labeled_subset(train_url, run_dir / LABELED_FILE)
+            if listed is not None:
+                log.info("few-label training set: its %d labeled samples are listed in %s", listed, LABELED_FILE)
         self.loader = build_train_loader(
             cfg, env, run_dir, finetune_transform(cfg.data.image_size, auto_augment=ft.auto_augment, re_prob=ft.re_prob)
         )
