@@ -1,20 +1,20 @@
-"""The paper's claims at small scale on Fashion-MNIST, each with the same budgets and seeds.
+"""The paper's three claims at small scale on Fashion-MNIST, judged where pretraining pays: with few labels.
 
-1. FCMAE pretraining helps: fine-tune top-1 from FCMAE weights vs from scratch, and the pretrained encoder's kNN
-   top-1 against the same kNN on its random initialization.
-2. GRN keeps features diverse: per-stage feature cosine distance and the effective rank (RankMe) of pooled features
-   after pretraining (and of the same architecture at initialization), ConvNeXt V2 blocks vs V1-style blocks
-   (LayerScale, no GRN). The paper reports feature collapse (low distance) for V1 under FCMAE.
-3. Sparse convolution matters: fine-tune top-1, kNN top-1 and pretraining loss after FCMAE with the sparse encoder
-   vs dense convolutions on the masked image.
+Encoders, per seed: FCMAE with ConvNeXt V2 blocks and the sparse encoder (the method), FCMAE with dense
+convolutions on the masked image (claim 3: sparse convolution matters), FCMAE with ConvNeXt V1 blocks (claim 2: GRN
+keeps features diverse), and random weights (claim 1: FCMAE pretraining helps). Each encoder is then
 
-Every run goes through ``cluster/launch.py --local`` with the demo configs and overrides, so this measures the
-product, not a separate script. Pretraining and fine-tuning run at ``--image-size`` (128 px: a 4x4 patch grid);
-the kNN probe uses ``--probe-images`` training images as its bank and as many test images as queries, which are
-also the fine-tuning evaluation set (written once under runs/data/ if missing). Prints a table with mean and
-standard deviation over seeds.
+- fine-tuned with 10 and with 100 labels per class (sets carved by the writer from the seed,
+  ``data.write_shards --per-class N --shuffle-seed S``: every encoder of a seed sees the same labeled images);
+- linearly probed (``finetune.linear_probe``: frozen trunk, BatchNorm + linear head) on all 60,000 training labels;
 
-    python bench/fidelity.py --seeds 0 1 --pretrain-steps 1000 --finetune-steps 200
+and scored by top-1 on the full 10,000-image test split. The pretraining runs also log the kNN probe, the effective
+rank and the per-stage feature cosine distance (the paper's statistic for the GRN claim). Every run goes through
+``cluster/launch.py --local`` and is skipped when its run directory holds a finished export, so an interrupted bench
+resumes where it stopped (a run cut mid-way resumes from its checkpoint). Prints mean ± standard deviation over the
+seeds, and which gaps exceed two standard deviations of both arms.
+
+    python -m bench.fidelity --seeds 0 1 2 --pretrain-steps 3000
 """
 
 from __future__ import annotations
@@ -25,30 +25,27 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from cluster.launch import main as launch
-from data.loader import LoaderConfig, build_loader
-from data.transforms import eval_transform
-from trainer.config import PretrainConfig, load_config
-from trainer.evaluation import EvalPasses
-from trainer.observability.probes import effective_rank, labeled, loader_features
-from trainer.stages.pretrain import random_encoder
 
 DATA = Path("runs/data/fashion-mnist-64")
-PRETRAIN = {"fcmae_v2_sparse": [], "fcmae_v1_sparse": ["model.block=v1"], "fcmae_v2_dense": ["model.sparse=false"]}
-FINETUNE = {"scratch": None, "from_fcmae_v2_sparse": "fcmae_v2_sparse", "from_fcmae_v2_dense": "fcmae_v2_dense"}
+PRETRAIN = {"fcmae_v2_sparse": [], "fcmae_v2_dense": ["model.sparse=false"], "fcmae_v1_sparse": ["model.block=v1"]}
+ENCODERS = [*PRETRAIN, "random"]
+PROTOCOLS = ("labels_10", "labels_100", "linear_probe")
 STAGES = ("s1", "s2", "s3", "s4")
+CLAIMS = [  # (claim, the method's arm, the arm it must beat)
+    ("1. FCMAE pretraining helps", "fcmae_v2_sparse", "random"),
+    ("2. GRN (V2 blocks) beats V1 blocks", "fcmae_v2_sparse", "fcmae_v1_sparse"),
+    ("3. sparse beats dense convolution", "fcmae_v2_sparse", "fcmae_v2_dense"),
+]
 
 
-def probe_set(split: str, images: int) -> Path:
-    """The first ``images`` samples of a Fashion-MNIST split at 64 px, written once."""
-    out = DATA / f"{split}-{images}"
+def shard_set(name: str, split: str, *extra: str) -> Path:
+    """A Fashion-MNIST set at 64 px under runs/data/, written once."""
+    out = DATA / name
     if not (out / "manifest.json").exists():
         cmd = [sys.executable, "-m", "data.write_shards", "--source", "fashion-mnist", "--split", split]
-        cmd += ["--image-size", "64", "--limit", str(images), "--samples-per-shard", "1000"]
+        cmd += ["--image-size", "64", "--samples-per-shard", "5000", *extra]
         subprocess.run([*cmd, "--output", str(out), "--overwrite", "--quiet"], check=True)
     return out
 
@@ -64,90 +61,92 @@ def launch_once(config: str, run_dir: Path, overrides: list[str]) -> dict:
     return json.loads(metrics.read_text())
 
 
-def rank_at_init(overrides: list[str], queries: Path, image_size: int) -> float:
-    """The effective rank of the query features of a run's encoder before training: the run's own kNN baseline
-    encoder (:func:`trainer.stages.pretrain.random_encoder`) through the probe's decoding, transform and pooling."""
-    cfg = load_config("demo_fcmae", overrides)
-    assert isinstance(cfg, PretrainConfig)
-    loader: Any = build_loader(
-        str(queries),
-        LoaderConfig(batch_size=64, shuffle=False, remainder="pad", decode="tensor"),
-        transform=eval_transform(image_size),
-    )
-    with torch.no_grad():
-        embedded = loader_features(random_encoder(cfg).eval(), loader, EvalPasses(torch.device("cpu"), lambda: False))
-    assert embedded is not None  # nothing stops it
-    return effective_rank(labeled(*embedded)[0])
-
-
-def run_seed(seed: int, args: argparse.Namespace, bank: Path, queries: Path) -> dict[str, dict]:
-    """All runs of one seed; returns metrics per run name."""
+def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict]:
+    """Every run of one seed; returns metrics per encoder (pretraining) and per ``encoder/protocol``."""
+    out = args.out / f"seed{seed}"
+    bank, queries = shard_set("knn-train", "train", "--limit", "500"), shard_set("knn-test", "test", "--limit", "500")
+    train, test = shard_set("train", "train"), shard_set("test", "test")
     results: dict[str, dict] = {}
-    size = f"data.image_size={args.image_size}"
     for name, extra in PRETRAIN.items():
-        overrides = [f"seed={seed}", f"schedule.max_steps={args.pretrain_steps}", size, "tracking.log_every=50"]
-        # One evaluation, at the end (plus the random-encoder baseline before the first step).
-        overrides += [f"eval.every_steps={args.pretrain_steps}", f"eval.knn_bank_url={bank}", f"data.val_url={queries}"]
-        results[name] = launch_once("demo_fcmae", args.out / f"seed{seed}" / name, [*overrides, *extra])
-        results[name]["effective_rank_init"] = rank_at_init([*overrides, *extra], queries, args.image_size)
-    for name, source in FINETUNE.items():
-        weights = "null" if source is None else str(args.out / f"seed{seed}" / source / "export" / "model.safetensors")
-        overrides = [f"seed={seed}", f"schedule.max_steps={args.finetune_steps}", size, f"model.pretrained={weights}"]
-        results[name] = launch_once(
-            "demo_finetune", args.out / f"seed{seed}" / name, [*overrides, f"data.val_url={queries}"]
-        )
+        steps = args.pretrain_steps
+        overrides = [f"seed={seed}", f"schedule.max_steps={steps}", f"data.image_size={args.image_size}",
+                     f"eval.every_steps={steps}", f"eval.knn_bank_url={bank}", f"data.val_url={queries}",
+                     "tracking.log_every=100", "tracking.register_as=null",
+                     f"checkpoint.every_steps={steps // 10}"]  # fmt: skip
+        results[name] = launch_once("demo_fcmae", out / name, [*overrides, *extra])
+    for labels in (10, 100):
+        carve = ["--per-class", str(labels), "--shuffle-seed", str(seed)]
+        labeled = shard_set(f"train-{labels}pc-seed{seed}", "train", *carve)
+        batch = min(64, labels * 10 // 2)
+        for encoder in ENCODERS:
+            weights = "null" if encoder == "random" else str(out / encoder / "export" / "model.safetensors")
+            overrides = [f"seed={seed}", f"model.pretrained={weights}", f"data.train_url={labeled}",
+                         f"data.val_url={test}", f"data.batch_size={batch}", "schedule.epochs=100000",
+                         f"schedule.max_steps={args.finetune_steps}", "schedule.warmup_epochs=0",
+                         "eval.each_epoch=false", "tracking.log_every=100"]  # fmt: skip
+            run_dir = out / f"{encoder}_labels{labels}"
+            results[f"{encoder}/labels_{labels}"] = launch_once("demo_finetune", run_dir, overrides)
+    for encoder in ENCODERS:
+        weights = "null" if encoder == "random" else str(out / encoder / "export" / "model.safetensors")
+        overrides = [f"seed={seed}", f"model.pretrained={weights}", f"data.train_url={train}", f"data.val_url={test}",
+                     f"schedule.max_steps={args.probe_steps}", "tracking.log_every=100"]  # fmt: skip
+        results[f"{encoder}/linear_probe"] = launch_once("demo_linprobe", out / f"{encoder}_linprobe", overrides)
     return results
 
 
-def _cell(values: list[float], digits: int = 3) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
-    parser.add_argument("--finetune-steps", type=int, default=200)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--probe-images", type=int, default=2000, help="kNN bank size = query and fine-tune eval size")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrain-steps", type=int, default=3000)
+    parser.add_argument("--finetune-steps", type=int, default=300, help="few-label fine-tuning steps")
+    parser.add_argument("--probe-steps", type=int, default=600, help="linear probe steps (batch 64)")
+    parser.add_argument("--image-size", type=int, default=96, help="pretraining crop (fine-tuning runs at 64)")
     parser.add_argument("--out", type=Path, default=Path("runs/fidelity"))
     args = parser.parse_args()
-    bank, queries = probe_set("train", args.probe_images), probe_set("test", args.probe_images)
-    per_seed = [run_seed(seed, args, bank, queries) for seed in args.seeds]
+    per_seed = [run_seed(seed, args) for seed in args.seeds]
 
-    def cell(run: str | None, key: str, digits: int = 3) -> str:
-        return "-" if run is None else _cell([float(r[run][key]) for r in per_seed], digits)
+    def values(run: str, key: str) -> list[float]:
+        return [float(r[run][key]) for r in per_seed]
+
+    def cell(run: str, key: str, digits: int = 1) -> str:
+        mean, spread = _stats(values(run, key))
+        return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
     print(
-        f"\n# seeds {args.seeds}, {args.image_size} px, pretrain {args.pretrain_steps} steps x 32 images, "
-        f"fine-tune {args.finetune_steps} steps x 64 images, kNN bank/queries/eval {args.probe_images} images"
+        f"\n# seeds {args.seeds}; pretraining {args.pretrain_steps} steps x 32 images at {args.image_size} px; "
+        f"few-label fine-tuning {args.finetune_steps} steps; linear probe {args.probe_steps} steps x 64 images on "
+        "60,000 labels; top-1 on the 10,000 test images"
     )
     print(
-        "| claim | run | pretrain loss | kNN top-1 % | kNN top-1 % at init | effective rank | effective rank at init "
-        "| fine-tune top-1 % |"
+        "| encoder | pretrain loss | kNN top-1 % | effective rank | 10 labels/class % | 100 labels/class % "
+        "| linear probe % |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    rows = [
-        ("FCMAE vs scratch", "scratch", None),
-        ("FCMAE vs scratch", "from_fcmae_v2_sparse", "fcmae_v2_sparse"),
-        ("GRN vs V1 block", "fcmae_v2_sparse", "fcmae_v2_sparse"),
-        ("GRN vs V1 block", "fcmae_v1_sparse", "fcmae_v1_sparse"),
-        ("sparse vs dense conv", "from_fcmae_v2_sparse", "fcmae_v2_sparse"),
-        ("sparse vs dense conv", "from_fcmae_v2_dense", "fcmae_v2_dense"),
-    ]
-    for claim, run, pretrain in rows:
-        top1 = cell(run, "top1", 1) if run in FINETUNE else "-"
-        print(
-            f"| {claim} | {run} | {cell(pretrain, 'final_loss')} | {cell(pretrain, 'knn_top1', 1)} "
-            f"| {cell(pretrain, 'knn_top1_random', 1)} | {cell(pretrain, 'effective_rank', 1)} "
-            f"| {cell(pretrain, 'effective_rank_init', 1)} | {top1} |"
+    print("|---|---|---|---|---|---|---|")
+    for encoder in ENCODERS:
+        pre = (
+            [cell(encoder, "final_loss", 3), cell(encoder, "knn_top1"), cell(encoder, "effective_rank")]
+            if encoder in PRETRAIN
+            else ["-", cell("fcmae_v2_sparse", "knn_top1_random"), "-"]
         )
+        down = [cell(f"{encoder}/{p}", "top1") for p in PROTOCOLS]
+        print(f"| {encoder} | {' | '.join(pre)} | {' | '.join(down)} |")
     print("\n| pretraining run | " + " | ".join(f"feature cosine distance {s}" for s in STAGES) + " |")
     print("|---|" + "---|" * len(STAGES))
     for run in PRETRAIN:
-        cells = " | ".join(cell(run, f"feature_cosine_distance_{s}") for s in STAGES)
-        print(f"| {run} | {cells} |", flush=True)
+        print(f"| {run} | " + " | ".join(cell(run, f"feature_cosine_distance_{s}", 3) for s in STAGES) + " |")
+    print("\n| claim | protocol | method | other | gap | separates (gap > 2 SD of both) |")
+    print("|---|---|---|---|---|---|")
+    for claim, method, other in CLAIMS:
+        for protocol in PROTOCOLS:
+            m, ms = _stats(values(f"{method}/{protocol}", "top1"))
+            o, os_ = _stats(values(f"{other}/{protocol}", "top1"))
+            verdict = "yes" if abs(m - o) > 2 * max(ms, os_) else "no"
+            row = f"| {claim} | {protocol} | {m:.1f} ± {ms:.1f} | {o:.1f} ± {os_:.1f} | {m - o:+.1f} | {verdict} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
