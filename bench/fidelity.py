@@ -80,18 +80,24 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict]:
         batch = min(64, labels * 10 // 2)
         for encoder in ENCODERS:
             weights = "null" if encoder == "random" else str(out / encoder / "export" / "model.safetensors")
-            overrides = [f"seed={seed}", f"model.pretrained={weights}", f"data.train_url={labeled}",
-                         f"data.val_url={test}", f"data.batch_size={batch}", "schedule.epochs=100000",
-                         f"schedule.max_steps={args.finetune_steps}", "schedule.warmup_epochs=0",
-                         "eval.each_epoch=false", "tracking.log_every=100"]  # fmt: skip
+            overrides = [f"seed={seed}", f"model.pretrained={weights}", *_classifier(encoder),
+                         f"data.train_url={labeled}", f"data.val_url={test}", f"data.batch_size={batch}",
+                         "schedule.epochs=100000", f"schedule.max_steps={args.finetune_steps}",
+                         "schedule.warmup_epochs=0", "eval.each_epoch=false", "tracking.log_every=100"]  # fmt: skip
             run_dir = out / f"{encoder}_labels{labels}"
             results[f"{encoder}/labels_{labels}"] = launch_once("demo_finetune", run_dir, overrides)
     for encoder in ENCODERS:
         weights = "null" if encoder == "random" else str(out / encoder / "export" / "model.safetensors")
-        overrides = [f"seed={seed}", f"model.pretrained={weights}", f"data.train_url={train}", f"data.val_url={test}",
+        overrides = [f"seed={seed}", f"model.pretrained={weights}", *_classifier(encoder), f"data.train_url={train}",
+                     f"data.val_url={test}",
                      f"schedule.max_steps={args.probe_steps}", "tracking.log_every=100"]  # fmt: skip
         results[f"{encoder}/linear_probe"] = launch_once("demo_linprobe", out / f"{encoder}_linprobe", overrides)
     return results
+
+
+def _classifier(encoder: str) -> list[str]:
+    """The classifier that loads an encoder: V1 blocks for the V1 ablation's."""
+    return ["model.block=v1"] if "model.block=v1" in PRETRAIN.get(encoder, []) else []
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

@@ -300,8 +300,9 @@ class ConvNeXtV2(ConvNeXtV2Encoder):
         drop_path: float = 0.0,
         in_chans: int = 3,
         head_init_scale: float = 1.0,
+        block: BlockKind = "v2",
     ) -> None:
-        super().__init__(depths, dims, drop_path=drop_path, in_chans=in_chans)
+        super().__init__(depths, dims, drop_path=drop_path, in_chans=in_chans, block=block)
         self.num_classes = num_classes
         self.norm = nn.LayerNorm(dims[-1], eps=LN_EPS)
         self.head: nn.Module = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -328,14 +329,15 @@ class ConvNeXtV2(ConvNeXtV2Encoder):
         return self.forward_head(self.forward_features(x))
 
 
-def build(size: str, num_classes: int = 1000, drop_path: float = 0.0) -> ConvNeXtV2:
-    """Build a ConvNeXt V2 classifier of a named size (``atto`` ... ``huge``)."""
+def build(size: str, num_classes: int = 1000, drop_path: float = 0.0, block: BlockKind = "v2") -> ConvNeXtV2:
+    """Build a ConvNeXt V2 classifier of a named size (``atto`` ... ``huge``); ``block="v1"``: ConvNeXt V1 blocks
+    (LayerScale, no GRN), the classifier of the paper's V1 ablation."""
     spec = get_size(size)
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0 (0 gives pooled features), got {num_classes}")
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
-    return ConvNeXtV2(spec.depths, spec.dims, num_classes=num_classes, drop_path=drop_path)
+    return ConvNeXtV2(spec.depths, spec.dims, num_classes=num_classes, drop_path=drop_path, block=block)
 
 
 def build_encoder(size: str, drop_path: float = 0.0, block: BlockKind = "v2") -> ConvNeXtV2Encoder:

@@ -82,6 +82,9 @@ class ClassifierModelConfig(TransferModelConfig):
 
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     compile: bool = Field(False, description="torch.compile the model")
+    block: Literal["v2", "v1"] = Field(
+        "v2", description="v1: ConvNeXt V1 blocks (LayerScale, no GRN), to fine-tune the V1 ablation's encoder"
+    )
 
 
 class DataConfig(_Section):

@@ -34,7 +34,7 @@ from trainer.config import load_config
 from trainer.distributed import DistEnv
 from trainer.optim import lr_scales, param_groups
 from trainer.rendezvous import free_port
-from trainer.stages.finetune import LABELED_FILE, FinetuneStage, attach_probe, eval_counts, init_head
+from trainer.stages.finetune import LABELED_FILE, FinetuneStage, attach_probe, build_model, eval_counts, init_head
 from trainer.stages.pretrained import PretrainedWeightsError, load_pretrained
 
 LD = 0.8
@@ -344,3 +344,17 @@ def test_a_linear_probe_learns_separable_features_not_shuffled_labels_and_leaves
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert rel_err(folded.eval()(x), probe.eval()(x)) < 1e-5
+
+
+def test_the_v1_ablations_encoder_fine_tunes_in_a_v1_classifier(tmp_path: Path) -> None:
+    """``model.block=v1`` builds the classifier of the paper's V1 ablation (LayerScale, no GRN): its FCMAE encoder
+    loads into it exactly, and a V2 classifier refuses it, naming the GRN it lacks."""
+    fcmae = FCMAE("atto", decoder_dim=64, block="v1")
+    path = tmp_path / "model.safetensors"
+    save_file(fcmae.encoder_state_dict(), str(path))
+    cfg = load_config("demo_finetune", ["model.block=v1", f"model.pretrained={path}"])
+    model = build_model(cfg)  # type: ignore[arg-type]
+    load_pretrained(model, str(path), "atto")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in fcmae.encoder.state_dict().items())
+    with pytest.raises(PretrainedWeightsError, match=r"grn\.gamma"):
+        load_pretrained(build("atto", num_classes=10), str(path), "atto")

@@ -163,7 +163,9 @@ def count_classifier_flops(model: nn.Module, image_size: int, device: torch.devi
 def build_model(cfg: FinetuneConfig) -> ConvNeXtV2:
     """The classifier of a fine-tuning config (the stage contract's ``build_model``, :mod:`trainer.stages`), before
     pretrained weights and the new head's initialization."""
-    model = build(cfg.model.size, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path)
+    model = build(
+        cfg.model.size, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path, block=cfg.model.block
+    )
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return model
 
