@@ -150,7 +150,7 @@ def main() -> None:
         for protocol in PROTOCOLS:
             m, ms = _stats(values(f"{method}/{protocol}", "top1"))
             o, os_ = _stats(values(f"{other}/{protocol}", "top1"))
-            verdict = "yes" if abs(m - o) > 2 * max(ms, os_) else "no"
+            verdict = "- (one seed)" if len(per_seed) < 2 else "yes" if abs(m - o) > 2 * max(ms, os_) else "no"
             row = f"| {claim} | {protocol} | {m:.1f} ± {ms:.1f} | {o:.1f} ± {os_:.1f} | {m - o:+.1f} | {verdict} |"
             print(row, flush=True)
 
