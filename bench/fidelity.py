@@ -69,7 +69,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for name, extra in PRETRAIN.items():
         steps = args.pretrain_steps
-        overrides = [f"seed={seed}", f"schedule.max_steps={steps}", f"data.image_size={args.image_size}",
+        overrides = [f"seed={seed}", "schedule.epochs=100", f"schedule.max_steps={steps}",
+                     f"data.image_size={args.image_size}",
                      f"eval.every_steps={steps}", f"eval.knn_bank_url={bank}", f"data.val_url={queries}",
                      "tracking.log_every=100", "tracking.register_as=null",
                      f"checkpoint.every_steps={steps // 10}"]  # fmt: skip
