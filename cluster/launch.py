@@ -248,8 +248,7 @@ def _launch(
             if run_dir in inits:
                 from trainer.stages.continuation import prepare_init
 
-                assert isinstance(cfg, PretrainConfig)
-                prepare_init(cfg, run_dir, inits[run_dir])
+                prepare_init(run_dir, inits[run_dir])
                 log.info("model.init_from: %s (converted into %s)", inits[run_dir].describe(), run_dir / "init")
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)

@@ -243,18 +243,27 @@ def split_fcmae(state_dict: Mapping[str, object]) -> tuple[StateDict, StateDict]
     return encoder, decoder
 
 
-def load_foreign(state_dict: Mapping[str, object]) -> StateDict:
-    """Detect the layout (ours, timm, official dense or FCMAE) and convert to ours."""
+_LAYOUTS: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, object]], StateDict]]] = {
+    "ours": (("stem.conv.",), _unwrap),
+    "timm": (("stem.0.",), from_timm),
+    "official": (("downsample_layers.", "encoder."), from_official),
+}
+"""Each foreign layout: the key prefixes that tell it, and its converter to this project's layout."""
+
+
+def foreign_layout(state_dict: Mapping[str, object]) -> str:
+    """``"ours"``, ``"timm"`` or ``"official"`` (dense or FCMAE), told from the keys of a (wrapped) state dict."""
     sd = _unwrap(state_dict)
-    converters: list[tuple[Callable[[str], bool], Callable[[Mapping[str, object]], StateDict]]] = [
-        (lambda k: k.startswith("stem.conv."), _unwrap),
-        (lambda k: k.startswith("stem.0."), from_timm),
-        (lambda k: k.startswith(("downsample_layers.", "encoder.")), from_official),
-    ]
-    for detect, convert in converters:
-        if any(detect(k) for k in sd):
-            return convert(sd)
+    for name, (prefixes, _) in _LAYOUTS.items():
+        if any(k.startswith(prefixes) for k in sd):
+            return name
     raise ValueError(
         "cannot tell the layout of this checkpoint: expected this project's keys (stem.conv.*), "
         "timm's (stem.0.*) or the official release's (downsample_layers.* / encoder.*)"
     )
+
+
+def load_foreign(state_dict: Mapping[str, object]) -> StateDict:
+    """Detect the layout (ours, timm, official dense or FCMAE) and convert to ours."""
+    sd = _unwrap(state_dict)
+    return _LAYOUTS[foreign_layout(sd)][1](sd)

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 ModelSizeName = Literal["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"]
+BlockName = Literal["v2", "v1"]
+"""ConvNeXt V2 blocks, or V1 blocks (LayerScale, no GRN): the paper's ablation (``models.convnextv2.BlockKind``)."""
 
 
 class ConfigError(ValueError):
@@ -48,7 +50,7 @@ class FCMAEModelConfig(ModelConfig):
     backend: Literal["gather", "dense_masked", "minkowski"] = Field("gather", description="sparse encoder backend")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     compile: bool = Field(False, description="torch.compile the model (gather and dense_masked backends)")
-    block: Literal["v2", "v1"] = Field("v2", description="v1: ConvNeXt V1 blocks (LayerScale, no GRN), an ablation")
+    block: BlockName = Field("v2", description="v1: ConvNeXt V1 blocks (LayerScale, no GRN), an ablation")
     sparse: bool = Field(True, description="false: dense convs on the masked image, the paper's ablation")
     init_from: str | None = Field(
         None,
@@ -82,7 +84,7 @@ class ClassifierModelConfig(TransferModelConfig):
 
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     compile: bool = Field(False, description="torch.compile the model")
-    block: Literal["v2", "v1"] = Field(
+    block: BlockName = Field(
         "v2", description="v1: ConvNeXt V1 blocks (LayerScale, no GRN), to fine-tune the V1 ablation's encoder"
     )
 

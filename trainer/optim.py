@@ -37,7 +37,7 @@ def param_groups(
     Biases, norm weights and GRN gamma/beta take no weight decay. ``lr_scale`` (layer-wise lr decay in
     fine-tuning) multiplies the scheduled lr of a group; the scale is stored as ``lr_scale`` in the group.
     ``part`` names the part of the model a parameter belongs to (``"encoder"``, ``"decoder"``), stored as ``part``:
-    parts that never share a group can be frozen and restarted apart (:func:`set_lr`, :func:`restart_groups`).
+    parts that never share a group can be frozen and restarted apart (:func:`freeze_part`, :func:`restart_part`).
     """
     groups: dict[tuple[bool, float, str], dict] = {}
     for name, param in model.named_parameters():
@@ -81,19 +81,21 @@ def build_optimizer(
     part: Callable[[str], str] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; the lr is set every step by :func:`set_lr`."""
-    groups = param_groups(model, cfg.weight_decay, lr_scale, part)
-    for group in groups:
-        group.pop("names")
+    groups = _unnamed(param_groups(model, cfg.weight_decay, lr_scale, part))
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps)
 
 
 def build_sgd(model: nn.Module, cfg: OptimConfig, momentum: float = 0.9) -> torch.optim.SGD:
     """SGD with momentum over :func:`param_groups` (the trainable parameters only): the linear probe's optimizer,
     as MoCo's and SimCLR's linear evaluations use at ordinary batch sizes (MAE's LARS only pays at 16k)."""
-    groups = param_groups(model, cfg.weight_decay)
+    return torch.optim.SGD(_unnamed(param_groups(model, cfg.weight_decay)), lr=0.0, momentum=momentum)
+
+
+def _unnamed(groups: list[dict]) -> list[dict]:
+    """The groups as a torch optimizer takes them: without the parameter names (kept for inspection only)."""
     for group in groups:
         group.pop("names")
-    return torch.optim.SGD(groups, lr=0.0, momentum=momentum)
+    return groups
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:

@@ -65,12 +65,12 @@ def run_inputs(cfg: TrainConfig, run_dir: Path) -> list[RunInput]:
         inputs += [_shard_set(url, "knn_bank", index_dir) for url in data_specs(bank)]
     upstream = getattr(cfg.model, "pretrained", None)
     if upstream:
-        inputs.append(_export(upstream))
+        inputs.append(_export(upstream, "upstream-export", "upstream"))
     init_from = getattr(cfg.model, "init_from", None)
     if init_from:  # digested as loaded: the conversion the launcher stored in the run directory
         from trainer.stages.continuation import WEIGHTS_FILE
 
-        inputs.append(_export(str(RunDir(run_dir).init / WEIGHTS_FILE), shown=init_from, context="init_from"))
+        inputs.append(_export(str(RunDir(run_dir).init / WEIGHTS_FILE), "init-from-weights", "init_from", init_from))
     return _merge_roles(inputs)
 
 
@@ -110,8 +110,8 @@ def _shard_set(url: str, context: str, index_dir: str, weight: float | None = No
     return RunInput(source_label(url), context, redact("url", url), _source_type(url), digest, profile)
 
 
-def _export(url: str, shown: str | None = None, context: str = "upstream") -> RunInput:
-    """Weights a run starts from, digested from ``url``, named by ``shown`` (default ``url``)."""
+def _export(url: str, name: str, context: str, shown: str | None = None) -> RunInput:
+    """Weights a run starts from, digested from ``url``, their location shown as ``shown`` (default ``url``)."""
     sha, size = hashlib.sha256(), 0
     with open_url(url) as f:
         while chunk := f.read(1 << 20):
@@ -120,8 +120,7 @@ def _export(url: str, shown: str | None = None, context: str = "upstream") -> Ru
     profile = {"bytes": size}
     shown = shown or url
     digest = sha.hexdigest()[:DIGEST_CHARS]
-    return RunInput(f"{context.replace('_', '-')}-weights" if context != "upstream" else "upstream-export", context,
-                    redact("url", shown), _source_type(shown), digest, profile)  # fmt: skip
+    return RunInput(name, context, redact("url", shown), _source_type(shown), digest, profile)
 
 
 def as_mlflow(inputs: list[RunInput]) -> list[Any]:

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data.storage import join_url, url_to_fs
-from models.checkpoints import FCMAE_DECODER, fcmae_layout, load_foreign, split_fcmae
+from models.checkpoints import FCMAE_DECODER, fcmae_layout, foreign_layout, load_foreign, split_fcmae
 from models.fcmae import FCMAE
 from trainer.config import PretrainConfig
 from trainer.export import atomic_write_text
@@ -44,6 +44,12 @@ WEIGHTS_FILE = "weights.safetensors"
 SOURCE_FILE = "source.json"
 CLASSIFIER_ONLY = ("norm.", "head.")
 """Keys of a classifier that an FCMAE does not have: the pooled features' norm and the head."""
+CLASSIFIER_LAYOUTS = {
+    "ours": "this project's encoder",
+    "timm": "timm convnextv2",
+    "official": "official ConvNeXt V2 (dense)",
+}
+"""A classifier's or bare encoder's layout (:func:`models.checkpoints.foreign_layout`), in words."""
 
 
 @dataclass(frozen=True)
@@ -81,16 +87,10 @@ def convert(raw: dict[str, Any], source: str, layout_hint: str | None = None) ->
             encoder, decoder = split_fcmae(raw)
             layout = layout_hint or ("this project's FCMAE" if fcmae == "ours" else "official FCMAE release")
             return InitWeights(source, layout, encoder, decoder)
+        layout = CLASSIFIER_LAYOUTS[foreign_layout(raw)]
         ours = load_foreign(raw)
     except (KeyError, ValueError) as exc:
         raise PretrainedWeightsError(f"{SETTING}={source!r}: {exc}") from exc
-    keys = list(raw.get("model", raw.get("state_dict", raw)))
-    if any(k.startswith("stem.0.") for k in keys):
-        layout = "timm convnextv2"
-    elif any(k.startswith("downsample_layers.") for k in keys):
-        layout = "official ConvNeXt V2 (dense)"
-    else:
-        layout = "this project's encoder"
     encoder = {k: v for k, v in ours.items() if not k.startswith(CLASSIFIER_ONLY)}
     left_out = {k: tuple(v.shape) for k, v in ours.items() if k.startswith(CLASSIFIER_ONLY)}
     return InitWeights(source, layout_hint or layout, encoder, {}, left_out)
@@ -127,8 +127,9 @@ def _read_directory(path: Path, source: str) -> InitWeights:
         if (export / "metrics.json").is_file() and (export / "fcmae.safetensors").is_file():
             return convert(read_tensors(str(export / "fcmae.safetensors"), SETTING), source, "this project's FCMAE")
         pointer = path / "checkpoints" / LATEST
-        if pointer.is_file() and (path / "checkpoints" / pointer.read_text().strip() / MARKER).is_file():
-            return _from_checkpoint(path / "checkpoints" / pointer.read_text().strip(), source)
+        latest = path / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
+        if latest is not None and (latest / MARKER).is_file():
+            return _from_checkpoint(latest, source)
         raise PretrainedWeightsError(
             f"{SETTING}={source!r} is a run directory without a finished export or a complete checkpoint"
         )
@@ -206,12 +207,9 @@ def load_init(cfg: PretrainConfig) -> InitWeights:
     return init
 
 
-def prepare_init(cfg: PretrainConfig, run_dir: Path, init: InitWeights | None = None) -> None:
-    """Write the converted source into ``run_dir/init/`` once (the launcher, after :func:`load_init`); a run
-    directory that already holds the conversion of the same source keeps it."""
-    if not cfg.model.init_from or cached_source(run_dir) == cfg.model.init_from:
-        return
-    init = init or load_init(cfg)
+def prepare_init(run_dir: Path, init: InitWeights) -> None:
+    """Write the converted source into ``run_dir/init/`` (the launcher, after :func:`load_init`, when
+    :func:`cached_source` does not name it already)."""
     out = RunDir(run_dir).init
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"encoder.{k}": v.contiguous() for k, v in init.encoder.items()}
@@ -222,22 +220,27 @@ def prepare_init(cfg: PretrainConfig, run_dir: Path, init: InitWeights | None = 
     atomic_write_text(out / SOURCE_FILE, json.dumps(record, indent=1))  # last: its presence means complete
 
 
+def _cached_record(run_dir: Path) -> dict[str, Any] | None:
+    record = RunDir(run_dir).init / SOURCE_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def cached_source(run_dir: Path) -> str | None:
     """The source whose conversion ``run_dir/init/`` holds, if complete."""
-    record = RunDir(run_dir).init / SOURCE_FILE
-    return json.loads(record.read_text())["source"] if record.is_file() else None
+    record = _cached_record(run_dir)
+    return None if record is None else record["source"]
 
 
 def cached_init(cfg: PretrainConfig, run_dir: Path) -> InitWeights:
     """What a rank loads: the launcher's conversion in the run directory (or, in a run directory prepared without
     it, the source read here)."""
     assert cfg.model.init_from
-    if cached_source(run_dir) != cfg.model.init_from:
+    record = _cached_record(run_dir)
+    if record is None or record["source"] != cfg.model.init_from:
         return load_init(cfg)
-    record = json.loads((RunDir(run_dir).init / SOURCE_FILE).read_text())
-    init = convert(load_file(str(RunDir(run_dir).init / WEIGHTS_FILE)), record["source"], record["layout"])
+    encoder, decoder = split_fcmae(load_file(str(RunDir(run_dir).init / WEIGHTS_FILE)))  # stored in our layout
     left_out = {k: tuple(v) for k, v in record["left_out"].items()}
-    return InitWeights(init.source, init.layout, init.encoder, init.decoder, left_out)
+    return InitWeights(record["source"], record["layout"], encoder, decoder, left_out)
 
 
 def apply_init(model: FCMAE, init: InitWeights) -> None:

@@ -31,12 +31,15 @@ from torch import nn
 
 from data.batch import Batch
 from data.loader import IGNORE_LABEL, ShardLoader
+from data.manifest import manifest_url, read_manifest, shard_url
+from data.reader import RawSample, ShardReader
+from data.storage import url_to_fs
 from data.transforms import SeededMixup, eval_transform, finetune_transform, mixup_fn
 from models.convnextv2 import ConvNeXtV2, build
 from trainer.config import FinetuneConfig
 from trainer.distributed import DistEnv
 from trainer.evaluation import EvalPasses, Evaluation
-from trainer.export import write_metrics, write_weights
+from trainer.export import atomic_write_text, write_metrics, write_weights
 from trainer.loaders import build_eval_loader, build_train_loader
 from trainer.observability.metrics import FlopCount, flop_counter
 from trainer.optim import build_optimizer, build_sgd, lr_scales
@@ -121,11 +124,6 @@ def list_labeled_subset(url: str, out: Path) -> int | None:
     """List every sample of a few-label training set (one written with ``data.write_shards --per-class N``: its
     manifest says so) with its label, in ``out``; returns the count, or None for any other set (not listed: a
     full training set's labels are its shards')."""
-    from data.manifest import manifest_url, read_manifest, shard_url
-    from data.reader import RawSample, ShardReader
-    from data.storage import url_to_fs
-    from trainer.export import atomic_write_text
-
     fs, path = url_to_fs(manifest_url(url))
     if not fs.exists(path):  # a brace pattern or foreign shards (indexed elsewhere): not a carved subset
         return None
