@@ -4,6 +4,8 @@ On a machine with SLURM the job is submitted through submitit (one task per GPU,
 SLURM (a laptop, CI) or with ``--local`` it runs here with the same code. Re-running the same command on the same
 run directory resumes the run. ``--dry-run`` prints the plan (batch, lr, steps, memory per device, sbatch options).
 ``--chain NAME [--chain NAME ...]`` submits later stages as dependent jobs, each reading the previous run's export.
+``--payoff NAME`` runs a fine-tuning or linear-probe config twice after a pretraining run, from its export and from
+random weights, and the summary shows what pretraining bought (docs/payoff.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,12 +42,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--partition", help="SLURM partition (cluster.partition)")
     parser.add_argument("--account", help="SLURM account (cluster.account)")
     parser.add_argument("--time", type=int, dest="time_min", help="time limit in minutes (cluster.time_min)")
-    parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config name>)")
+    parser.add_argument(
+        "--run-dir", type=Path,
+        help="run directory (default: runs/<config name>); later stages of a chain go beside it, named by config",
+    )  # fmt: skip
     parser.add_argument("--local", action="store_true", help="run on this machine instead of submitting to SLURM")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and print the plan only")
     parser.add_argument(
         "--chain", action="append", default=[], metavar="NAME",
         help="a later stage's config, submitted after this one with model.pretrained set to this run's export",
+    )  # fmt: skip
+    parser.add_argument(
+        "--payoff", metavar="NAME",
+        help="a fine-tuning or linear-probe config run twice after the first (pretraining) stage: from its export "
+        "and from random weights (in <name>-random); the summary adds the pair's top-1 and their difference",
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.base_lr=3e-4")
     return parser.parse_intermixed_args(argv)
@@ -143,22 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     try:
-        chain = [(args.config, args.overrides)] + [(name, []) for name in args.chain]
+        stages = plan_stages(args)
         configs: list[tuple[TrainConfig, Path]] = []
         inits: dict[Path, InitWeights] = {}
-        previous: Path | None = None
-        for i, (name, overrides) in enumerate(chain):
-            extra = list(overrides)
-            if previous is not None:
-                extra.append(f"model.pretrained={previous / 'export' / 'model.safetensors'}")
-            cfg = _resolve(name, args, extra)
-            run_dir = ((args.run_dir if i == 0 and args.run_dir else None) or Path("runs") / cfg.name).resolve()
+        home = args.run_dir.parent if args.run_dir else Path("runs")
+        for i, stage in enumerate(stages):
+            extra = list(stage.overrides)
+            if stage.upstream is not None:
+                extra.append(f"model.pretrained={configs[stage.upstream][1] / 'export' / 'model.safetensors'}")
+            if stage.baseline_of is not None:
+                extra += ["model.pretrained=null", f"tracking.baseline_of={configs[stage.baseline_of][1]}"]
+            cfg = _resolve(stage.name, args, extra)
+            run_dir = (args.run_dir if i == 0 and args.run_dir else home / f"{cfg.name}{stage.suffix}").resolve()
+            if any(run_dir == other for _, other in configs):
+                raise ConfigError(f"two stages of this command would share the run directory {run_dir}")
             _check(cfg, local=args.local)
+            _check_payoff(cfg, stage, configs)
             init = _check_init(cfg, run_dir)
             if init is not None:
                 inits[run_dir] = init
             configs.append((cfg, run_dir))
-            previous = run_dir
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -201,13 +216,56 @@ def main(argv: list[str] | None = None) -> int:
 
                 RunLock(run_dir).check_free()
                 check_no_job_queued(run_dir)
-        return _launch(args, configs, locks, inits)
+        return _launch(args, stages, configs, locks, inits)
     except RunDirLocked as err:
         print(f"run directory error: {err}", file=sys.stderr)
         return 2
     finally:
         for lock in locks:
             lock.release()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One run of a launch: a config with its overrides, and which earlier stage it starts from (its export as
+    ``model.pretrained``) or is the random-weights baseline of."""
+
+    name: str
+    overrides: list[str]
+    upstream: int | None = None
+    baseline_of: int | None = None
+    suffix: str = ""  # added to the config's name for its run directory
+
+    @property
+    def after(self) -> int | None:
+        """The stage whose job this one's waits for (a baseline waits for its pair, which MLflow links it to)."""
+        return self.upstream if self.baseline_of is None else self.baseline_of
+
+
+def plan_stages(args: argparse.Namespace) -> list[Stage]:
+    """The command's stages: the config, each ``--chain`` stage reading the previous one's export, then the
+    ``--payoff`` pair (from the first stage's export, and from random weights)."""
+    stages = [Stage(args.config, list(args.overrides))]
+    stages += [Stage(name, [], upstream=i) for i, name in enumerate(args.chain)]
+    if args.payoff:
+        stages.append(Stage(args.payoff, [], upstream=0))
+        stages.append(Stage(args.payoff, [], baseline_of=len(stages) - 1, suffix="-random"))
+    return stages
+
+
+def payoff_pair(stages: list[Stage]) -> tuple[int, int] | None:
+    """The positions of the ``--payoff`` pair (pretrained, random) among the stages, if any."""
+    return next(((s.baseline_of, i) for i, s in enumerate(stages) if s.baseline_of is not None), None)
+
+
+def _check_payoff(cfg: TrainConfig, stage: Stage, earlier: list[tuple[TrainConfig, Path]]) -> None:
+    """``--payoff`` compares a classifier's top-1 from a pretraining run's encoder and from random weights."""
+    if stage.suffix != "-random":
+        return
+    if earlier[0][0].stage != "pretrain":
+        raise ConfigError(f"--payoff {stage.name}: the first stage must be a pretraining run, not {earlier[0][0].stage}")
+    if cfg.stage != "finetune":
+        raise ConfigError(f"--payoff {stage.name}: a fine-tuning or linear-probe config, not a {cfg.stage} one")
 
 
 def _check_init(cfg: TrainConfig, run_dir: Path) -> InitWeights | None:
@@ -228,6 +286,7 @@ def _check_init(cfg: TrainConfig, run_dir: Path) -> InitWeights | None:
 
 def _launch(
     args: argparse.Namespace,
+    stages: list[Stage],
     configs: list[tuple[TrainConfig, Path]],
     locks: list[RunLock],
     inits: dict[Path, InitWeights],
@@ -255,7 +314,7 @@ def _launch(
             return 2
     sys.stdout.flush()
     if not args.local:
-        return _submit_all(configs)
+        return _submit_all(stages, configs)
     from cluster.local import run_local
 
     walls: list[float] = []
@@ -267,7 +326,7 @@ def _launch(
             return code
     from cluster.summary import summary_table
 
-    print(f"\n{summary_table(configs, walls)}")
+    print(f"\n{summary_table(configs, walls, payoff_pair(stages))}")
     uri = default_tracking_uri(configs[0][1], configs[0][0].tracking.tracking_uri)
     shown = redact("uri", uri)
     print(f"\nMLflow UI: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {shown}", flush=True)
@@ -294,13 +353,13 @@ def training_view(uri: str, experiment: str) -> str | None:
     return f"{base.rstrip('/')}/#/experiments/{found.experiment_id}?workflowType=machine_learning"
 
 
-def _submit_all(configs: list[tuple[TrainConfig, Path]]) -> int:
+def _submit_all(stages: list[Stage], configs: list[tuple[TrainConfig, Path]]) -> int:
     from cluster.slurm import submit
 
-    previous_job: str | None = None
-    for cfg, run_dir in configs:
-        job = submit(cfg, run_dir, after_job=previous_job)
-        previous_job = job.job_id
+    jobs: list[str] = []
+    for stage, (cfg, run_dir) in zip(stages, configs, strict=True):
+        job = submit(cfg, run_dir, after_job=None if stage.after is None else jobs[stage.after])
+        jobs.append(job.job_id)
         uri = redact("uri", default_tracking_uri(run_dir, cfg.tracking.tracking_uri))
         print(
             f"submitted {cfg.name} as job {job.job_id}\n"

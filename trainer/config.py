@@ -257,6 +257,11 @@ class TrackingConfig(_Section):
         None, description="register the export (an MLflow logged model) as a new version of this registered model"
     )
     log_every: int = Field(20, ge=1, description="console + metric logging interval (steps)")
+    baseline_of: str | None = Field(
+        None,
+        description="the run directory of the run this one is the random-weights baseline of: MLflow tags and "
+        "nests the pair together (set by cluster/launch.py --payoff)",
+    )
     sample_ledger: bool = Field(
         False, description="write the sample keys of every step to ledger/rank_N.jsonl in the run directory"
     )

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainer.observability.tracking import Tracker
+from trainer.observability.tracking import BASELINE_LABEL, Tracker
 from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class MetricsLogger:
         self.tracker.log_metrics({f"eval/{k}": v for k, v in {**metrics, "eval_s": seconds}.items()}, step)
         for name, baseline in BASELINES.items():
             if name in metrics and baseline in metrics:
-                self.tracker.log_baseline("random init", {f"eval/{name}": metrics[baseline]}, step)
+                self.tracker.log_baseline(BASELINE_LABEL, {f"eval/{name}": metrics[baseline]}, step)
         for folder, path in artifacts:
             self.tracker.log_artifact(path, folder)
 

@@ -31,7 +31,13 @@ from trainer.run_dir import MODEL_ID_FILE, RunDir
 
 log = logging.getLogger(__name__)
 
+PRETRAINING_TAG = "pretraining_run_id"
+"""The tag naming the pretraining run at the head of a fine-tuning or detection run's chain of stages."""
+BASELINE_LABEL = "random init"
+"""What a baseline run is: the same protocol from randomly initialized weights."""
+
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|api_key|access_key|private)", re.IGNORECASE)
+_MODEL_NAME_FORBIDDEN = re.compile(r"[/:.%\"' ]+")  # MLflow refuses these in a logged model's name
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
 
@@ -155,7 +161,8 @@ class Tracker:
             "stage": cfg.stage,
         }
         resolved = cfg.model_dump(mode="json")
-        self.start(resolved, tags, run_name=cfg.name, description=description)
+        name = f"{cfg.name} / {BASELINE_LABEL}" if cfg.tracking.baseline_of else cfg.name
+        self.start(resolved, tags, run_name=name, description=description)
         if self.restart_count == 0 and self.enabled:
             from trainer.observability.inputs import as_mlflow, run_inputs
 
@@ -163,7 +170,9 @@ class Tracker:
             self._client.log_inputs(self.run_id, datasets=as_mlflow(run_inputs(cfg, self.run_dir)))
             upstream = getattr(cfg.model, "pretrained", None) or getattr(cfg.model, "init_from", None)
             if upstream:
-                self.link_upstream(upstream)
+                self.link_upstream(upstream, cfg.stage)
+            if cfg.tracking.baseline_of:
+                self.link_baseline(Path(cfg.tracking.baseline_of))
 
     def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str, description: str = "") -> None:
         """Create the run, or continue the one recorded in the run directory (restart count + 1). A new run is
@@ -232,7 +241,8 @@ class Tracker:
 
         run = self._client.get_run(self.run_id)
         model = self._client.create_logged_model(
-            run.info.experiment_id, name=run.info.run_name, source_run_id=self.run_id, model_type=stage,
+            run.info.experiment_id, name=_MODEL_NAME_FORBIDDEN.sub("-", run.info.run_name), source_run_id=self.run_id,
+            model_type=stage,
             params={"stage": stage, "model.size": str(config.get("model", {}).get("size"))},
         )  # fmt: skip
         try:
@@ -264,21 +274,63 @@ class Tracker:
         version = self._client.create_model_version(name, source=location, run_id=self.run_id, model_id=model_id)
         log.info("registered the export as %s version %s", name, version.version)
 
-    def link_upstream(self, export: str) -> None:
-        """Name the logged model a stage starts from (``model.pretrained`` or ``model.init_from``: an export's file,
-        the export directory or its run directory, when the export says which model it is) as an input of this run:
-        the chain of stages is then visible in the UI."""
-        if not self.enabled or self.run_id is None or "://" in export:
+    def link_upstream(self, export: str, stage: str) -> None:
+        """Tie this run to the export it starts from (``model.pretrained`` or ``model.init_from``: an export's file,
+        the export directory or its run directory), so a chain of stages can be followed in the UI: the tag
+        ``upstream_export`` names it; when the export says which logged model it is, that model is an input of
+        this run (``upstream_model_id``) and the run that logged it is ``upstream_run_id``. A fine-tuning or
+        detection run also names the pretraining run at the head of its chain (``pretraining_run_id``) and, in the
+        same experiment, is nested under it (the UI's runs table lists a pretraining run's downstream runs under
+        it)."""
+        if not self.enabled or self.run_id is None:
             return
+        self.set_tag("upstream_export", redact("uri", export))
         path = Path(export)
         found = [p / MODEL_ID_FILE for p in (path.parent, path, path / "export") if (p / MODEL_ID_FILE).is_file()]
-        if found:
-            id_file = found[0]
-            from mlflow.entities import LoggedModelInput
+        if "://" in export or not found:
+            return
+        from mlflow.entities import LoggedModelInput
+        from mlflow.exceptions import MlflowException
 
-            model_id = id_file.read_text().strip()
-            self._client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
-            self.set_tag("upstream_model_id", model_id)
+        model_id = found[0].read_text().strip()
+        try:
+            upstream = self._client.get_run(self._client.get_logged_model(model_id).source_run_id)
+        except MlflowException as err:  # logged into another store: the export's path is the link left
+            log.warning("the upstream export's model %s is not in this MLflow store (%s): not linked", model_id, err)
+            return
+        self._client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+        self.set_tag("upstream_model_id", model_id)
+        self.set_tag("upstream_run_id", upstream.info.run_id)
+        if stage == "pretrain":
+            return
+        head = upstream.data.tags.get(PRETRAINING_TAG)
+        if head is None and upstream.data.tags.get("stage") == "pretrain":
+            head = upstream.info.run_id
+        if head is not None:
+            self._tag_pretraining_run(head)
+
+    def link_baseline(self, of_run_dir: Path) -> None:
+        """Mark this run as the random-weights baseline of the run in ``of_run_dir`` (its pair in the payoff line of
+        ``cluster/launch.py --payoff``): the tags ``baseline_of`` and ``baseline``, and that run's pretraining run
+        (tag and nesting), so the pair is found together under the pretraining run in the UI."""
+        from mlflow.exceptions import MlflowException
+
+        id_file = RunDir(of_run_dir).mlflow_run_id
+        try:
+            of = self._client.get_run(id_file.read_text().strip())
+        except (OSError, MlflowException) as err:
+            log.warning("tracking.baseline_of=%s: no MLflow run of it to link (%s)", of_run_dir, err)
+            return
+        self.set_tag("baseline_of", of.info.run_id)
+        self.set_tag("baseline", BASELINE_LABEL)
+        if PRETRAINING_TAG in of.data.tags:
+            self._tag_pretraining_run(of.data.tags[PRETRAINING_TAG])
+
+    def _tag_pretraining_run(self, run_id: str) -> None:
+        self.set_tag(PRETRAINING_TAG, run_id)
+        experiment = self._client.get_run(self.run_id).info.experiment_id
+        if self._client.get_run(run_id).info.experiment_id == experiment:
+            self.set_tag("mlflow.parentRunId", run_id)
 
     def describe_result(self, step: int, result: str) -> None:
         """Add what the run reached (the export's summary) to its description, under the start's summary line."""
