@@ -69,7 +69,7 @@ $(DET_DATA)/%/manifest.json: | setup
 # previous one's export; one MLflow store for the three runs; a summary table at the end.
 demo: setup $(DEMO_SETS)
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/runs/mlflow.db $(BIN)/python cluster/launch.py --local \
-	    --config demo_fcmae --chain demo_finetune --chain demo_maskrcnn
+	    --config demo_fcmae --chain demo_finetune --chain demo_maskrcnn --payoff demo_linprobe
 
 # The quick start's continuation (after `make demo`): the demo's FCMAE export continued on another set, the
 # detection demo's canvases, with the kNN probe at its start and its end; the same MLflow store.

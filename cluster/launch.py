@@ -5,7 +5,7 @@ SLURM (a laptop, CI) or with ``--local`` it runs here with the same code. Re-run
 run directory resumes the run. ``--dry-run`` prints the plan (batch, lr, steps, memory per device, sbatch options).
 ``--chain NAME [--chain NAME ...]`` submits later stages as dependent jobs, each reading the previous run's export.
 ``--payoff NAME`` runs a fine-tuning or linear-probe config twice after a pretraining run, from its export and from
-random weights, and the summary shows what pretraining bought (docs/payoff.md).
+random weights, and the summary shows what pretraining bought (docs/transfer.md).
 """
 
 from __future__ import annotations
@@ -263,7 +263,9 @@ def _check_payoff(cfg: TrainConfig, stage: Stage, earlier: list[tuple[TrainConfi
     if stage.suffix != "-random":
         return
     if earlier[0][0].stage != "pretrain":
-        raise ConfigError(f"--payoff {stage.name}: the first stage must be a pretraining run, not {earlier[0][0].stage}")
+        raise ConfigError(
+            f"--payoff {stage.name}: the first stage must be a pretraining run, not {earlier[0][0].stage}"
+        )
     if cfg.stage != "finetune":
         raise ConfigError(f"--payoff {stage.name}: a fine-tuning or linear-probe config, not a {cfg.stage} one")
 

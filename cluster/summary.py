@@ -21,7 +21,9 @@ def summary_table(runs: list[tuple[TrainConfig, Path]], walls: list[float], payo
     for i, ((cfg, run_dir), seconds) in enumerate(zip(runs, walls, strict=True)):
         if i not in pair:
             metrics = _metrics(run_dir)
-            rows.append((cfg.stage, cfg.name, result_line(metrics) if metrics else "no export", format_duration(seconds)))
+            rows.append(
+                (cfg.stage, cfg.name, result_line(metrics) if metrics else "no export", format_duration(seconds))
+            )
     if payoff is not None:
         (cfg, pretrained), (_, random) = runs[payoff[0]], runs[payoff[1]]
         wall = format_duration(walls[payoff[0]] + walls[payoff[1]])

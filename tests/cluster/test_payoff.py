@@ -13,16 +13,15 @@ from safetensors.torch import load_file
 
 from cluster.launch import main as launch_main
 from tests.support.launch import TINY
+from trainer.config import parse_overrides
 
-TINY_STAGE = {"data": {"num_workers": 0, "batch_size": 8}, "deepspeed": {"precision": "fp32"},
-              "tracking": {"log_every": 1}, "eval": {"every_steps": 1000}, "checkpoint": {"every_steps": 1000}}  # fmt: skip
+TINY_STAGE = ["data.num_workers=0", "data.batch_size=8", "deepspeed.precision=fp32", "tracking.log_every=1",
+              "eval.every_steps=1000", "checkpoint.every_steps=1000"]  # fmt: skip
 
 
-def _config(tmp_path: Path, name: str, extends: str, **sections: dict[str, object]) -> str:
-    """A YAML config in ``tmp_path`` extending ``extends`` with the tiny settings and ``sections``."""
-    raw: dict[str, object] = {"extends": extends, **{k: dict(v) for k, v in TINY_STAGE.items()}}
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}  # type: ignore[dict-item]
+def _config(tmp_path: Path, name: str, extends: str, *overrides: str) -> str:
+    """A YAML config in ``tmp_path``: ``extends`` with the tiny settings and ``overrides`` (``section.key=value``)."""
+    raw = {"extends": extends, **parse_overrides([*TINY_STAGE, *overrides])}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(raw))  # JSON is YAML
     return str(path)
@@ -43,15 +42,16 @@ def test_a_chain_with_a_payoff_pair_reports_it_and_links_every_run_to_its_pretra
     In MLflow, each downstream run names its upstream run, the pretraining run at the head of its chain, and is
     nested under it; the random arm is tied to its pair and has no upstream (the control)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    data = {"train_url": fmnist_shards, "val_url": fmnist_test_shards}
-    steps = {"max_steps": 2, "warmup_epochs": 0}
-    finetune = _config(tmp_path, "tiny_finetune", "demo_finetune", data=data, schedule=steps)
+    data = [f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}"]
+    finetune = _config(tmp_path, "tiny_finetune", "demo_finetune", *data, "schedule.max_steps=2",
+                       "schedule.warmup_epochs=0")  # fmt: skip
     train, val = det_shards
     detection = _config(
-        tmp_path, "tiny_maskrcnn", "demo_maskrcnn", data={"train_url": train, "val_url": val, "batch_size": 4},
-        detection={"anchor_sizes": [8, 16, 32, 64, 128], "fpn_channels": 32}, schedule={"max_steps": 1},
+        tmp_path, "tiny_maskrcnn", "demo_maskrcnn", f"data.train_url={train}", f"data.val_url={val}",
+        "data.batch_size=4", "detection.anchor_sizes=[8,16,32,64,128]", "detection.fpn_channels=32",
+        "schedule.max_steps=1",
     )  # fmt: skip
-    probe = _config(tmp_path, "tiny_linprobe", "demo_linprobe", data=data, schedule={"max_steps": 3})
+    probe = _config(tmp_path, "tiny_linprobe", "demo_linprobe", *data, "schedule.max_steps=3")
     pretrain = tmp_path / "tiny_fcmae"
     args = ["--config", "demo_fcmae", "--local", "--run-dir", str(pretrain), *TINY, "schedule.max_steps=2",
             "data.batch_size=8", "--chain", finetune, "--chain", detection, "--payoff", probe]  # fmt: skip
@@ -88,20 +88,25 @@ def test_a_chain_with_a_payoff_pair_reports_it_and_links_every_run_to_its_pretra
         assert tags[run]["upstream_export"] == str(runs[parent] / "export" / "model.safetensors")
         model = client.get_logged_model(tags[run]["upstream_model_id"])
         assert model.source_run_id == ids[parent]
-    for run in ("tiny_finetune", "tiny_maskrcnn", "tiny_linprobe", "random"):
+    downstream = ("tiny_finetune", "tiny_maskrcnn", "tiny_linprobe", "random")
+    for run in downstream:
         assert tags[run]["pretraining_run_id"] == head and tags[run]["mlflow.parentRunId"] == head, run
     assert "pretraining_run_id" not in tags["tiny_fcmae"] and "upstream_run_id" not in tags["random"]
     assert tags["random"]["baseline_of"] == ids["tiny_linprobe"] and tags["random"]["baseline"] == "random init"
     assert client.get_run(ids["random"]).info.run_name == "tiny_linprobe / random init"
     experiment = client.get_run(head).info.experiment_id
     found = client.search_runs([experiment], f"tags.pretraining_run_id = '{head}'")
-    assert {r.info.run_id for r in found} == {ids[n] for n in ("tiny_finetune", "tiny_maskrcnn", "tiny_linprobe", "random")}
+    assert {r.info.run_id for r in found} == {ids[n] for n in downstream}
 
 
-def test_a_payoff_needs_a_pretraining_run_first_and_a_classifier_config(tmp_path: Path) -> None:
+def test_a_payoff_needs_a_pretraining_run_first_and_a_classifier_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Refused before anything is written: the pair would compare nothing."""
     common = ["--local", "--dry-run", "--run-dir", str(tmp_path / "first")]
     assert launch_main(["--config", "demo_finetune", *common, "--payoff", "demo_linprobe"]) == 2
+    assert "the first stage must be a pretraining run, not finetune" in capsys.readouterr().err
     assert launch_main(["--config", "demo_fcmae", *common, "--payoff", "demo_maskrcnn"]) == 2
+    assert "a fine-tuning or linear-probe config, not a detection one" in capsys.readouterr().err
     assert launch_main(["--config", "demo_fcmae", *common, "--payoff", "demo_linprobe"]) == 0
     assert not (tmp_path / "first").exists()
