@@ -260,7 +260,7 @@ def payoff_pair(stages: list[Stage]) -> tuple[int, int] | None:
 
 def _check_payoff(cfg: TrainConfig, stage: Stage, earlier: list[tuple[TrainConfig, Path]]) -> None:
     """``--payoff`` compares a classifier's top-1 from a pretraining run's encoder and from random weights."""
-    if stage.suffix != "-random":
+    if stage.baseline_of is None:
         return
     if earlier[0][0].stage != "pretrain":
         raise ConfigError(

@@ -231,6 +231,8 @@ def test_a_run_records_its_inputs_and_gets_a_free_name(
     tracker.start_run(cfg, 1, "finetune | a summary line")
     run = client.get_run(tracker.run_id)
     assert [m.model_id for m in run.inputs.model_inputs] == [upstream_model]  # the chain of stages
+    assert run.data.tags["upstream_export"] == str(upstream) and run.data.tags["upstream_model_id"] == upstream_model
+    assert "upstream_run_id" not in run.data.tags  # that model was logged outside a run
 
     def digest(path: Path | str) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -294,18 +294,21 @@ class Tracker:
 
         model_id = found[0].read_text().strip()
         try:
-            upstream = self._client.get_run(self._client.get_logged_model(model_id).source_run_id)
+            source_run_id = self._client.get_logged_model(model_id).source_run_id
         except MlflowException as err:  # logged into another store: the export's path is the link left
             log.warning("the upstream export's model %s is not in this MLflow store (%s): not linked", model_id, err)
             return
         self._client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
         self.set_tag("upstream_model_id", model_id)
-        self.set_tag("upstream_run_id", upstream.info.run_id)
+        if source_run_id is None:  # a model logged outside a run
+            return
+        self.set_tag("upstream_run_id", source_run_id)
         if stage == "pretrain":
             return
+        upstream = self._client.get_run(source_run_id)
         head = upstream.data.tags.get(PRETRAINING_TAG)
         if head is None and upstream.data.tags.get("stage") == "pretrain":
-            head = upstream.info.run_id
+            head = source_run_id
         if head is not None:
             self._tag_pretraining_run(head)
 
