@@ -37,7 +37,11 @@ PING_TIMEOUT_S = 3
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config name in configs/ (e.g. huge_fcmae) or a YAML path")
-    parser.add_argument("--nodes", type=int, help="nodes (cluster.nodes)")
+    parser.add_argument(
+        "--nodes", type=node_range, metavar="N|MIN-MAX",
+        help="nodes (cluster.nodes), or a range the job may start on (cluster.min_nodes-cluster.nodes): the run "
+        "keeps the global batch on any count of it by accumulating",
+    )  # fmt: skip
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (cluster.gpus_per_node)")
     parser.add_argument("--partition", help="SLURM partition (cluster.partition)")
     parser.add_argument("--account", help="SLURM account (cluster.account)")
@@ -61,16 +65,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def node_range(text: str) -> tuple[int | None, int]:
+    """``--nodes``: ``16`` (exactly) or ``12-16`` (min-max) as (min_nodes or None, nodes)."""
+    low, sep, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high if sep else low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a node count (16) or a range (12-16)") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: counts from 1, the smaller first (12-16)")
+    return (lo if sep else None), hi
+
+
 def cluster_overrides(args: argparse.Namespace) -> list[str]:
     """Command-line flags as config overrides."""
+    if args.nodes is not None:
+        low, high = args.nodes
+        nodes = [f"cluster.nodes={high}", f"cluster.min_nodes={'null' if low is None else low}"]
+    else:
+        nodes = []
     flags = {
-        "nodes": args.nodes,
         "gpus_per_node": args.gpus_per_node,
         "partition": args.partition,
         "account": args.account,
         "time_min": args.time_min,
     }
-    return [f"cluster.{k}={v}" for k, v in flags.items() if v is not None]
+    return nodes + [f"cluster.{k}={v}" for k, v in flags.items() if v is not None]
 
 
 def slurm_status() -> str | None:
@@ -111,6 +131,7 @@ def _resolve(name: str, args: argparse.Namespace, extra: list[str]) -> TrainConf
 def _check(cfg: TrainConfig, local: bool) -> None:
     """Every rule that depends on where the run goes, before anything is built or written."""
     if not local:
+        cfg.check_node_range()  # every node count SLURM may start the job on
         check_runnable(cfg, cfg.world_size(), "cuda" if cfg.cluster.gpus_per_node else "cpu")
         return
     world, device = local_world_size(cfg), _local_device(cfg)

@@ -64,6 +64,19 @@ class Plan:
     params_note: str
     memory: MemoryEstimate
     sbatch: list[str]
+    node_rows: list[NodeCountRow]
+    """With a node range (``cluster.min_nodes``), one row per node count it may run on."""
+
+
+@dataclass(frozen=True)
+class NodeCountRow:
+    """How a run on a node range runs on one of its node counts: the global batch stays, the split changes."""
+
+    nodes: int
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    memory: MemoryEstimate
 
 
 def dataset_size(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[int, str]:
@@ -208,9 +221,23 @@ def memory_estimate(cfg: TrainConfig, num_params: int, world: int) -> MemoryEsti
     )
 
 
+def node_rows(cfg: TrainConfig, num_params: int) -> list[NodeCountRow]:
+    """A row per node count of ``cfg``'s node range (none without one), each with the memory of its micro-batch."""
+    if cfg.cluster.min_nodes is None:
+        return []
+    rows = []
+    for nodes in cfg.cluster.node_counts():
+        world = nodes * cfg.cluster.ranks_per_node
+        fitted = cfg.fit_world(world)
+        memory = memory_estimate(fitted, num_params, world)
+        rows.append(NodeCountRow(nodes, world, fitted.data.batch_size, fitted.deepspeed.grad_accum, memory))
+    return rows
+
+
 def make_plan(cfg: TrainConfig) -> Plan:
     """The plan of a launch of ``cfg`` on its cluster section."""
     world = cfg.world_size()
+    cfg = cfg.fit_world(world)
     num_params, params_note = count_parameters(cfg)
     size, note = dataset_size(cfg)
     global_batch = cfg.global_batch(world)
@@ -232,6 +259,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
         params_note=params_note,
         memory=memory_estimate(cfg, num_params, world),
         sbatch=sbatch_options(cfg),
+        node_rows=node_rows(cfg, num_params),
     )
 
 
@@ -258,6 +286,15 @@ def format_plan(cfg: TrainConfig, plan: Plan) -> str:
         checkpoint_line(cfg, plan.num_params),
         f"  sbatch            {' '.join(plan.sbatch)}",
     ]
+    if plan.node_rows:
+        lines.append(f"  node range        {cfg.cluster.min_nodes}-{cfg.cluster.nodes} nodes, global batch "
+                     f"{plan.global_batch} on each (lr and schedule as above):")  # fmt: skip
+        lines.append(f"    {'nodes':>5}  {'world':>5}  {'batch/device':>12}  {'accumulation':>12}  memory/{device}")
+        for row in plan.node_rows:
+            memory = "-" if row.memory.total != row.memory.total else f"{row.memory.total / GiB:.1f} GiB"
+            lines.append(
+                f"    {row.nodes:>5}  {row.world_size:>5}  {row.micro_batch:>12}  {row.grad_accum:>12}  {memory}"
+            )
     return "\n".join(lines)
 
 

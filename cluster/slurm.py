@@ -183,6 +183,10 @@ def slurm_parameters(cfg: TrainConfig, after_job: str | None = None) -> dict[str
         params["slurm_account"] = c.account
     if c.mem_gb:
         params["mem_gb"] = c.mem_gb
+    if c.min_nodes is not None and c.min_nodes < c.nodes:
+        # submitit's own `nodes` stays an int (it multiplies it by the tasks per node); its additional
+        # parameters replace the #SBATCH line it writes for the same key.
+        params["slurm_additional_parameters"]["nodes"] = f"{c.min_nodes}-{c.nodes}"
     if after_job is not None:
         params["slurm_additional_parameters"]["dependency"] = f"afterok:{after_job}"
     return params
@@ -199,11 +203,14 @@ _SBATCH_NAMES = {
 def sbatch_options(cfg: TrainConfig) -> list[str]:
     """The ``#SBATCH`` options submitit writes for :func:`slurm_parameters` (with its own ``--open-mode=append``)."""
     params = slurm_parameters(cfg)
-    options = [f"--{_SBATCH_NAMES[key]}={value}" for key, value in params.items() if key in _SBATCH_NAMES]
+    extra = params["slurm_additional_parameters"]
+    options = [
+        f"--{_SBATCH_NAMES[key]}={value}" for key, value in params.items() if key in _SBATCH_NAMES and key not in extra
+    ]
     if "mem_gb" in params:
         options.append(f"--mem={params['mem_gb']}G")
     options.append(f"--signal=USR2@{params['slurm_signal_delay_s']}")
-    options += [f"--{k}" if v is True else f"--{k}={v}" for k, v in params["slurm_additional_parameters"].items()]
+    options += [f"--{k}" if v is True else f"--{k}={v}" for k, v in extra.items()]
     return [*options, "--open-mode=append"]
 
 

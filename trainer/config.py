@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -106,10 +106,25 @@ class DataConfig(_Section):
     )
     image_size: int = Field(224, ge=32, description="training crop size; a multiple of 32 for FCMAE")
     batch_size: int = Field(64, ge=1, description="micro-batch per device")
+    batch_size_choices: list[int] = Field(
+        default_factory=list,
+        description="smaller micro-batches per device a run on a node range may switch to when data.batch_size "
+        "cannot make the global batch with a whole accumulation on the nodes it got",
+    )
     num_workers: int = Field(4, ge=0, description="dataloader worker processes per rank")
     shuffle_window: int = Field(
         1024, ge=0, description="samples shuffled together within each worker's contiguous share (0: shard order)"
     )
+
+    @model_validator(mode="after")
+    def _check_batch_choices(self) -> DataConfig:
+        bad = [b for b in self.batch_size_choices if not 1 <= b < self.batch_size]
+        if bad:
+            raise ValueError(
+                f"data.batch_size_choices {bad}: each a micro-batch from 1 to below data.batch_size={self.batch_size} "
+                "(the largest that fits is data.batch_size itself)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_sources(self) -> DataConfig:
@@ -316,7 +331,13 @@ class WatchdogConfig(_Section):
 class ClusterConfig(_Section):
     """SLURM resources (used by cluster/launch.py)."""
 
-    nodes: int = Field(1, ge=1, description="nodes")
+    nodes: int = Field(1, ge=1, description="nodes (the most, with min_nodes)")
+    min_nodes: int | None = Field(
+        None,
+        ge=1,
+        description="the fewest nodes the job may run on (SLURM --nodes=min_nodes-nodes; --nodes 12-16): on fewer "
+        "than `nodes` a run keeps the global batch, lr and schedule by accumulating more; null: exactly `nodes`",
+    )
     gpus_per_node: int = Field(8, ge=0, description="GPUs (tasks) per node; 0 = CPU ranks")
     cpu_ranks_per_node: int = Field(1, ge=1, description="ranks per node when gpus_per_node is 0")
     partition: str | None = Field(None, description="SLURM partition")
@@ -328,10 +349,20 @@ class ClusterConfig(_Section):
     max_requeues: int = Field(20, ge=0, description="requeues after preemption / time limit")
     max_failure_retries: int = Field(2, ge=0, description="requeues after a real error (then the failure stands)")
 
+    @model_validator(mode="after")
+    def _check_node_range(self) -> ClusterConfig:
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            raise ValueError(f"cluster.min_nodes={self.min_nodes} exceeds cluster.nodes={self.nodes} (the most nodes)")
+        return self
+
     @property
     def ranks_per_node(self) -> int:
         """Tasks per node: one per GPU, or ``cpu_ranks_per_node`` CPU ranks when ``gpus_per_node`` is 0."""
         return self.gpus_per_node or self.cpu_ranks_per_node
+
+    def node_counts(self) -> range:
+        """The node counts the job may run on: ``min_nodes`` to ``nodes``, or exactly ``nodes``."""
+        return range(self.min_nodes or self.nodes, self.nodes + 1)
 
 
 class RunConfig(_Section):
@@ -365,6 +396,77 @@ class RunConfig(_Section):
         """Optimizer steps of the run: the epochs, capped by ``schedule.max_steps``."""
         steps = math.ceil(self.schedule.epochs * steps_per_epoch)
         return min(steps, self.schedule.max_steps) if self.schedule.max_steps else steps
+
+    def fit_world(self, world_size: int) -> Self:
+        """The config as it runs on ``world_size`` ranks. On a node range (``cluster.min_nodes``) the global batch,
+        and with it the lr and the schedule, stays the configured one (:meth:`configured_global_batch`): the
+        accumulation, and when needed the micro-batch (``data.batch_size`` or one of ``data.batch_size_choices``),
+        are chosen to make it exactly; a world size that cannot is refused, naming the node counts that can.
+        Without a range the config is returned as it is (:meth:`global_batch` checks it)."""
+        c = self.cluster
+        if c.min_nodes is None:
+            return self
+        target = self.configured_global_batch()
+        nodes, rest = divmod(world_size, c.ranks_per_node)
+        if rest or nodes not in c.node_counts():
+            raise ConfigError(
+                f"world size {world_size} is not {c.min_nodes}-{c.nodes} nodes x {c.ranks_per_node} ranks "
+                "(cluster.min_nodes, cluster.nodes)"
+            )
+        fit = self.batch_split(world_size)
+        if fit is None:
+            raise ConfigError(self._no_fit(nodes, target))
+        micro, accum = fit
+        return self.model_copy(
+            update={
+                "data": self.data.model_copy(update={"batch_size": micro}),
+                "deepspeed": self.deepspeed.model_copy(update={"grad_accum": accum, "global_batch": target}),
+            }
+        )
+
+    def configured_global_batch(self) -> int:
+        """The global batch a run on a node range keeps: ``deepspeed.global_batch``, else what the config makes
+        on its most nodes (``data.batch_size`` x ``deepspeed.grad_accum`` x ``nodes`` x ranks per node)."""
+        return self.deepspeed.global_batch or self.data.batch_size * self.deepspeed.grad_accum * self.world_size()
+
+    def batch_split(self, world_size: int) -> tuple[int, int] | None:
+        """(micro-batch, accumulation) that make :meth:`configured_global_batch` on ``world_size`` ranks: the
+        largest allowed micro-batch that divides it with a whole accumulation, or None."""
+        target = self.configured_global_batch()
+        for micro in sorted({self.data.batch_size, *self.data.batch_size_choices}, reverse=True):
+            if target % (micro * world_size) == 0:
+                return micro, target // (micro * world_size)
+        return None
+
+    def check_node_range(self) -> None:
+        """Refuse a node range with a count that cannot make the configured global batch (before the job queues
+        for it), naming the counts of the range that can."""
+        c = self.cluster
+        if c.min_nodes is None:
+            return
+        bad = [n for n in c.node_counts() if self.batch_split(n * c.ranks_per_node) is None]
+        if bad:
+            good = [n for n in c.node_counts() if n not in bad]
+            micro = sorted({self.data.batch_size, *self.data.batch_size_choices}, reverse=True)
+            raise ConfigError(
+                f"--nodes {c.min_nodes}-{c.nodes}: on {', '.join(map(str, bad))} node(s) x {c.ranks_per_node} ranks "
+                f"no micro-batch of {micro} with a whole accumulation makes the global batch "
+                f"{self.configured_global_batch()}; counts of the range that can: {', '.join(map(str, good)) or 'none'}"
+                " "
+                "(narrow the range, add a micro-batch to data.batch_size_choices, or set deepspeed.global_batch "
+                "to a multiple of every count's ranks)"
+            )
+
+    def _no_fit(self, nodes: int, target: int) -> str:
+        rpn = self.cluster.ranks_per_node
+        micro = sorted({self.data.batch_size, *self.data.batch_size_choices}, reverse=True)
+        can = [n for n in range(1, 2 * self.cluster.nodes + 1) if self.batch_split(n * rpn) is not None]
+        nearest = sorted(can, key=lambda n: (abs(n - nodes), n))[:2]
+        return (
+            f"{nodes} node(s) x {rpn} ranks cannot make the global batch {target} with a micro-batch of {micro} and "
+            f"a whole accumulation; node counts that can, nearest first: {', '.join(map(str, sorted(nearest)))} "
+            "(narrow --nodes to counts that can, or add a micro-batch to data.batch_size_choices)"
+        )
 
     def global_batch(self, world_size: int) -> int:
         """Samples per optimizer step for a world size; checked against ``deepspeed.global_batch`` if set."""
@@ -575,7 +677,7 @@ def load_config(name: str, overrides: list[str] | None = None) -> TrainConfig:
 def check_runnable(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     """The rules that depend on where the run goes (ranks, CPU or GPU); raises :class:`ConfigError` before
     anything is built or written."""
-    cfg.global_batch(world_size)
+    cfg.fit_world(world_size).global_batch(world_size)
     if device_type == "cpu" and cfg.deepspeed.precision == "fp16":
         raise ConfigError(
             "deepspeed.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU): use bf16 or fp32 on this machine"

@@ -30,7 +30,7 @@ import torch
 
 from data.batch import Batch
 from trainer.config import TrainConfig
-from trainer.distributed import barrier, init_distributed, teardown
+from trainer.distributed import DistEnv, barrier, init_distributed, teardown
 from trainer.engine import deepspeed_config, initialize
 from trainer.evaluation import evaluate, evaluation_due
 from trainer.observability.logger import MetricsLogger, result_line
@@ -91,6 +91,7 @@ class Trainer:
         self.cfg, self.run_dir, self.paths = cfg, run_dir, RunDir(run_dir)
         self.preemption = PreemptionHandler().install()  # first: a signal during start-up must not kill the rank
         self.env = env = init_distributed()
+        self.cfg = cfg = fit_to_world(cfg, env)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.stage = stage_class(cfg.stage)(cfg, env, run_dir)  # type: ignore[call-arg]
         self.schedule = schedule = Schedule.of(cfg, len(self.stage.loader), env.world_size)
@@ -101,7 +102,8 @@ class Trainer:
         self.resume_from = self.checkpointer.find_latest()
         self.segments = SegmentLog(run_dir)
         if env.is_main:
-            self.segments.start(self.resume_from.tag if self.resume_from else None)
+            resumed = self.resume_from.tag if self.resume_from else None
+            self.segments.start(resumed, env.world_size, cfg.data.batch_size, cfg.deepspeed.grad_accum)
         self.universal = self.checkpointer.prepare_universal(self.resume_from, cfg.watchdog.phase_timeout_s)
         ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.data.batch_size, env.world_size)
         if self.universal:
@@ -315,6 +317,7 @@ class Trainer:
             "skipped_steps": self.recovery.skip_guard.total,
             **self.loop_state.to_dict(time.perf_counter() - self.started),
             "loader_samples_skipped": self.stage.loader.stats.skipped,
+            "world_sizes": self.segments.world_sizes() if self.env.is_main else [],
             **self.eval_metrics,
         }
         out = self.paths.export
@@ -361,7 +364,22 @@ class Trainer:
         if not env.is_main:
             return
         log.info("%s", summary)
+        self.tracker.log_metrics({"train/world_size": float(env.world_size)}, self.step)  # one point per segment
         self.profiler.check_range(self.step, self.schedule.total)
+
+
+def fit_to_world(cfg: TrainConfig, env: DistEnv) -> TrainConfig:
+    """The config for the world this segment got: on a node range, the micro-batch and accumulation that keep the
+    configured global batch (:meth:`trainer.config.RunConfig.fit_world`), said in the log."""
+    fitted = cfg.fit_world(env.world_size)
+    if fitted is not cfg and env.is_main:
+        c = cfg.cluster
+        log.info(
+            "%d of %d-%d nodes: micro-batch %d x accumulation %d x %d ranks = global batch %d, as configured",
+            env.world_size // c.ranks_per_node, c.min_nodes, c.nodes, fitted.data.batch_size,
+            fitted.deepspeed.grad_accum, env.world_size, fitted.deepspeed.global_batch,
+        )  # fmt: skip
+    return fitted
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> int:

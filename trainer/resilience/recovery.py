@@ -152,10 +152,15 @@ class SegmentLog:
     def __init__(self, run_dir: Path) -> None:
         self.path = RunDir(run_dir).segments
 
-    def start(self, resumed_from: str | None) -> None:
-        """Record this start."""
+    def start(self, resumed_from: str | None, world_size: int, micro_batch: int, grad_accum: int) -> None:
+        """Record this start: where it resumed from, and the world it got with the batch split it chose."""
         record = {"time": time.time(), "host": socket.gethostname(), "resumed_from": resumed_from}
-        append_record(self.path, {**record, "slurm_job_id": slurm_job_id()})
+        split = {"world_size": world_size, "micro_batch": micro_batch, "grad_accum": grad_accum}
+        append_record(self.path, {**record, **split, "slurm_job_id": slurm_job_id()})
+
+    def world_sizes(self) -> list[int]:
+        """The world size of every start recorded with one, in order."""
+        return [int(r["world_size"]) for r in read_records(self.path) if "world_size" in r]
 
     def restarts(self) -> int:
         """Starts of the run before this one."""
