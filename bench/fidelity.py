@@ -11,19 +11,26 @@ keeps features diverse), and random weights (claim 1: FCMAE pretraining helps). 
 and scored by top-1 on the full 10,000-image test split. The pretraining runs also log the kNN probe, the effective
 rank and the per-stage feature cosine distance (the paper's statistic for the GRN claim). Every run goes through
 ``cluster/launch.py --local`` and is skipped when its run directory holds a finished export, so an interrupted bench
-resumes where it stopped (a run cut mid-way resumes from its checkpoint). Prints mean ± standard deviation over the
+resumes where it stopped (a run cut mid-way resumes from its checkpoint). Several bench processes started side by
+side on the same ``--out`` share the runs (each takes the next one nobody holds): on 2 cores, two processes with one
+thread each finish about 1.5x sooner than one with two. Prints mean ± standard deviation over the
 seeds, and which gaps exceed two standard deviations of both arms.
 
     python -m bench.fidelity --seeds 0 1 2 --pretrain-steps 3000
+    for i in 1 2; do OMP_NUM_THREADS=1 python -m bench.fidelity & done; wait   # two processes sharing the runs
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import statistics
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.launch import main as launch
@@ -40,60 +47,111 @@ CLAIMS = [  # (claim, the method's arm, the arm it must beat)
 ]
 
 
+@dataclass(frozen=True)
+class Run:
+    """One launch of the bench: where its metrics go in the table, the recipe, its run directory, the shard sets it
+    reads (written first) and the pretraining runs whose exports it loads."""
+
+    seed: int
+    key: str  # "encoder" for a pretraining run, "encoder/protocol" for a downstream one
+    config: str
+    run_dir: Path
+    overrides: tuple[str, ...]
+    sets: tuple[tuple[str, ...], ...] = ()  # shard_set arguments
+    needs: tuple[Path, ...] = ()
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "export" / "metrics.json"
+
+
 def shard_set(name: str, split: str, *extra: str) -> Path:
-    """A Fashion-MNIST set at 64 px under runs/data/, written once."""
+    """A Fashion-MNIST set at 64 px under runs/data/, written once (under a lock: bench processes side by side
+    need the same sets)."""
     out = DATA / name
-    if not (out / "manifest.json").exists():
-        cmd = [sys.executable, "-m", "data.write_shards", "--source", "fashion-mnist", "--split", split]
-        cmd += ["--image-size", "64", "--samples-per-shard", "5000", *extra]
-        subprocess.run([*cmd, "--output", str(out), "--overwrite", "--quiet"], check=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f"{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").exists():
+            cmd = [sys.executable, "-m", "data.write_shards", "--source", "fashion-mnist", "--split", split]
+            cmd += ["--image-size", "64", "--samples-per-shard", "5000", *extra]
+            subprocess.run([*cmd, "--output", str(out), "--overwrite", "--quiet"], check=True)
     return out
 
 
-def launch_once(config: str, run_dir: Path, overrides: list[str]) -> dict:
-    """Run ``config`` through ``cluster/launch.py --local`` in ``run_dir`` unless it finished there already; returns
-    its ``export/metrics.json`` (a bench re-run picks up where it stopped)."""
-    metrics = run_dir / "export" / "metrics.json"
-    if not metrics.exists():
-        code = launch(["--config", config, "--local", "--run-dir", str(run_dir), *overrides])
-        if code != 0:
-            raise RuntimeError(f"{config} in {run_dir} exited with {code}")
-    return json.loads(metrics.read_text())
-
-
-def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict]:
-    """Every run of one seed; returns metrics per encoder (pretraining) and per ``encoder/protocol``."""
+def seed_runs(seed: int, args: argparse.Namespace) -> list[Run]:
+    """Every run of one seed, pretraining first."""
     out = args.out / f"seed{seed}"
-    bank, queries = shard_set("knn-train", "train", "--limit", "500"), shard_set("knn-test", "test", "--limit", "500")
-    train, test = shard_set("train", "train"), shard_set("test", "test")
-    results: dict[str, dict] = {}
+    knn = (("knn-train", "train", "--limit", "500"), ("knn-test", "test", "--limit", "500"))
+    bank, queries = DATA / "knn-train", DATA / "knn-test"
+    train, test = DATA / "train", DATA / "test"
+    runs = []
     for name, extra in PRETRAIN.items():
         steps = args.pretrain_steps
         overrides = [f"seed={seed}", "schedule.epochs=100", f"schedule.max_steps={steps}",
                      f"data.image_size={args.image_size}",
                      f"eval.every_steps={steps}", f"eval.knn_bank_url={bank}", f"data.val_url={queries}",
                      "tracking.log_every=100", "tracking.register_as=null",
-                     f"checkpoint.every_steps={steps // 10}"]  # fmt: skip
-        results[name] = launch_once("demo_fcmae", out / name, [*overrides, *extra])
+                     f"checkpoint.every_steps={steps // 10}", *extra]  # fmt: skip
+        runs.append(Run(seed, name, "demo_fcmae", out / name, tuple(overrides), (*knn, ("train", "train"))))
+
+    def weights(encoder: str) -> tuple[str, tuple[Path, ...]]:
+        if encoder == "random":
+            return "null", ()
+        return str(out / encoder / "export" / "model.safetensors"), (out / encoder,)
+
     for labels in (10, 100):
-        carve = ["--per-class", str(labels), "--shuffle-seed", str(seed)]
-        labeled = shard_set(f"train-{labels}pc-seed{seed}", "train", *carve)
+        carved = (f"train-{labels}pc-seed{seed}", "train", "--per-class", str(labels), "--shuffle-seed", str(seed))
         batch = min(64, labels * 10 // 2)
         for encoder in ENCODERS:
-            weights = "null" if encoder == "random" else str(out / encoder / "export" / "model.safetensors")
-            overrides = [f"seed={seed}", f"model.pretrained={weights}", *_classifier(encoder),
-                         f"data.train_url={labeled}", f"data.val_url={test}", f"data.batch_size={batch}",
+            path, needs = weights(encoder)
+            overrides = [f"seed={seed}", f"model.pretrained={path}", *_classifier(encoder),
+                         f"data.train_url={DATA / carved[0]}", f"data.val_url={test}", f"data.batch_size={batch}",
                          "schedule.epochs=100000", f"schedule.max_steps={args.finetune_steps}",
                          "schedule.warmup_epochs=0", "eval.each_epoch=false", "tracking.log_every=100"]  # fmt: skip
             run_dir = out / f"{encoder}_labels{labels}"
-            results[f"{encoder}/labels_{labels}"] = launch_once("demo_finetune", run_dir, overrides)
+            key, sets = f"{encoder}/labels_{labels}", (carved, ("test", "test"))
+            runs.append(Run(seed, key, "demo_finetune", run_dir, tuple(overrides), sets, needs))
     for encoder in ENCODERS:
-        weights = "null" if encoder == "random" else str(out / encoder / "export" / "model.safetensors")
-        overrides = [f"seed={seed}", f"model.pretrained={weights}", *_classifier(encoder), f"data.train_url={train}",
+        path, needs = weights(encoder)
+        overrides = [f"seed={seed}", f"model.pretrained={path}", *_classifier(encoder), f"data.train_url={train}",
                      f"data.val_url={test}",
                      f"schedule.max_steps={args.probe_steps}", "tracking.log_every=100"]  # fmt: skip
-        results[f"{encoder}/linear_probe"] = launch_once("demo_linprobe", out / f"{encoder}_linprobe", overrides)
-    return results
+        run = Run(seed, f"{encoder}/linear_probe", "demo_linprobe", out / f"{encoder}_linprobe", tuple(overrides),
+                  (("train", "train"), ("test", "test")), needs)  # fmt: skip
+        runs.append(run)
+    return runs
+
+
+def run_all(runs: list[Run]) -> None:
+    """Run every launch that has not finished, in order, sharing the work with any other bench process on the same
+    ``--out``: a run another process holds (an ``flock`` beside its run directory) is left to it, one whose
+    pretraining is not exported yet waits, and this process takes the first run it can. A run that failed elsewhere
+    releases its lock and is retried here, so an error still ends the bench."""
+    pending = [run for run in runs if not run.metrics.exists()]
+    print(f"[bench] {len(runs) - len(pending)} of {len(runs)} runs finished already", flush=True)
+    while pending:
+        for run in pending:
+            if run.metrics.exists() or not all((need / "export" / "metrics.json").exists() for need in run.needs):
+                continue
+            run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            with open(run.run_dir.with_name(f"{run.run_dir.name}.bench-lock"), "w") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another bench process runs it
+                if not run.metrics.exists():
+                    for spec in run.sets:
+                        shard_set(*spec)
+                    print(f"[bench] {run.run_dir}: {run.config} (pid {os.getpid()})", flush=True)
+                    code = launch(["--config", run.config, "--local", "--run-dir", str(run.run_dir), *run.overrides])
+                    if code != 0:
+                        raise RuntimeError(f"{run.config} in {run.run_dir} exited with {code}")
+            break
+        else:
+            time.sleep(15)  # everything left is running elsewhere or waits for a pretraining run
+        pending = [run for run in pending if not run.metrics.exists()]
+        print(f"[bench] {len(runs) - len(pending)} of {len(runs)} runs finished", flush=True)
 
 
 def _classifier(encoder: str) -> list[str]:
@@ -114,7 +172,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96, help="pretraining crop (fine-tuning runs at 64)")
     parser.add_argument("--out", type=Path, default=Path("runs/fidelity"))
     args = parser.parse_args()
-    per_seed = [run_seed(seed, args) for seed in args.seeds]
+    runs = [run for seed in args.seeds for run in seed_runs(seed, args)]
+    run_all(runs)
+    per_seed = [{r.key: json.loads(r.metrics.read_text()) for r in runs if r.seed == seed} for seed in args.seeds]
 
     def values(run: str, key: str) -> list[float]:
         return [float(r[run][key]) for r in per_seed]
