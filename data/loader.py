@@ -68,8 +68,10 @@ from data.sampling import (
     Layout,
     MixtureOrder,
     RankPlan,
+    RankView,
     Remainder,
     Segment,
+    WorkerShare,
     remaining_pool,
     sample_seed,
     worker_share,
@@ -87,7 +89,7 @@ transformed target. It must not modify its inputs (a replacement slot shares the
 Image = PIL.Image.Image | torch.Tensor
 """A decoded image: PIL, or an RGB uint8 ``(3, H, W)`` tensor (``LoaderConfig.decode="tensor"``)."""
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the rank view (world size, micro-batch, accumulation) beside the canonical layout
 _READ_CHUNK = 1024  # samples read at once by a worker when shuffling is off
 
 _TENSOR_DECODABLE = ("jpg", "jpeg", "png", "webp")
@@ -120,6 +122,13 @@ class LoaderConfig:
     """Global rank of this process."""
     world_size: int = 1
     """Number of data-parallel ranks."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (the loader serves whole steps)."""
+    canonical: tuple[int, int] | None = None
+    """(ranks, batch size) the sample order is planned for (``data.canonical_ranks``). A run whose world size
+    divides those ranks, whose micro-batch divides that batch size and whose steps hold a whole number of canonical
+    batches per canonical rank trains step ``k`` on the same samples as the canonical run; otherwise (and with
+    None) the order is planned for this run's own ranks and micro-batch."""
     num_workers: int = 0
     """DataLoader worker processes (0: load in the calling process)."""
     seed: int = 0
@@ -170,19 +179,29 @@ class LoaderConfig:
         if self.remainder not in ("drop", "wrap", "pad"):
             raise ValueError(f"remainder {self.remainder!r}: choose 'drop', 'wrap' or 'pad'")
 
-    @property
-    def layout(self) -> Layout:
-        """The slot layout this configuration produces."""
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+
+    def _layout(self, ranks: int, batch_size: int) -> Layout:
         window = 0
         if self.shuffle and self.shuffle_window:
-            window = -(-self.shuffle_window // self.batch_size) * self.batch_size
-        return Layout(
-            world_size=self.world_size,
-            num_workers=max(1, self.num_workers),
-            batch_size=self.batch_size,
-            remainder=self.remainder,
-            window=window,
-        )
+            window = -(-self.shuffle_window // batch_size) * batch_size
+        return Layout(ranks, max(1, self.num_workers), batch_size, self.remainder, window)
+
+    @property
+    def view(self) -> RankView:
+        """The canonical layout (:attr:`canonical`) and how this run's ranks read it, or, when they cannot, the
+        layout of this run's own ranks."""
+        if self.canonical is not None:
+            layout = self._layout(*self.canonical)
+            if RankView.fits(layout, self.world_size, self.batch_size, self.grad_accum):
+                return RankView(layout, self.world_size, self.batch_size, self.grad_accum)
+        return RankView.identity(self._layout(self.world_size, self.batch_size), self.grad_accum)
+
+    @property
+    def layout(self) -> Layout:
+        """The slot layout the sample order is planned for (canonical when this run can read it)."""
+        return self.view.layout
 
 
 class UnusableSampleError(Exception):
@@ -282,8 +301,8 @@ class _StreamSpec:
         return self.config.seed
 
     @property
-    def layout(self) -> Layout:
-        return self.config.layout
+    def view(self) -> RankView:
+        return self.config.view
 
 
 def _plan(spec: _StreamSpec) -> tuple[EpochOrder | MixtureOrder, RankPlan]:
@@ -293,30 +312,49 @@ def _plan(spec: _StreamSpec) -> tuple[EpochOrder | MixtureOrder, RankPlan]:
     else:
         order = MixtureOrder(spec.sizes, spec.shard_sources, spec.weights, spec.seed, spec.epoch, spec.config.shuffle)
     pool = remaining_pool(order.total, spec.history, seed=spec.seed, epoch=spec.epoch)
-    return order, RankPlan(pool=pool, layout=spec.layout, segment=len(spec.history), position=spec.position)
+    return order, RankPlan(pool=pool, view=spec.view, segment=len(spec.history), position=spec.position)
+
+
+@dataclass
+class _ShareReads:
+    """One logical worker share of one canonical rank as a physical worker reads it: its readers (one per mixture
+    source, each keeping its stream open) and the shuffle window it holds."""
+
+    canonical_rank: int
+    logical: int
+    share: WorkerShare
+    readers: dict[int, ShardReader] = field(default_factory=dict)
+    window_index: int = -1
+    window: dict[int, RawSample | MissingSample] = field(default_factory=dict)
 
 
 class _WorkerStream:
-    """The batches of one logical worker for the rest of the epoch."""
+    """The micro-batches one dataloader worker makes for the rest of the epoch: this rank's micro-batch ``i`` comes
+    from worker ``(i - position) % W`` (the order the DataLoader collects in, starting at worker 0), and is a piece
+    of a canonical batch of one of the canonical ranks this rank serves, read from that canonical rank's share."""
 
     def __init__(self, spec: _StreamSpec, physical: int) -> None:
         self.spec = spec
         self.order, self.plan = _plan(spec)
-        self.logical = self.plan.physical_to_logical(physical)
-        self.share = worker_share(
-            self.plan.pool,
-            spec.layout,
-            spec.config.rank,
-            self.logical,
-            seed=spec.seed,
-            epoch=spec.epoch,
-            segment=self.plan.segment,
-        )
+        self.micro = range(self.plan.position + physical, self.plan.num_batches, self.plan.layout.num_workers)
         self.stats = LoaderStats()
-        self.readers: dict[int, ShardReader] = {}  # one per mixture source: each keeps its stream open
         self.source_of = np.asarray(spec.shard_sources, dtype=np.int64)
-        self._window_index = -1
-        self._window: dict[int, RawSample | MissingSample] = {}
+        self._shares: dict[tuple[int, int], _ShareReads] = {}
+
+    def _share(self, canonical_rank: int, logical: int) -> _ShareReads:
+        key = (canonical_rank, logical)
+        if key not in self._shares:
+            share = worker_share(
+                self.plan.pool,
+                self.plan.layout,
+                canonical_rank,
+                logical,
+                seed=self.spec.seed,
+                epoch=self.spec.epoch,
+                segment=self.plan.segment,
+            )
+            self._shares[key] = _ShareReads(canonical_rank, logical, share)
+        return self._shares[key]
 
     def _count_retry(self) -> None:
         self.stats.retries += 1
@@ -355,25 +393,26 @@ class _WorkerStream:
                 out[pos] = got[member]
         return out
 
-    def _raw_batch(self, t: int) -> dict[int, RawSample | MissingSample]:
-        """Raw samples of local batch ``t``; its whole shuffle window is read once and kept."""
-        bs = self.share.batch_size
+    def _raw_batch(self, reads: _ShareReads, t: int) -> dict[int, RawSample | MissingSample]:
+        """Raw samples of the share's local batch ``t``; its whole shuffle window is read once and kept."""
+        bs = reads.share.batch_size
         # Without shuffling, still read in bounded chunks of whole batches (memory stays O(window)).
-        window = self.share.window or bs * max(1, _READ_CHUNK // bs)
+        window = reads.share.window or bs * max(1, _READ_CHUNK // bs)
         k = (t * bs) // window
-        if k != self._window_index:
-            self._window = self._fetch(self.readers, self.share.positions[k * window : (k + 1) * window])
-            self._window_index = k
-        return self._window
+        if k != reads.window_index:
+            reads.window = self._fetch(reads.readers, reads.share.positions[k * window : (k + 1) * window])
+            reads.window_index = k
+        return reads.window
 
-    def _first_good_after(self, t: int) -> _Decoded:
+    def _first_good_after(self, reads: _ShareReads, t: int) -> _Decoded:
         """The next decodable sample of the share after batch ``t`` (cyclic), for a batch with no good sample.
 
         Depends only on the share, not on what this process has read before, so a resumed run picks the same.
         """
-        bs = self.share.batch_size
-        order = np.concatenate([self.share.positions[(t + 1) * bs :], self.share.positions[: t * bs]])
-        chunk = max(self.share.window, bs)
+        share = reads.share
+        bs = share.batch_size
+        order = np.concatenate([share.positions[(t + 1) * bs :], share.positions[: t * bs]])
+        chunk = max(share.window, bs)
         readers: dict[int, ShardReader] = {}
         try:
             for lo in range(0, len(order), chunk):
@@ -388,23 +427,29 @@ class _WorkerStream:
             for reader in readers.values():
                 reader.close()
         raise DataSourceError(
-            f"rank {self.spec.config.rank} worker {self.logical}: none of the {len(self.share.positions)} samples of "
-            f"its share in epoch {self.spec.epoch} can be decoded (shards: {self.spec.urls[:3]}...)"
+            f"canonical rank {reads.canonical_rank} worker {reads.logical}: none of the {len(share.positions)} samples "
+            f"of its share in epoch {self.spec.epoch} can be decoded (shards: {self.spec.urls[:3]}...)"
         )
 
     def batches(self) -> Iterator[tuple[Batch, dict[str, Any]]]:
-        """Yield ``(images, labels, meta)`` for the worker's remaining batches in order."""
+        """Yield ``(batch, meta)`` for the worker's remaining micro-batches in order."""
         try:
-            for t in range(self.plan.first_local_batch(self.logical), self.share.num_batches):
-                yield self._make_batch(t)
+            for micro in self.micro:
+                yield self._make_batch(micro)
         finally:
-            for reader in self.readers.values():
-                reader.close()
+            for reads in self._shares.values():
+                for reader in reads.readers.values():
+                    reader.close()
 
-    def _make_batch(self, t: int) -> tuple[Batch, dict[str, Any]]:
-        spec = self.spec
-        positions, padded = self.share.batch(t)
-        raws = self._raw_batch(t)
+    def _make_batch(self, micro: int) -> tuple[Batch, dict[str, Any]]:
+        spec, view = self.spec, self.plan.view
+        canonical_rank, j, piece = view.locate(spec.config.rank, micro)
+        reads = self._share(canonical_rank, j % view.layout.num_workers)
+        t = j // view.layout.num_workers
+        positions, padded = reads.share.batch(t)
+        cut = slice(piece * view.batch_size, (piece + 1) * view.batch_size)
+        positions, padded = positions[cut], padded[cut]
+        raws = self._raw_batch(reads, t)
         decoded: list[_Decoded | None] = []
         for pos in positions.tolist():
             raw = raws[pos]
@@ -425,7 +470,7 @@ class _WorkerStream:
                 if good:  # another sample of the same batch, cycling; its slot seed gives it a new crop
                     item = good[(i - sum(1 for d in decoded[:i] if d is not None)) % len(good)]
                 else:
-                    fallback = fallback or self._first_good_after(t)
+                    fallback = fallback or self._first_good_after(reads, t)
                     item = fallback
             filled.append(item)
         images, labels, targets, keys = [], [], [], []
@@ -449,7 +494,7 @@ class _WorkerStream:
                 "use a transform that resizes to a fixed size (e.g. data.transforms.pretrain_transform)"
             ) from exc
         shards, _ = self.order.locate(positions)
-        meta = {"batch": t * spec.layout.num_workers + self.logical, "stats": self.stats.as_dict()}
+        meta = {"batch": micro, "stats": self.stats.as_dict()}
         self.stats = LoaderStats()  # the main process accumulates deltas
         out: Labels = targets if spec.sample_transform is not None else torch.tensor(labels, dtype=torch.long)
         return Batch(batch, out, keys, spec.epoch, self.source_of[shards].tolist()), meta
@@ -466,8 +511,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         register_fsspec_schemes()
         info = torch.utils.data.get_worker_info()
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
-        if count != self.spec.layout.num_workers:
-            raise RuntimeError(f"dataset planned for {self.spec.layout.num_workers} workers runs on {count}")
+        if count != self.spec.view.layout.num_workers:
+            raise RuntimeError(f"dataset planned for {self.spec.view.layout.num_workers} workers runs on {count}")
         return _WorkerStream(self.spec, physical).batches()
 
 
@@ -525,8 +570,8 @@ class ShardLoader:
         return self.shards.num_samples
 
     def __len__(self) -> int:
-        """Batches per epoch on every rank (for a whole epoch under the current layout)."""
-        return self.config.layout.batches(self.num_samples)
+        """Micro-batches per epoch on every rank (for a whole epoch under the current layout)."""
+        return self.config.view.batches(self.num_samples)
 
     @property
     def position(self) -> int:
@@ -625,6 +670,7 @@ class ShardLoader:
             "shuffle": self.config.shuffle,
             "num_samples": self.num_samples,
             "layout": self.config.layout.to_dict(),
+            "view": self.config.view.to_dict(),
             "history": [{"layout": s.layout.to_dict(), "consumed": s.consumed} for s in self._history],
             "stats": self.stats.as_dict(),
             "mixture": self._mixture(),
@@ -636,8 +682,11 @@ class ShardLoader:
         return [[m.spec, m.weight] for m in mixture] if mixture else None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state``; a state from another layout (world size, workers, batch) is re-planned."""
-        if int(state.get("version", 0)) != STATE_VERSION:
+        """Continue from ``state``. Another view of the same canonical layout (another world size that divides the
+        canonical ranks, with the same samples per step) continues at the same step; a state from another layout
+        (world size, workers, batch) is re-planned."""
+        version = int(state.get("version", 0))
+        if version not in (1, STATE_VERSION):
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
         for name, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle)):
             if state[name] != mine:
@@ -656,17 +705,25 @@ class ShardLoader:
                 f"{self._mixture()}: resume with the run's original data.train_url (sources and weights)"
             )
         history = [Segment(Layout.from_dict(s["layout"]), int(s["consumed"])) for s in state["history"]]
-        old_layout = Layout.from_dict(state["layout"])
+        old_layout, view = Layout.from_dict(state["layout"]), self.config.view
         position = int(state["position"])
-        if old_layout != self.config.layout and position > 0:
-            history.append(Segment(old_layout, position))
-            position = 0
+        if version == 1:  # one rank per canonical rank, positions in batches
+            old_view = view if old_layout == view.layout else RankView.identity(old_layout)
+        else:
+            old_view = RankView.from_dict(old_layout, state["view"])
+        if old_layout == view.layout and old_view != view:
+            steps, partial = divmod(position, old_view.accum)
+            position = steps * view.accum
             log.info(
-                "loader: resuming epoch %d under a new layout %s (was %s)",
-                state["epoch"],
-                self.config.layout,
-                old_layout,
-            )
+                "loader: epoch %d continues at step %d of the same sample order on %d ranks x %d micro-batches of %d "
+                "(was %d x %d x %d)%s", state["epoch"], steps, view.world_size, view.accum, view.batch_size,
+                old_view.world_size, old_view.accum, old_view.batch_size,
+                f"; the {partial} micro-batches of a partly served step are served again" if partial else "",
+            )  # fmt: skip
+        elif old_layout != view.layout and position > 0:
+            history.append(Segment(old_layout, old_view.consumed(position)))
+            position = 0
+            log.info("loader: epoch %d re-planned for layout %s (was %s)", state["epoch"], view.layout, old_layout)
         self.epoch, self._position, self._history = int(state["epoch"]), position, history
         self.stats = LoaderStats(**{k: int(v) for k, v in dict(state.get("stats", {})).items()})
         self.source_samples = [int(n) for n in state.get("source_samples", self.source_samples)]

@@ -12,6 +12,10 @@ Pure index arithmetic on the manifest's sample counts (numpy, no I/O), so every 
   ``world_size * batch_size`` samples) is the end of the shuffled order, so it differs every epoch. With
   ``"wrap"`` (or ``"pad"``) ``B`` is rounded up and the slice wraps around to the pool start; ``"pad"`` marks the
   wrapped slots so their labels can be ignored (exact evaluation).
+* **Canonical ranks.** The plan is cut for the layout's ranks, the *canonical* ones; a run's physical ranks read
+  it through a :class:`RankView`: with ``W`` ranks dividing the ``C`` canonical ones, each physical rank serves
+  ``C / W`` of them, taking from each, for optimizer step ``k``, the canonical batches it contributes to step ``k``.
+  The samples of every step are therefore the same on any such world size (only the accumulation changes).
 * **Workers.** Rank batch ``j`` is made by logical worker ``j % W``; worker ``w`` owns a contiguous block of the
   rank's slice (its ``len(range(w, B, W))`` batches), so workers read disjoint byte ranges. Inside the block,
   windows of ``window`` samples (a multiple of the batch size) are permuted from ``(seed, e, segment, rank, w, k)``:
@@ -102,6 +106,88 @@ class Segment:
     """The layout of this part."""
     consumed: int
     """Batches each rank consumed under it."""
+
+
+@dataclass(frozen=True)
+class RankView:
+    """How ``world_size`` physical ranks serve a canonical :class:`Layout`: physical rank ``r`` serves the
+    ``ranks_per = C / world_size`` canonical ranks ``r * ranks_per ...``; an optimizer step takes ``canonical_accum``
+    consecutive canonical batches from each of them, each cut into ``splits`` micro-batches of ``batch_size``.
+    A rank's micro-batch ``i`` is (step, canonical rank, canonical batch, piece) in that nesting, so step ``k``
+    trains on the same samples on every view of the layout. Only whole steps are served: the canonical batches
+    that do not fill a step at the end of an epoch are left out (the trainer drops a partial step anyway)."""
+
+    layout: Layout
+    """The canonical layout (its ``world_size`` is the canonical rank count)."""
+    world_size: int
+    """Physical data-parallel ranks."""
+    batch_size: int
+    """Physical micro-batch."""
+    accum: int
+    """Physical micro-batches per optimizer step."""
+
+    def __post_init__(self) -> None:
+        if not self.fits(self.layout, self.world_size, self.batch_size, self.accum):
+            raise ValueError(
+                f"{self.world_size} ranks x {self.accum} micro-batches of {self.batch_size} cannot read a layout of "
+                f"{self.layout.world_size} ranks x batches of {self.layout.batch_size}: the ranks must divide, the "
+                "micro-batch divide the batch, and a step hold a whole number of canonical batches per canonical rank"
+            )
+
+    @staticmethod
+    def fits(layout: Layout, world_size: int, batch_size: int, accum: int) -> bool:
+        """Whether ``world_size`` ranks x ``accum`` micro-batches of ``batch_size`` can serve ``layout``."""
+        if world_size < 1 or batch_size < 1 or accum < 1:
+            return False
+        if layout.world_size % world_size or layout.batch_size % batch_size:
+            return False
+        per_step = (layout.world_size // world_size) * (layout.batch_size // batch_size)
+        return accum % per_step == 0
+
+    @classmethod
+    def identity(cls, layout: Layout, accum: int = 1) -> RankView:
+        """Every canonical rank a physical one, with ``accum`` of its batches a step."""
+        return cls(layout, layout.world_size, layout.batch_size, accum)
+
+    @property
+    def ranks_per(self) -> int:
+        """Canonical ranks each physical rank serves."""
+        return self.layout.world_size // self.world_size
+
+    @property
+    def splits(self) -> int:
+        """Micro-batches per canonical batch."""
+        return self.layout.batch_size // self.batch_size
+
+    @property
+    def canonical_accum(self) -> int:
+        """Canonical batches each canonical rank contributes to a step."""
+        return self.accum // (self.ranks_per * self.splits)
+
+    def batches(self, pool_size: int) -> int:
+        """Micro-batches per physical rank for a pool of ``pool_size`` samples (whole steps)."""
+        return self.layout.batches(pool_size) // self.canonical_accum * self.accum
+
+    def locate(self, rank: int, micro: int) -> tuple[int, int, int]:
+        """(canonical rank, canonical batch, piece) of physical ``rank``'s micro-batch ``micro``."""
+        step, within = divmod(micro, self.accum)
+        offset, rest = divmod(within, self.canonical_accum * self.splits)
+        batch, piece = divmod(rest, self.splits)
+        return rank * self.ranks_per + offset, step * self.canonical_accum + batch, piece
+
+    def consumed(self, micro: int) -> int:
+        """Canonical batches every canonical rank consumed when each physical rank consumed ``micro`` micro-batches
+        (whole steps: a partly served step is served again)."""
+        return micro // self.accum * self.canonical_accum
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain dict for checkpoints (the layout is stored beside it)."""
+        return {"world_size": self.world_size, "batch_size": self.batch_size, "accum": self.accum}
+
+    @classmethod
+    def from_dict(cls, layout: Layout, raw: Mapping[str, Any]) -> RankView:
+        """Inverse of :meth:`to_dict`."""
+        return cls(layout, int(raw["world_size"]), int(raw["batch_size"]), int(raw["accum"]))
 
 
 def worker_batches(num_batches: int, num_workers: int, worker: int) -> int:
@@ -277,35 +363,29 @@ def remaining_pool(total: int, history: Sequence[Segment], *, seed: int, epoch: 
 
 @dataclass(frozen=True)
 class RankPlan:
-    """What one rank serves for the rest of an epoch: the pool, the current layout and where it stands."""
+    """What one rank serves for the rest of an epoch: the pool, the canonical layout and this rank's view of it,
+    and where it stands."""
 
     pool: np.ndarray
     """Positions served by the current segment (all ranks)."""
-    layout: Layout
-    """Current layout."""
+    view: RankView
+    """The current canonical layout and how the physical ranks read it."""
     segment: int
     """Index of the current segment (number of earlier layouts this epoch)."""
     position: int
-    """Batches this rank already consumed in the current segment."""
+    """Micro-batches this rank already consumed in the current segment."""
+
+    @property
+    def layout(self) -> Layout:
+        """The current segment's canonical layout."""
+        return self.view.layout
 
     @property
     def num_batches(self) -> int:
-        """Batches per rank in the current segment."""
-        return self.layout.batches(len(self.pool))
+        """Micro-batches per rank in the current segment."""
+        return self.view.batches(len(self.pool))
 
     @property
     def remaining(self) -> int:
-        """Batches still to come in this epoch."""
+        """Micro-batches still to come in this epoch."""
         return max(0, self.num_batches - self.position)
-
-    def physical_to_logical(self, physical: int) -> int:
-        """Logical worker served by dataloader worker ``physical``.
-
-        The DataLoader asks its workers round-robin starting at worker 0; rotating by the position makes worker 0
-        produce the next batch after a mid-epoch resume.
-        """
-        return (self.position + physical) % self.layout.num_workers
-
-    def first_local_batch(self, logical: int) -> int:
-        """Local batches of ``logical`` already consumed (skipped by index, never read or decoded)."""
-        return worker_batches(self.position, self.layout.num_workers, logical)

@@ -367,3 +367,54 @@ def test_16_bit_pngs_are_scaled_to_8_bits_by_both_decoders() -> None:
     assert np.asarray(pil).mean() == pytest.approx(127.5, abs=1)
     clipped = np.asarray(PIL.Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     assert clipped.mean() > 250  # what the loader gave before
+
+
+def _step_sets(
+    shard_dir: str,
+    world: int,
+    batch: int,
+    accum: int,
+    canonical: tuple[int, int] | None,
+    state: dict[str, Any] | None = None,
+    steps: int | None = None,
+) -> tuple[list[list[str]], dict[str, Any]]:
+    """Sorted keys of every optimizer step the ``world`` ranks serve (``steps`` of them, or the rest of the epoch),
+    and rank 0's state after them."""
+    loaders = []
+    for rank in range(world):
+        config = LoaderConfig(batch_size=batch, rank=rank, world_size=world, grad_accum=accum, canonical=canonical,
+                              num_workers=2, seed=4)  # fmt: skip
+        loaders.append(build_loader(shard_dir, config))
+        if state is not None:
+            loaders[-1].load_state_dict(state)
+    per_rank = [run(loader, range(loader.epoch, loader.epoch + 1), None if steps is None else steps * accum)
+                for loader in loaders]  # fmt: skip
+    count = len(per_rank[0]) // accum
+    sets = [sorted(k for got in per_rank for keys, _, _ in got[s * accum : (s + 1) * accum] for k in keys)
+            for s in range(count)]  # fmt: skip
+    return sets, loaders[0].state_dict()
+
+
+def test_world_sizes_that_divide_the_canonical_ranks_train_every_step_on_the_same_samples(shard_dir: str) -> None:
+    canonical = (4, 3)  # 4 canonical ranks x batches of 3: 12 samples a step, 5 steps in the 60-sample epoch
+    reference, _ = _step_sets(shard_dir, 4, 3, 1, canonical)
+    assert len(reference) == 5 and all(len(step) == 12 for step in reference)
+    assert len({k for step in reference for k in step}) == 60  # every step distinct samples
+    for world, batch, accum in [(2, 3, 2), (1, 3, 4), (2, 1, 6)]:  # fewer ranks, and a smaller micro-batch
+        sets, _ = _step_sets(shard_dir, world, batch, accum, canonical)
+        assert sets == reference, (world, batch, accum)
+        # Negative control: the same world planned for its own ranks composes other steps.
+        own, _ = _step_sets(shard_dir, world, batch, accum, None)
+        assert own != reference and len(own) == len(reference), (world, batch, accum)
+
+    # Shrink from 4 ranks to 1 after 2 steps, grow to 2 after one more: the uninterrupted steps, nothing re-planned.
+    first, state = _step_sets(shard_dir, 4, 3, 1, canonical, steps=2)
+    second, state = _step_sets(shard_dir, 1, 3, 4, canonical, state, steps=1)
+    assert state["position"] == 3 * 4 and state["history"] == []  # 3 steps of 4 micro-batches on one rank
+    rest, state = _step_sets(shard_dir, 2, 1, 6, canonical, state)
+    assert first + second + rest == reference
+    assert state["epoch"] == 1 and state["position"] == 0
+    # Negative control: without a canonical layout the shrink re-plans (a new segment), and the steps differ.
+    first, state = _step_sets(shard_dir, 4, 3, 1, None, steps=2)
+    second, state = _step_sets(shard_dir, 1, 3, 4, None, state, steps=1)
+    assert len(state["history"]) == 1 and first + second != reference[:3]
