@@ -131,7 +131,9 @@ def _resolve(name: str, args: argparse.Namespace, extra: list[str]) -> TrainConf
 def _check(cfg: TrainConfig, local: bool) -> None:
     """Every rule that depends on where the run goes, before anything is built or written."""
     if not local:
-        cfg.check_node_range()  # every node count SLURM may start the job on
+        warning = cfg.check_node_range()  # every node count SLURM may start the job on
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         check_runnable(cfg, cfg.world_size(), "cuda" if cfg.cluster.gpus_per_node else "cpu")
         return
     world, device = local_world_size(cfg), _local_device(cfg)
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg, run_dir in configs:
             _print_config(cfg, run_dir)
             try:
-                plan = make_plan(cfg)
+                plan = make_plan(cfg, run_dir)
             except ConfigError as err:
                 print(f"config error: {err}", file=sys.stderr)
                 return 2

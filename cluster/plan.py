@@ -9,6 +9,8 @@ tensor saved by several ops is counted each time.
 
 from __future__ import annotations
 
+import re
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from models.convnextv2 import ConvNeXtV2Encoder
 from models.fcmae import FCMAE
 from models.masking import random_mask
 from trainer.config import ConfigError, PretrainConfig, TrainConfig
+from trainer.observability.metrics import PEAK_FLOPS, flop_counter, peak_flops
+from trainer.resilience.recovery import read_records
 from trainer.run_dir import RunDir
 from trainer.stages import build_model
 
@@ -66,17 +70,22 @@ class Plan:
     sbatch: list[str]
     node_rows: list[NodeCountRow]
     """With a node range (``cluster.min_nodes``), one row per node count it may run on."""
+    flops_per_sample: float | None
+    """Training FLOPs (forward + backward) of one sample, counted on the meta device; None for detection."""
+    mfu: tuple[float, str]
+    """The utilization the time estimate assumes, and where it comes from."""
 
 
 @dataclass(frozen=True)
 class NodeCountRow:
-    """How a run on a node range runs on one of its node counts: the global batch stays, the split changes."""
+    """How a run on a node range runs on one of its node counts: the global batch stays, the split changes (or the
+    count cannot make it, and a job started on it is refused)."""
 
     nodes: int
     world_size: int
-    micro_batch: int
-    grad_accum: int
-    memory: MemoryEstimate
+    split: tuple[int, int] | None
+    """(micro-batch, accumulation), None when the count cannot make the global batch."""
+    memory: MemoryEstimate | None
 
 
 def dataset_size(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[int, str]:
@@ -228,14 +237,79 @@ def node_rows(cfg: TrainConfig, num_params: int) -> list[NodeCountRow]:
     rows = []
     for nodes in cfg.cluster.node_counts():
         world = nodes * cfg.cluster.ranks_per_node
-        fitted = cfg.fit_world(world)
-        memory = memory_estimate(fitted, num_params, world)
-        rows.append(NodeCountRow(nodes, world, fitted.data.batch_size, fitted.deepspeed.grad_accum, memory))
+        split = cfg.batch_split(world)
+        fitted = cfg.fit_world(world) if split else None
+        memory = memory_estimate(fitted, num_params, world) if fitted else None
+        rows.append(NodeCountRow(nodes, world, split, memory))
     return rows
 
 
-def make_plan(cfg: TrainConfig) -> Plan:
-    """The plan of a launch of ``cfg`` on its cluster section."""
+def train_flops_per_sample(cfg: TrainConfig) -> float | None:
+    """Training FLOPs (forward + backward) of one sample with the run's model on the meta device, counted as the
+    trainer counts them for its MFU (:func:`trainer.observability.metrics.flop_counter`); None for detection."""
+    if cfg.stage == "detection":
+        return None
+    model = planned_model(cfg)
+    size = cfg.data.image_size
+    images = torch.empty(1, 3, size, size, device="meta")
+    with flop_counter() as counter:
+        if isinstance(model, FCMAE):
+            grid = size // model.patch_size
+            mask = random_mask(1, grid * grid, model.mask_ratio, torch.Generator().manual_seed(0)).to("meta")
+            loss, _, _ = model(images, mask, visible=model.visible_patches(grid, grid))
+        else:
+            loss = model(images).sum()
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+def measured_mfu(cfg: TrainConfig, run_dir: Path | None) -> tuple[float, str]:
+    """The MFU the time estimate assumes: the median of the last segment's logged MFU in ``run_dir`` when it has
+    one, else ``cluster.assumed_mfu``."""
+    if run_dir is not None and RunDir(run_dir).metrics_log.exists():
+        paths = RunDir(run_dir)
+        starts = read_records(paths.segments) if paths.segments.exists() else []
+        resumed = re.match(r"step_(\d+)", str(starts[-1].get("resumed_from") or "")) if starts else None
+        after = int(resumed.group(1)) if resumed else 0
+        values = [float(r["mfu_pct"]) / 100 for r in read_records(paths.metrics_log)
+                  if r.get("kind") == "train" and "mfu_pct" in r and int(r["step"]) > after]  # fmt: skip
+        if values:
+            return statistics.median(values), f"measured: median of {len(values)} logged steps in {run_dir}"
+    return cfg.cluster.assumed_mfu, "assumed: cluster.assumed_mfu"
+
+
+def time_lines(cfg: TrainConfig, plan: Plan) -> list[str]:
+    """Steps per hour, days and GPU-hours of the whole run on the fewest and the most nodes, from the counted
+    FLOPs at the plan's MFU on ``cluster.gpu_model``."""
+    c = cfg.cluster
+    if not c.gpus_per_node:
+        return ["  time              not estimated for CPU ranks (no peak FLOP/s; the run logs its throughput)"]
+    peak = peak_flops(c.gpu_model, cfg.deepspeed.precision)
+    if peak is None:
+        known = ", ".join(sorted(PEAK_FLOPS))
+        return [f"  time              not estimated: no peak FLOP/s known for cluster.gpu_model={c.gpu_model!r} "
+                f"(known: {known})"]  # fmt: skip
+    if plan.flops_per_sample is None:
+        return ["  time              not estimated for detection (its FLOPs depend on the images' boxes)"]
+    mfu, source = plan.mfu
+    lines = [f"  time              at MFU {mfu:.0%} ({source}) of {c.gpu_model} ({peak / 1e12:.0f} TFLOP/s "
+             f"{'fp32' if cfg.deepspeed.precision == 'fp32' else 'bf16'}), "
+             f"{plan.flops_per_sample / 1e9:.1f} GFLOP per sample:"]  # fmt: skip
+    for nodes in sorted({min(c.node_counts()), max(c.node_counts())}):
+        gpus = nodes * c.gpus_per_node
+        if cfg.batch_split(gpus) is None:
+            lines.append(f"    {nodes:>4} nodes   refused at start (cannot make the global batch)")
+            continue
+        step_s = plan.global_batch * plan.flops_per_sample / (gpus * peak * mfu)
+        hours = plan.total_steps * step_s / 3600
+        length = f"{hours:.1f} hours" if hours < 48 else f"{hours / 24:.1f} days"
+        lines.append(f"    {nodes:>4} nodes   {3600 / step_s:,.0f} steps/hour, {length} to finish, "
+                     f"{hours * gpus:,.0f} GPU-hours")  # fmt: skip
+    return lines
+
+
+def make_plan(cfg: TrainConfig, run_dir: Path | None = None) -> Plan:
+    """The plan of a launch of ``cfg`` on its cluster section (``run_dir``: where its measured MFU may be)."""
     world = cfg.world_size()
     cfg = cfg.fit_world(world)
     num_params, params_note = count_parameters(cfg)
@@ -260,6 +334,8 @@ def make_plan(cfg: TrainConfig) -> Plan:
         memory=memory_estimate(cfg, num_params, world),
         sbatch=sbatch_options(cfg),
         node_rows=node_rows(cfg, num_params),
+        flops_per_sample=train_flops_per_sample(cfg),
+        mfu=measured_mfu(cfg, run_dir),
     )
 
 
@@ -284,6 +360,7 @@ def format_plan(cfg: TrainConfig, plan: Plan) -> str:
         else f"  memory/{device:<8} weights {m.params / GiB:.2f} + grads {m.grads / GiB:.2f} + optimizer "
         f"{m.optimizer / GiB:.2f} GiB (model states; detection activations are not estimated)",
         checkpoint_line(cfg, plan.num_params),
+        *time_lines(cfg, plan),
         f"  sbatch            {' '.join(plan.sbatch)}",
     ]
     if plan.node_rows:
@@ -291,10 +368,12 @@ def format_plan(cfg: TrainConfig, plan: Plan) -> str:
                      f"{plan.global_batch} on each (lr and schedule as above):")  # fmt: skip
         lines.append(f"    {'nodes':>5}  {'world':>5}  {'batch/device':>12}  {'accumulation':>12}  memory/{device}")
         for row in plan.node_rows:
+            if row.split is None or row.memory is None:
+                lines.append(f"    {row.nodes:>5}  {row.world_size:>5}  refused at start: cannot make the global batch")
+                continue
             memory = "-" if row.memory.total != row.memory.total else f"{row.memory.total / GiB:.1f} GiB"
-            lines.append(
-                f"    {row.nodes:>5}  {row.world_size:>5}  {row.micro_batch:>12}  {row.grad_accum:>12}  {memory}"
-            )
+            micro, accum = row.split
+            lines.append(f"    {row.nodes:>5}  {row.world_size:>5}  {micro:>12}  {accum:>12}  {memory}")
     return "\n".join(lines)
 
 

@@ -111,6 +111,20 @@ class DataConfig(_Section):
         description="smaller micro-batches per device a run on a node range may switch to when data.batch_size "
         "cannot make the global batch with a whole accumulation on the nodes it got",
     )
+    canonical_ranks: int | None = Field(
+        None,
+        ge=1,
+        description="the data-parallel ranks the sample order is planned for: a world size that divides it (with "
+        "the same global batch) trains every step on the samples the canonical run would, so a run that loses or "
+        "regains nodes keeps its sample sequence; other world sizes re-plan the rest of the epoch (no sample "
+        "repeated). null: the configured world size (cluster.nodes x ranks per node)",
+    )
+    canonical_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="the micro-batch of the canonical layout (the sample order depends on it); null: what the "
+        "config makes on data.canonical_ranks (data.batch_size, or the largest of data.batch_size_choices that fits)",
+    )
     num_workers: int = Field(4, ge=0, description="dataloader worker processes per rank")
     shuffle_window: int = Field(
         1024, ge=0, description="samples shuffled together within each worker's contiguous share (0: shard order)"
@@ -343,6 +357,18 @@ class ClusterConfig(_Section):
     partition: str | None = Field(None, description="SLURM partition")
     account: str | None = Field(None, description="SLURM account")
     time_min: int = Field(24 * 60, ge=1, description="job time limit in minutes")
+    gpu_model: str = Field(
+        "NVIDIA H100 80GB HBM3",
+        description="the GPU the dry run's time and cost estimate assumes (its dense peak FLOP/s; a name of "
+        "trainer.observability.metrics.PEAK_FLOPS, as torch.cuda.get_device_name says it)",
+    )
+    assumed_mfu: float = Field(
+        0.35,
+        gt=0,
+        le=1,
+        description="model FLOPs utilization the dry run's time estimate assumes; a run directory with a measured "
+        "MFU (its last segment's) replaces it",
+    )
     cpus_per_task: int = Field(10, ge=1, description="CPU cores per task (dataloader workers + 2)")
     mem_gb: int | None = Field(None, ge=1, description="memory per node in GiB")
     signal_delay_s: int = Field(120, ge=10, description="seconds before the time limit that SLURM sends USR2")
@@ -363,6 +389,17 @@ class ClusterConfig(_Section):
     def node_counts(self) -> range:
         """The node counts the job may run on: ``min_nodes`` to ``nodes``, or exactly ``nodes``."""
         return range(self.min_nodes or self.nodes, self.nodes + 1)
+
+
+def _counts(counts: list[int]) -> str:
+    """``[12, 13, 14, 16]`` as ``12-14, 16``."""
+    runs: list[list[int]] = []
+    for n in counts:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 class RunConfig(_Section):
@@ -407,6 +444,7 @@ class RunConfig(_Section):
         if c.min_nodes is None:
             return self
         target = self.configured_global_batch()
+        canonical = self.canonical_layout()
         nodes, rest = divmod(world_size, c.ranks_per_node)
         if rest or nodes not in c.node_counts():
             raise ConfigError(
@@ -419,10 +457,22 @@ class RunConfig(_Section):
         micro, accum = fit
         return self.model_copy(
             update={
-                "data": self.data.model_copy(update={"batch_size": micro}),
+                "data": self.data.model_copy(
+                    update={"batch_size": micro, "canonical_ranks": canonical[0], "canonical_batch_size": canonical[1]}
+                ),
                 "deepspeed": self.deepspeed.model_copy(update={"grad_accum": accum, "global_batch": target}),
             }
         )
+
+    def canonical_layout(self) -> tuple[int, int]:
+        """(ranks, micro-batch) the sample order is planned for: ``data.canonical_ranks`` (default the configured
+        world size) and ``data.canonical_batch_size`` (default the micro-batch :meth:`batch_split` picks there, else
+        ``data.batch_size``)."""
+        ranks = self.data.canonical_ranks or self.world_size()
+        if self.data.canonical_batch_size:
+            return ranks, self.data.canonical_batch_size
+        split = self.batch_split(ranks)
+        return ranks, split[0] if split else self.data.batch_size
 
     def configured_global_batch(self) -> int:
         """The global batch a run on a node range keeps: ``deepspeed.global_batch``, else what the config makes
@@ -438,24 +488,31 @@ class RunConfig(_Section):
                 return micro, target // (micro * world_size)
         return None
 
-    def check_node_range(self) -> None:
-        """Refuse a node range with a count that cannot make the configured global batch (before the job queues
-        for it), naming the counts of the range that can."""
+    def check_node_range(self) -> str | None:
+        """Before the job queues for a node range: refuse one where no count can make the configured global batch;
+        where only some can, the warning to print (a job that starts on another count is refused at start)."""
         c = self.cluster
         if c.min_nodes is None:
-            return
+            return None
         bad = [n for n in c.node_counts() if self.batch_split(n * c.ranks_per_node) is None]
-        if bad:
-            good = [n for n in c.node_counts() if n not in bad]
-            micro = sorted({self.data.batch_size, *self.data.batch_size_choices}, reverse=True)
-            raise ConfigError(
-                f"--nodes {c.min_nodes}-{c.nodes}: on {', '.join(map(str, bad))} node(s) x {c.ranks_per_node} ranks "
-                f"no micro-batch of {micro} with a whole accumulation makes the global batch "
-                f"{self.configured_global_batch()}; counts of the range that can: {', '.join(map(str, good)) or 'none'}"
-                " "
-                "(narrow the range, add a micro-batch to data.batch_size_choices, or set deepspeed.global_batch "
-                "to a multiple of every count's ranks)"
-            )
+        if not bad:
+            return None
+        good = [n for n in c.node_counts() if n not in bad]
+        micro = sorted({self.data.batch_size, *self.data.batch_size_choices}, reverse=True)
+        why = (
+            f"on {_counts(bad)} node(s) x {c.ranks_per_node} ranks no micro-batch of {micro} with a whole "
+            f"accumulation makes the global batch {self.configured_global_batch()}"
+        )
+        fix = (
+            "add a micro-batch to data.batch_size_choices, or set deepspeed.global_batch to a multiple of the ranks "
+            "of the counts you want"
+        )
+        if not good:
+            raise ConfigError(f"--nodes {c.min_nodes}-{c.nodes}: {why}; no count of the range can ({fix})")
+        return (
+            f"--nodes {c.min_nodes}-{c.nodes}: {why}: a job SLURM starts on one of those is refused at start (and "
+            f"requeued as a failure); counts of the range that can: {_counts(good)} (narrow the range, or {fix})"
+        )
 
     def _no_fit(self, nodes: int, target: int) -> str:
         rpn = self.cluster.ranks_per_node

@@ -17,13 +17,23 @@ from trainer.run_dir import RunDir
 
 
 def loader_config(
-    cfg: TrainConfig, env: DistEnv, *, shuffle: bool, remainder: Remainder, require_labels: bool, decode: Decode
+    cfg: TrainConfig,
+    env: DistEnv,
+    *,
+    shuffle: bool,
+    remainder: Remainder,
+    require_labels: bool,
+    decode: Decode,
+    train: bool = False,
 ) -> LoaderConfig:
-    """This rank's loader settings from the run's config (the only mapping of ``data.*`` onto the loader)."""
+    """This rank's loader settings from the run's config (the only mapping of ``data.*`` onto the loader). A
+    training loader serves whole optimizer steps of the canonical layout (:meth:`TrainConfig.canonical_layout`)."""
     return LoaderConfig(
         batch_size=cfg.data.batch_size,
         rank=env.rank,
         world_size=env.world_size,
+        grad_accum=cfg.deepspeed.grad_accum if train else 1,
+        canonical=cfg.canonical_layout() if train else None,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         shuffle=shuffle,
@@ -51,7 +61,9 @@ def build_train_loader(
     serves samples without a ``.cls`` label too; ``decode="tensor"`` hands ``transform`` uint8 tensors (torchvision's
     faster decoders, for v2 transforms). Shards without a manifest are read through their index, beside
     them or in the run directory's ``index/`` (the launcher made it)."""
-    config = loader_config(cfg, env, shuffle=True, remainder="drop", require_labels=require_labels, decode=decode)
+    config = loader_config(
+        cfg, env, shuffle=True, remainder="drop", require_labels=require_labels, decode=decode, train=True
+    )
     return _build(cfg, run_dir, cfg.data.train_url, config, transform, sample_transform)
 
 

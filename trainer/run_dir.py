@@ -138,7 +138,7 @@ class RunDir:
 RESTART_MUTABLE = (
     "cluster.",
     "data.num_workers",
-    "data.batch_size",
+    "data.batch_size",  # with data.batch_size_choices
     "deepspeed.grad_accum",
     "deepspeed.global_batch",
     "tracking.",

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+import torch
 
 from cluster.launch import main
-from cluster.plan import GiB, checkpoint_line, make_plan
+from cluster.plan import GiB, checkpoint_line, format_plan, make_plan
 from models.convnextv2 import SIZES
 from trainer.config import load_config
+from trainer.observability.metrics import count_fcmae_flops
 from trainer.resilience.checkpoint import checkpoint_bytes
+from trainer.stages.pretrain import build_model
 
 
 def _gather_fcmae_saved_bytes(size: str, batch: int, image: int, mask_ratio: float) -> float:
@@ -121,3 +125,35 @@ def test_a_chained_stage_is_submitted_with_every_parameter_of_a_first_one() -> N
     extra = chained["slurm_additional_parameters"].pop("dependency")
     assert extra == "afterok:4242" and chained == first
     assert "dependency" not in slurm_parameters(cfg)["slurm_additional_parameters"]  # nothing leaks between calls
+
+
+def test_a_node_range_plan_lists_every_count_and_estimates_time_and_cost(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = load_config("huge_fcmae", ["cluster.nodes=16", "cluster.min_nodes=12"])
+    plan = make_plan(cfg)
+    rows = {row.nodes: row for row in plan.node_rows}
+    assert list(rows) == [12, 13, 14, 15, 16]
+    assert rows[16].split == (32, 1) and all(rows[n].split is None for n in (12, 13, 14, 15))  # 4096 = 2^12
+    text = format_plan(cfg, plan)
+    assert "--nodes=12-16" in text and re.search(r"13\s+104\s+refused at start", text)
+    # FLOPs counted on the meta device are what the trainer counts on a real model (its MFU's numerator).
+    atto = load_config("atto_fcmae", ["data.image_size=64"])
+    torch.manual_seed(0)
+    real = count_fcmae_flops(build_model(atto), 64, torch.device("cpu")).masked
+    assert make_plan(atto).flops_per_sample == pytest.approx(real, rel=1e-6)
+    # Time at the assumed MFU on 16 nodes: global batch x FLOPs per sample / (GPUs x peak x MFU) per step.
+    mfu, source = plan.mfu
+    assert (mfu, source) == (0.35, "assumed: cluster.assumed_mfu")
+    step_s = 4096 * plan.flops_per_sample / (128 * 989e12 * 0.35)
+    assert f"{3600 / step_s:,.0f} steps/hour" in text
+    assert f"{plan.total_steps * step_s / 3600 * 128:,.0f} GPU-hours" in text
+    assert re.search(r"12 nodes\s+refused at start", text)
+    # A run directory's last segment replaces the assumption with its measured MFU (the median of its steps).
+    (tmp_path / "segments.jsonl").write_text(
+        json.dumps({"resumed_from": None}) + "\n" + json.dumps({"resumed_from": "step_00000020"}) + "\n"
+    )
+    records = [{"kind": "train", "step": s, "mfu_pct": pct} for s, pct in [(10, 80.0), (20, 80.0), (30, 21.0),
+               (40, 20.0), (50, 22.0)]]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    measured = make_plan(cfg, tmp_path)
+    assert measured.mfu[0] == pytest.approx(0.21) and "median of 3 logged steps" in measured.mfu[1]
+    assert f"{3600 / (step_s * 0.35 / 0.21):,.0f} steps/hour" in format_plan(cfg, measured)

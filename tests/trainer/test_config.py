@@ -156,3 +156,28 @@ def test_a_linear_probe_refuses_what_would_change_its_features_or_labels() -> No
         load_config("atto_finetune", ["finetune.linear_probe=true"])  # the fine-tuning recipe's augmentation
     with pytest.raises(ConfigError, match=r"model\.drop_path=0\.1"):
         load_config("atto_linprobe", ["model.drop_path=0.1"])
+
+
+def test_a_node_range_keeps_the_global_batch_and_refuses_counts_that_cannot() -> None:
+    cfg = load_config("huge_fcmae", ["cluster.nodes=16", "cluster.min_nodes=8"])  # 4096 = 32 x 1 x 128 GPUs
+    eight = cfg.fit_world(64)
+    assert (eight.data.batch_size, eight.deepspeed.grad_accum, eight.deepspeed.global_batch) == (32, 2, 4096)
+    assert eight.lr(64) == cfg.lr(128)  # the lr follows the global batch, which stays
+    assert (eight.data.canonical_ranks, eight.data.canonical_batch_size) == (128, 32)  # the sample order's layout
+    with pytest.raises(
+        ConfigError, match=r"12 node\(s\) x 8 ranks cannot make the global batch 4096.*nearest first: 8, 16"
+    ):
+        cfg.fit_world(96)
+    warning = cfg.check_node_range()
+    assert warning is not None and "on 9-15 node(s)" in warning and "counts of the range that can: 8, 16" in warning
+    with pytest.raises(ConfigError, match="no count of the range can"):
+        load_config("huge_fcmae", ["cluster.nodes=15", "cluster.min_nodes=9"]).check_node_range()
+    # A smaller micro-batch from data.batch_size_choices where accumulation alone cannot make it.
+    cpu = ["cluster.gpus_per_node=0", "cluster.cpu_ranks_per_node=1", "cluster.nodes=3", "cluster.min_nodes=1",
+           "data.batch_size=32", "data.batch_size_choices=[16]", "deepspeed.global_batch=96"]  # fmt: skip
+    ranged = load_config("demo_fcmae", cpu)
+    assert ranged.check_node_range() is None
+    splits = {w: (f.data.batch_size, f.deepspeed.grad_accum) for w in (1, 2, 3) for f in [ranged.fit_world(w)]}
+    assert splits == {1: (32, 3), 2: (16, 3), 3: (32, 1)}
+    # Without a range the config runs as it is (the global batch check applies).
+    assert load_config("demo_fcmae").fit_world(1) == load_config("demo_fcmae")
