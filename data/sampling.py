@@ -315,50 +315,152 @@ class WorkerShare:
         return self.positions[s], self.padded[s]
 
 
+def _block(layout: Layout, pool_size: int, rank: int, worker: int) -> tuple[int, int]:
+    """(first pool index, batches) of logical ``worker``'s contiguous block on ``rank``."""
+    num_batches = layout.batches(pool_size)
+    counts = [worker_batches(num_batches, layout.num_workers, w) for w in range(layout.num_workers)]
+    return (rank * num_batches + sum(counts[:worker])) * layout.batch_size, counts[worker]
+
+
+def _window_order(length: int, *, seed: int, epoch: int, segment: int, rank: int, worker: int, k: int) -> np.ndarray:
+    """The permutation of window ``k`` (``length`` slots) of a worker's block."""
+    rng = np.random.default_rng(derive_seed(seed, TAG_WINDOW, epoch, segment, rank, worker, k))
+    return rng.permutation(length)
+
+
 def worker_share(
-    pool: np.ndarray, layout: Layout, rank: int, worker: int, *, seed: int, epoch: int, segment: int
+    pool: Pool, layout: Layout, rank: int, worker: int, *, seed: int, epoch: int, segment: int
 ) -> WorkerShare:
     """Cut ``pool`` by ``layout`` and return the share of logical ``worker`` on ``rank``."""
-    n, bs, nw = len(pool), layout.batch_size, layout.num_workers
-    num_batches = layout.batches(n)
-    counts = [worker_batches(num_batches, nw, w) for w in range(nw)]
-    first = rank * num_batches * bs + sum(counts[:worker]) * bs
-    idx = np.arange(first, first + counts[worker] * bs, dtype=np.int64)
+    n, bs = len(pool), layout.batch_size
+    first, count = _block(layout, n, rank, worker)
+    idx = np.arange(first, first + count * bs, dtype=np.int64)
     padded = idx >= n if layout.remainder == "pad" else np.zeros(len(idx), dtype=bool)
-    positions = pool[idx % n] if n else idx
+    positions = pool.take(idx % n) if n else idx
     window = layout.window
     if window and len(idx):
         perm = np.empty(len(idx), dtype=np.int64)
         for k, lo in enumerate(range(0, len(idx), window)):
             hi = min(lo + window, len(idx))
-            rng = np.random.default_rng(derive_seed(seed, TAG_WINDOW, epoch, segment, rank, worker, k))
-            perm[lo:hi] = lo + rng.permutation(hi - lo)
+            perm[lo:hi] = lo + _window_order(hi - lo, seed=seed, epoch=epoch, segment=segment, rank=rank,
+                                             worker=worker, k=k)  # fmt: skip
         positions, padded = positions[perm], padded[perm]
-    return WorkerShare(positions, padded, counts[worker], bs, window)
+    return WorkerShare(positions, padded, count, bs, window)
 
 
-def remaining_pool(total: int, history: Sequence[Segment], *, seed: int, epoch: int) -> np.ndarray:
+class Pool:
+    """The positions of an epoch still to be served, ascending, as disjoint intervals ``[start, start + length)``.
+
+    Its size in memory follows the cuts that earlier layouts' consumption made (a few intervals per rank and worker,
+    and one per sample taken from the middle of a partly served shuffle window), not the size of the epoch: an
+    epoch of two billion samples is one interval until a layout change cuts it."""
+
+    def __init__(self, starts: np.ndarray, lengths: np.ndarray) -> None:
+        keep = lengths > 0
+        self.starts = np.ascontiguousarray(starts[keep], dtype=np.int64)
+        self.lengths = np.ascontiguousarray(lengths[keep], dtype=np.int64)
+        self.ends = np.cumsum(self.lengths)
+        """Pool index just past each interval."""
+
+    @classmethod
+    def full(cls, total: int) -> Pool:
+        """Every position of an epoch of ``total`` samples."""
+        return cls(np.array([0], dtype=np.int64), np.array([total], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """Positions at pool indices ``index`` (each in ``[0, len)``)."""
+        index = np.asarray(index, dtype=np.int64)
+        k = np.searchsorted(self.ends, index, side="right")
+        return self.starts[k] + index - (self.ends[k] - self.lengths[k])
+
+    def without(self, starts: np.ndarray, stops: np.ndarray) -> Pool:
+        """This pool less the entries at the pool-index intervals ``[starts[i], stops[i])`` (overlaps allowed)."""
+        n = len(self)
+        starts, stops = np.clip(starts, 0, n), np.clip(stops, 0, n)
+        order = np.argsort(starts, kind="stable")
+        starts, stops = starts[order], stops[order]
+        if len(starts):  # merge: an interval starting past every earlier stop opens a new group
+            reach = np.maximum.accumulate(stops)
+            new = np.concatenate([[True], starts[1:] > reach[:-1]])
+            group = np.cumsum(new) - 1
+            starts = starts[new]
+            stops = np.full(len(starts), -1, dtype=np.int64)
+            np.maximum.at(stops, group, reach)
+        kept_lo = np.concatenate([[0], stops])  # the gaps between removed intervals, in pool indices
+        kept_hi = np.concatenate([starts, [n]])
+        nonempty = kept_hi > kept_lo
+        kept_lo, kept_hi = kept_lo[nonempty], kept_hi[nonempty]
+        if not len(kept_lo):
+            return Pool(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        # Cut the kept pool-index intervals where this pool's intervals end; each piece is contiguous in positions.
+        cuts = np.union1d(np.concatenate([kept_lo, kept_hi]), self.ends[:-1])
+        lo, hi = cuts[:-1], cuts[1:]
+        inside = np.searchsorted(kept_lo, lo, side="right") - 1
+        kept = (inside >= 0) & (lo < kept_hi[np.maximum(inside, 0)])
+        lo, hi = lo[kept], hi[kept]
+        position, length = self.take(lo), hi - lo
+        joins = np.concatenate([[False], position[1:] == position[:-1] + length[:-1]])  # contiguous: one interval
+        group = np.cumsum(~joins) - 1
+        return Pool(position[~joins], np.bincount(group, weights=length).astype(np.int64))
+
+
+def remaining_pool(total: int, history: Sequence[Segment], *, seed: int, epoch: int) -> Pool:
     """Positions of ``epoch`` not consumed by the segments of ``history`` (in global order).
 
     Every slot consumed in an earlier segment is removed, so a layout change never repeats a sample; samples that
-    the earlier layouts had not reached, including their dropped remainders, stay in the pool.
+    the earlier layouts had not reached, including their dropped remainders, stay in the pool. Computed per rank and
+    worker block without listing the epoch: a block's whole consumed windows are one interval, and only its partly
+    consumed window is permuted.
     """
-    pool = np.arange(total, dtype=np.int64)
+    pool = Pool.full(total)
     for index, seg in enumerate(history):
-        lay = seg.layout
-        if not 0 <= seg.consumed <= lay.batches(len(pool)):
+        lay, n = seg.layout, len(pool)
+        if not 0 <= seg.consumed <= lay.batches(n):
             raise ValueError(
                 f"loader state: segment {index} consumed {seg.consumed} batches but its layout has only "
-                f"{lay.batches(len(pool))}; the state does not belong to this data set"
+                f"{lay.batches(n)}; the state does not belong to this data set"
             )
-        consumed = np.zeros(total, dtype=bool)
+        starts: list[np.ndarray] = []
+        stops: list[np.ndarray] = []
         for rank in range(lay.world_size):
             for w in range(lay.num_workers):
-                share = worker_share(pool, lay, rank, w, seed=seed, epoch=epoch, segment=index)
                 used = worker_batches(seg.consumed, lay.num_workers, w) * lay.batch_size
-                consumed[share.positions[:used][~share.padded[:used]]] = True
-        pool = pool[~consumed[pool]]
+                if not used:
+                    continue
+                first, count = _block(lay, n, rank, w)
+                whole = used // lay.window * lay.window if lay.window else used  # whole windows: one interval
+                starts.append(np.array([first], dtype=np.int64))
+                stops.append(np.array([first + whole], dtype=np.int64))
+                if used > whole:  # the partly consumed window: its first `used - whole` permuted slots
+                    length = min(lay.window, count * lay.batch_size - whole)
+                    order = _window_order(length, seed=seed, epoch=epoch, segment=index, rank=rank, worker=w,
+                                          k=whole // lay.window)  # fmt: skip
+                    points = first + whole + order[: used - whole]
+                    starts.append(points)
+                    stops.append(points + 1)
+        lo, hi = (np.concatenate(starts), np.concatenate(stops)) if starts else (np.zeros(0, np.int64),) * 2
+        pool = pool.without(*_in_pool(lo, hi, n, lay.remainder))
     return pool
+
+
+def _in_pool(starts: np.ndarray, stops: np.ndarray, n: int, remainder: Remainder) -> tuple[np.ndarray, np.ndarray]:
+    """Slot intervals as pool-index intervals: slots past the pool's end are padding (``"pad"``: nothing served) or
+    wrap to its start (``"wrap"``, ``"drop"`` never gets there)."""
+    nonempty = stops > starts
+    starts, stops = starts[nonempty], stops[nonempty]
+    if remainder == "pad" or not n:
+        return np.minimum(starts, n), np.minimum(stops, n)
+    laps = (stops - 1) // n  # an interval lies in lap starts // n .. (stops - 1) // n
+    first_lap = starts // n
+    out_lo, out_hi = [starts - first_lap * n], [np.where(laps == first_lap, stops - first_lap * n, n)]
+    wrapped = laps > first_lap
+    if wrapped.any():  # a slot range that runs past the end covers the pool's start again
+        out_lo.append(np.zeros(int(wrapped.sum()), dtype=np.int64))
+        out_hi.append(np.where(laps[wrapped] - first_lap[wrapped] > 1, n, stops[wrapped] - laps[wrapped] * n))
+    return np.concatenate(out_lo), np.concatenate(out_hi)
 
 
 @dataclass(frozen=True)
@@ -366,7 +468,7 @@ class RankPlan:
     """What one rank serves for the rest of an epoch: the pool, the canonical layout and this rank's view of it,
     and where it stands."""
 
-    pool: np.ndarray
+    pool: Pool
     """Positions served by the current segment (all ranks)."""
     view: RankView
     """The current canonical layout and how the physical ranks read it."""

@@ -21,9 +21,11 @@ from safetensors.torch import load_file
 
 from cluster.launch import main as launch
 from cluster.slurm import sbatch_options
-from tests.support.launch import TINY, logged_steps
+from tests.support.launch import TINY, launch_cmd, logged_steps
+from tests.support.launch import run as run_local
 from tests.support.slurm import SlurmCluster
 from trainer.config import load_run_config
+from trainer.resilience.ledger import read_ledger
 
 # One SLURM per machine: with pytest-xdist, every test of the real SLURM runs in the same worker.
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -195,3 +197,47 @@ def test_sbatch_without_a_controller_is_no_cluster(
     assert code == 2
     assert "scontrol ping" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_node_range_starts_on_the_nodes_there_are_and_keeps_the_steps(
+    slurm_cluster: SlurmCluster, fmnist_shards: str, tmp_path: Path
+) -> None:
+    """``--nodes 1-2`` with n2 drained: SLURM starts the job on n1 alone, which accumulates 2 micro-batches to keep
+    the global batch of 8; preempted after n2 is back, the job continues on both nodes. Every step trains the
+    samples that an uninterrupted 2-rank run trains (the ledger), with the same global batch throughout."""
+    steps = 12
+    common = [f"data.train_url={fmnist_shards}", "data.num_workers=1", "tracking.sample_ledger=true",
+              f"schedule.max_steps={steps}", "checkpoint.every_steps=1000"]  # fmt: skip
+    reference = tmp_path / "reference"  # the same config on 2 local ranks: the canonical layout's own world
+    assert run_local(launch_cmd(reference, *common, "data.batch_size=4", ranks=2)) == 0
+
+    run_dir = tmp_path / "run"
+    slurm_cluster.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=node-range-test"], check=True)
+    try:
+        job = list(JOB)
+        job[job.index("--nodes") + 1] = "1-2"
+        assert launch(["--config", "demo_fcmae", "--run-dir", str(run_dir), *job, *common]) == 0
+        job_id = (run_dir / "slurm" / "jobs.txt").read_text().split()[-1]
+        deadline = time.monotonic() + 240
+        while len(logged_steps(run_dir)) < 3:
+            assert time.monotonic() < deadline, _job_log(run_dir, job_id) + slurm_cluster.log_tails()
+            assert slurm_cluster.job_state(job_id) not in ("FAILED", "CANCELLED"), _job_log(run_dir, job_id)
+            time.sleep(0.2)
+        assert slurm_cluster.job_info(job_id)["NumNodes"] == "1"
+    finally:
+        slurm_cluster.run(["scontrol", "update", "nodename=n2", "state=resume"], check=True)
+    slurm_cluster.run(["scancel", "--signal=USR2", job_id], check=True)
+    state = slurm_cluster.wait_state(job_id, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], timeout=300)
+    log = _job_log(run_dir, job_id)
+    assert state == "COMPLETED", log + slurm_cluster.log_tails()
+    assert slurm_cluster.job_info(job_id)["NumNodes"] == "2"  # the requeued attempt got both nodes
+    assert "1 of 1-2 nodes: micro-batch 4 x accumulation 2 x 1 ranks = global batch 8, as configured" in log
+    segments = [json.loads(line) for line in (run_dir / "segments.jsonl").read_text().splitlines()]
+    assert [(s["world_size"], s["grad_accum"]) for s in segments] == [(1, 2), (2, 1)]
+    assert json.loads((run_dir / "export" / "metrics.json").read_text())["world_sizes"] == [1, 2]
+
+    ledger, expected = read_ledger(run_dir / "ledger"), read_ledger(reference / "ledger")
+    assert list(ledger) == list(range(1, steps + 1))
+    assert all(len(entry["keys"]) == 8 for entry in ledger.values())  # the global batch, on 1 node and on 2
+    assert [sorted(e["keys"]) for e in ledger.values()] == [sorted(e["keys"]) for e in expected.values()]
