@@ -349,18 +349,24 @@ def worker_share(
 
 
 class Pool:
-    """The positions of an epoch still to be served, ascending, as disjoint intervals ``[start, start + length)``.
+    """The positions of an epoch still to be served, ascending: disjoint intervals ``[start, start + length)`` less
+    single positions (``holes``).
 
-    Its size in memory follows the cuts that earlier layouts' consumption made (a few intervals per rank and worker,
-    and one per sample taken from the middle of a partly served shuffle window), not the size of the epoch: an
-    epoch of two billion samples is one interval until a layout change cuts it."""
+    Its size in memory follows the cuts that earlier layouts' consumption made (an interval boundary per rank and
+    worker, a hole per sample taken from a partly served shuffle window), not the size of the epoch: an epoch of two
+    billion samples is one interval until a layout change cuts it."""
 
-    def __init__(self, starts: np.ndarray, lengths: np.ndarray) -> None:
+    def __init__(self, starts: np.ndarray, lengths: np.ndarray, holes: np.ndarray | None = None) -> None:
         keep = lengths > 0
         self.starts = np.ascontiguousarray(starts[keep], dtype=np.int64)
         self.lengths = np.ascontiguousarray(lengths[keep], dtype=np.int64)
         self.ends = np.cumsum(self.lengths)
-        """Pool index just past each interval."""
+        """Index (among the intervals' positions, holes included) just past each interval."""
+        self.holes = np.zeros(0, dtype=np.int64) if holes is None else np.asarray(holes, dtype=np.int64)
+        """Positions inside the intervals that are not in the pool, ascending."""
+        k = np.searchsorted(self.starts, self.holes, side="right") - 1
+        at = self.ends[k] - self.lengths[k] + self.holes - self.starts[k]  # the holes' indices among the intervals'
+        self._skip = at - np.arange(len(at), dtype=np.int64)  # pool index i sits at i + #(skip <= i)
 
     @classmethod
     def full(cls, total: int) -> Pool:
@@ -368,43 +374,57 @@ class Pool:
         return cls(np.array([0], dtype=np.int64), np.array([total], dtype=np.int64))
 
     def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
+        return (int(self.ends[-1]) if len(self.ends) else 0) - len(self.holes)
+
+    def _interval_positions(self, at: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(self.ends, at, side="right")
+        return self.starts[k] + at - (self.ends[k] - self.lengths[k])
 
     def take(self, index: np.ndarray) -> np.ndarray:
         """Positions at pool indices ``index`` (each in ``[0, len)``)."""
         index = np.asarray(index, dtype=np.int64)
-        k = np.searchsorted(self.ends, index, side="right")
-        return self.starts[k] + index - (self.ends[k] - self.lengths[k])
+        return self._interval_positions(index + np.searchsorted(self._skip, index, side="right"))
 
-    def without(self, starts: np.ndarray, stops: np.ndarray) -> Pool:
-        """This pool less the entries at the pool-index intervals ``[starts[i], stops[i])`` (overlaps allowed)."""
-        n = len(self)
-        starts, stops = np.clip(starts, 0, n), np.clip(stops, 0, n)
-        order = np.argsort(starts, kind="stable")
-        starts, stops = starts[order], stops[order]
-        if len(starts):  # merge: an interval starting past every earlier stop opens a new group
-            reach = np.maximum.accumulate(stops)
-            new = np.concatenate([[True], starts[1:] > reach[:-1]])
-            group = np.cumsum(new) - 1
-            starts = starts[new]
-            stops = np.full(len(starts), -1, dtype=np.int64)
-            np.maximum.at(stops, group, reach)
-        kept_lo = np.concatenate([[0], stops])  # the gaps between removed intervals, in pool indices
-        kept_hi = np.concatenate([starts, [n]])
-        nonempty = kept_hi > kept_lo
-        kept_lo, kept_hi = kept_lo[nonempty], kept_hi[nonempty]
-        if not len(kept_lo):
-            return Pool(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-        # Cut the kept pool-index intervals where this pool's intervals end; each piece is contiguous in positions.
-        cuts = np.union1d(np.concatenate([kept_lo, kept_hi]), self.ends[:-1])
-        lo, hi = cuts[:-1], cuts[1:]
-        inside = np.searchsorted(kept_lo, lo, side="right") - 1
-        kept = (inside >= 0) & (lo < kept_hi[np.maximum(inside, 0)])
-        lo, hi = lo[kept], hi[kept]
-        position, length = self.take(lo), hi - lo
-        joins = np.concatenate([[False], position[1:] == position[:-1] + length[:-1]])  # contiguous: one interval
-        group = np.cumsum(~joins) - 1
-        return Pool(position[~joins], np.bincount(group, weights=length).astype(np.int64))
+    def without(self, starts: np.ndarray, stops: np.ndarray, points: np.ndarray) -> Pool:
+        """This pool less the entries at pool indices ``[starts[i], stops[i])`` and ``points``."""
+        keep = stops > starts
+        # A run of pool indices is every pool position from its first to its last: cut that span of positions.
+        lo, hi = self.take(starts[keep]), self.take(stops[keep] - 1) + 1
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
+        if len(lo):  # merge overlapping spans
+            reach = np.maximum.accumulate(hi)
+            opens = np.concatenate([[True], lo[1:] > reach[:-1]])
+            closes = np.concatenate([opens[1:], [True]])
+            lo, hi = lo[opens], reach[closes]
+        gaps_lo = np.concatenate([[np.iinfo(np.int64).min], hi])
+        gaps_hi = np.concatenate([lo, [np.iinfo(np.int64).max]])
+        new_starts, new_lengths = _intersect(self.starts, self.starts + self.lengths, gaps_lo, gaps_hi)
+        holes = np.concatenate([self.holes, self.take(points)])
+        holes.sort()
+        holes = holes[np.concatenate([[True], holes[1:] != holes[:-1]])] if len(holes) else holes
+        k = np.searchsorted(new_starts, holes, side="right") - 1  # holes in a cut span are gone with it
+        inside = (k >= 0) & (holes < (new_starts + new_lengths)[np.maximum(k, 0)]) if len(new_starts) else k < -1
+        return Pool(new_starts, new_lengths, holes[inside])
+
+
+def _intersect(a_lo: np.ndarray, a_hi: np.ndarray, b_lo: np.ndarray, b_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The intersection of two lists of sorted disjoint intervals, as (starts, lengths)."""
+    cuts = np.sort(np.concatenate([a_lo, a_hi, b_lo, b_hi]))
+    cuts = cuts[np.concatenate([[True], cuts[1:] != cuts[:-1]])]
+    lo, hi = cuts[:-1], cuts[1:]
+
+    def inside(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(starts, lo, side="right") - 1
+        return (k >= 0) & (lo < stops[np.maximum(k, 0)])
+
+    kept = inside(a_lo, a_hi) & inside(b_lo, b_hi)
+    lo, length = lo[kept], (hi - lo)[kept]
+    joins = np.concatenate([[False], lo[1:] == lo[:-1] + length[:-1]]) if len(lo) else np.zeros(0, dtype=bool)
+    group = np.cumsum(~joins) - 1
+    return lo[~joins], np.bincount(group, weights=length, minlength=int(group[-1]) + 1 if len(group) else 0).astype(
+        np.int64
+    )
 
 
 def remaining_pool(total: int, history: Sequence[Segment], *, seed: int, epoch: int) -> Pool:
@@ -412,8 +432,8 @@ def remaining_pool(total: int, history: Sequence[Segment], *, seed: int, epoch: 
 
     Every slot consumed in an earlier segment is removed, so a layout change never repeats a sample; samples that
     the earlier layouts had not reached, including their dropped remainders, stay in the pool. Computed per rank and
-    worker block without listing the epoch: a block's whole consumed windows are one interval, and only its partly
-    consumed window is permuted.
+    worker block without listing the epoch: a block's whole consumed windows are one run of pool indices, and only
+    its partly consumed window is permuted.
     """
     pool = Pool.full(total)
     for index, seg in enumerate(history):
@@ -423,26 +443,26 @@ def remaining_pool(total: int, history: Sequence[Segment], *, seed: int, epoch: 
                 f"loader state: segment {index} consumed {seg.consumed} batches but its layout has only "
                 f"{lay.batches(n)}; the state does not belong to this data set"
             )
-        starts: list[np.ndarray] = []
-        stops: list[np.ndarray] = []
+        runs: list[tuple[int, int]] = []
+        points: list[np.ndarray] = []
         for rank in range(lay.world_size):
             for w in range(lay.num_workers):
                 used = worker_batches(seg.consumed, lay.num_workers, w) * lay.batch_size
                 if not used:
                     continue
                 first, count = _block(lay, n, rank, w)
-                whole = used // lay.window * lay.window if lay.window else used  # whole windows: one interval
-                starts.append(np.array([first], dtype=np.int64))
-                stops.append(np.array([first + whole], dtype=np.int64))
+                whole = used // lay.window * lay.window if lay.window else used  # whole windows: one run
+                runs.append((first, first + whole))
                 if used > whole:  # the partly consumed window: its first `used - whole` permuted slots
                     length = min(lay.window, count * lay.batch_size - whole)
                     order = _window_order(length, seed=seed, epoch=epoch, segment=index, rank=rank, worker=w,
                                           k=whole // lay.window)  # fmt: skip
-                    points = first + whole + order[: used - whole]
-                    starts.append(points)
-                    stops.append(points + 1)
-        lo, hi = (np.concatenate(starts), np.concatenate(stops)) if starts else (np.zeros(0, np.int64),) * 2
-        pool = pool.without(*_in_pool(lo, hi, n, lay.remainder))
+                    points.append(first + whole + order[: used - whole])
+        lo, hi = np.array(runs, dtype=np.int64).T if runs else np.zeros((2, 0), dtype=np.int64)
+        lo, hi = _in_pool(lo, hi, n, lay.remainder)
+        spots = np.concatenate(points) if points else np.zeros(0, dtype=np.int64)
+        spots = spots[spots < n] if lay.remainder == "pad" else spots % max(n, 1)
+        pool = pool.without(lo, hi, spots)
     return pool
 
 
