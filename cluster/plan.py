@@ -310,8 +310,8 @@ def time_lines(cfg: TrainConfig, plan: Plan) -> list[str]:
 
 def make_plan(cfg: TrainConfig, run_dir: Path | None = None) -> Plan:
     """The plan of a launch of ``cfg`` on its cluster section (``run_dir``: where its measured MFU may be)."""
-    world = cfg.world_size()
-    cfg = cfg.fit_world(world)
+    world, configured = cfg.world_size(), cfg
+    cfg = cfg.fit_world(world)  # the split on the most nodes (node_rows fits each count from the config as given)
     num_params, params_note = count_parameters(cfg)
     size, note = dataset_size(cfg)
     global_batch = cfg.global_batch(world)
@@ -333,7 +333,7 @@ def make_plan(cfg: TrainConfig, run_dir: Path | None = None) -> Plan:
         params_note=params_note,
         memory=memory_estimate(cfg, num_params, world),
         sbatch=sbatch_options(cfg),
-        node_rows=node_rows(cfg, num_params),
+        node_rows=node_rows(configured, num_params),
         flops_per_sample=train_flops_per_sample(cfg),
         mfu=measured_mfu(cfg, run_dir),
     )

@@ -135,6 +135,10 @@ def test_a_node_range_plan_lists_every_count_and_estimates_time_and_cost(tmp_pat
     assert rows[16].split == (32, 1) and all(rows[n].split is None for n in (12, 13, 14, 15))  # 4096 = 2^12
     text = format_plan(cfg, plan)
     assert "--nodes=12-16" in text and re.search(r"13\s+104\s+refused at start", text)
+    # A global batch chosen for the range: every count runs, with the micro-batch each can use.
+    chosen = load_config("huge_fcmae", ["cluster.nodes=16", "cluster.min_nodes=15", "deepspeed.global_batch=3840",
+                                        "data.batch_size_choices=[15]"])  # fmt: skip
+    assert [(r.nodes, r.split) for r in make_plan(chosen).node_rows] == [(15, (32, 1)), (16, (15, 2))]
     # FLOPs counted on the meta device are what the trainer counts on a real model (its MFU's numerator).
     atto = load_config("atto_fcmae", ["data.image_size=64"])
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ checkpoint and grows back must train the uninterrupted run's steps.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,15 @@ def test_shrinking_and_growing_mid_epoch_trains_the_uninterrupted_steps(
     assert run(launch_cmd(run_dir, *common, ranks=2)) == 0
     assert [r["step"] for r in logged_steps(run_dir)] == list(range(1, STEPS + 1))
     assert _steps(run_dir) == _steps(two_ranks)
+    # The world size of every segment: in metrics.json, and as a metric on the run's MLflow page.
+    assert json.loads((run_dir / "export" / "metrics.json").read_text())["world_sizes"] == [2, 1, 2]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/world_size")] == [
+        (0, 2.0), (5, 1.0), (11, 2.0)
+    ]  # fmt: skip
     # The same schedule throughout: the weights too are the uninterrupted run's, up to float reduction order.
     weights, init = exported_weights(two_ranks), initial_weights(two_ranks)
     assert relative_distance(weights, exported_weights(run_dir), init) < 1e-3
