@@ -184,9 +184,15 @@ def slurm_parameters(cfg: TrainConfig, after_job: str | None = None) -> dict[str
     if c.mem_gb:
         params["mem_gb"] = c.mem_gb
     if c.min_nodes is not None and c.min_nodes < c.nodes:
-        # submitit's own `nodes` stays an int (it multiplies it by the tasks per node); its additional
-        # parameters replace the #SBATCH line it writes for the same key.
+        # A node range: SLURM allocates as many nodes of MIN-MAX as it can start on, unless the job fixes its task
+        # count, which a per-node task count in the allocation does (then it gets MIN, seen on SLURM 22.05 with
+        # select/cons_tres). So the allocation asks for nodes and the CPUs of a node's ranks (--mincpus), and srun
+        # starts the ranks on every node it got. submitit's own `nodes` stays an int; its additional parameters
+        # replace the #SBATCH line it writes for the same key.
+        del params["tasks_per_node"]
         params["slurm_additional_parameters"]["nodes"] = f"{c.min_nodes}-{c.nodes}"
+        params["slurm_additional_parameters"]["mincpus"] = c.ranks_per_node * c.cpus_per_task
+        params["slurm_srun_args"] += [f"--ntasks-per-node={c.ranks_per_node}", f"--cpus-per-task={c.cpus_per_task}"]
     if after_job is not None:
         params["slurm_additional_parameters"]["dependency"] = f"afterok:{after_job}"
     return params

@@ -28,10 +28,11 @@ Design (details of the slot assignment in :mod:`data.sampling`):
 Resume (``state_dict()`` / ``load_state_dict()``): the state holds the epoch, the batches consumed per rank in the
 current epoch (the same on every rank, so rank 0's state is enough) and the layout it was produced under.
 
-* **Same layout** (world size, worker count, batch size, remainder, shuffle window): each worker skips its consumed
-  batches by index: tar members before its current shuffle window are passed over at the header level, and no
-  skipped sample is decoded. The rest of the epoch is exactly the sequence of samples, and of augmentation draws,
-  of an uninterrupted run.
+* **Same canonical layout** (canonical ranks and batch, worker count, remainder, shuffle window), on any world size
+  that can read it (:attr:`LoaderConfig.canonical`; another accumulation or micro-batch, the same samples per step):
+  the state's position is converted to steps, and each worker skips its consumed batches by index: tar members
+  before its current shuffle window are passed over at the header level, and no skipped sample is decoded. The rest
+  of the epoch is exactly the sequence of samples, and of augmentation draws, of an uninterrupted run.
 * **Another layout** (e.g. another world size): the slots consumed under the old layout are recomputed from the
   state, removed from the epoch's pool, and the rest is split anew. **Bound:** no sample of the epoch is repeated,
   and at most ``world_size * batch_size - 1`` samples of the remaining pool (new layout; the same bound as the

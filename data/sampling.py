@@ -5,7 +5,8 @@ Pure index arithmetic on the manifest's sample counts (numpy, no I/O), so every 
 * **Global order.** Epoch ``e`` concatenates the shards in an order shuffled from ``(seed, e)``; a sample's
   *position* is its index in that concatenation.
 * **Pool.** The positions still to be served this epoch: all of them at the start; after a resume under another
-  layout, those the earlier layouts did not consume (see :class:`Segment`).
+  layout, those the earlier layouts did not consume (see :class:`Segment`). Held as position intervals less single
+  positions (:class:`Pool`), never as an array over the epoch.
 * **Ranks.** With ``B = floor(len(pool) / (world_size * batch_size))`` batches per rank (``remainder="drop"``),
   rank ``r`` takes the contiguous pool slice ``[r*B*bs, (r+1)*B*bs)``: every rank yields exactly ``B`` batches,
   whatever the shard sizes, and reads only about ``1/world_size`` of the bytes. The dropped tail (fewer than
@@ -16,10 +17,10 @@ Pure index arithmetic on the manifest's sample counts (numpy, no I/O), so every 
   it through a :class:`RankView`: with ``W`` ranks dividing the ``C`` canonical ones, each physical rank serves
   ``C / W`` of them, taking from each, for optimizer step ``k``, the canonical batches it contributes to step ``k``.
   The samples of every step are therefore the same on any such world size (only the accumulation changes).
-* **Workers.** Rank batch ``j`` is made by logical worker ``j % W``; worker ``w`` owns a contiguous block of the
-  rank's slice (its ``len(range(w, B, W))`` batches), so workers read disjoint byte ranges. Inside the block,
-  windows of ``window`` samples (a multiple of the batch size) are permuted from ``(seed, e, segment, rank, w, k)``:
-  a bounded shuffle that a resume can reproduce without reading anything.
+* **Workers.** Batch ``j`` of a (canonical) rank is made by logical worker ``j % W``; worker ``w`` owns a contiguous
+  block of the rank's slice (its ``len(range(w, B, W))`` batches), so workers read disjoint byte ranges. Inside the
+  block, windows of ``window`` samples (a multiple of the batch size) are permuted from ``(seed, e, segment, rank,
+  w, k)``: a bounded shuffle that a resume can reproduce without reading anything.
 """
 
 from __future__ import annotations

@@ -134,7 +134,11 @@ def test_a_node_range_plan_lists_every_count_and_estimates_time_and_cost(tmp_pat
     assert list(rows) == [12, 13, 14, 15, 16]
     assert rows[16].split == (32, 1) and all(rows[n].split is None for n in (12, 13, 14, 15))  # 4096 = 2^12
     text = format_plan(cfg, plan)
-    assert "--nodes=12-16" in text and re.search(r"13\s+104\s+refused at start", text)
+    assert "node range        12-16 nodes" in text and re.search(r"13\s+104\s+refused at start", text)
+    # SLURM's range, with no per-node task count in the allocation (that would pin it to 12 nodes): srun starts
+    # the 8 ranks of each node it got, on the CPUs --mincpus asked for.
+    assert "--nodes=12-16" in plan.sbatch and "--mincpus=80" in plan.sbatch
+    assert not any(option.startswith("--ntasks-per-node") for option in plan.sbatch)
     # A global batch chosen for the range: every count runs, with the micro-batch each can use.
     chosen = load_config("huge_fcmae", ["cluster.nodes=16", "cluster.min_nodes=15", "deepspeed.global_batch=3840",
                                         "data.batch_size_choices=[15]"])  # fmt: skip
