@@ -79,6 +79,17 @@ def shard_set(name: str, split: str, *extra: str) -> Path:
     return out
 
 
+def launch_once(config: str, run_dir: Path, overrides: list[str]) -> dict:
+    """Run ``config`` through ``cluster/launch.py --local`` in ``run_dir`` unless it finished there already; returns
+    its ``export/metrics.json`` (a bench re-run picks up where it stopped)."""
+    metrics = run_dir / "export" / "metrics.json"
+    if not metrics.exists():
+        code = launch(["--config", config, "--local", "--run-dir", str(run_dir), *overrides])
+        if code != 0:
+            raise RuntimeError(f"{config} in {run_dir} exited with {code}")
+    return json.loads(metrics.read_text())
+
+
 def seed_runs(seed: int, args: argparse.Namespace) -> list[Run]:
     """Every run of one seed, pretraining first."""
     out = args.out / f"seed{seed}"
@@ -144,9 +155,7 @@ def run_all(runs: list[Run]) -> None:
                     for spec in run.sets:
                         shard_set(*spec)
                     print(f"[bench] {run.run_dir}: {run.config} (pid {os.getpid()})", flush=True)
-                    code = launch(["--config", run.config, "--local", "--run-dir", str(run.run_dir), *run.overrides])
-                    if code != 0:
-                        raise RuntimeError(f"{run.config} in {run.run_dir} exited with {code}")
+                    launch_once(run.config, run.run_dir, list(run.overrides))
             break
         else:
             time.sleep(15)  # everything left is running elsewhere or waits for a pretraining run

@@ -102,8 +102,10 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=200_000)
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--baseline-rev", default="4aebe9a", help="git revision of the explicit-array plans")
-    parser.add_argument("--baseline-scales", type=float, nargs="+", default=[0.01, 0.1],
-                        help="fractions of --shards the baseline is also run at (it cannot hold the full scale)")  # fmt: skip
+    parser.add_argument(
+        "--baseline-scales", type=float, nargs="+", default=[0.01, 0.1],
+        help="fractions of --shards the baseline is also run at (it cannot hold the full scale)",
+    )  # fmt: skip
     parser.add_argument("--limit-gib", type=float, default=12.0, help="address-space limit of each case's process")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rev", help=argparse.SUPPRESS)
