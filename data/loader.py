@@ -502,7 +502,8 @@ class _WorkerStream:
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
-    """IterableDataset over the batches of one rank; each DataLoader worker serves one logical worker."""
+    """IterableDataset over the micro-batches of one rank; DataLoader worker ``p`` makes every ``W``-th one (see
+    :class:`_WorkerStream`)."""
 
     def __init__(self, spec: _StreamSpec) -> None:
         self.spec = spec
