@@ -709,19 +709,20 @@ class ShardLoader:
         history = [Segment(Layout.from_dict(s["layout"]), int(s["consumed"])) for s in state["history"]]
         old_layout, view = Layout.from_dict(state["layout"]), self.config.view
         position = int(state["position"])
-        if version == 1:  # one rank per canonical rank, positions in batches
-            old_view = view if old_layout == view.layout else RankView.identity(old_layout)
-        else:
-            old_view = RankView.from_dict(old_layout, state["view"])
-        if old_layout == view.layout and old_view != view:
-            steps, partial = divmod(position, old_view.accum)
+        # A state written before rank views counts batches of its layout's own ranks.
+        old_view = RankView.identity(old_layout) if version == 1 else RankView.from_dict(old_layout, state["view"])
+        if old_layout == view.layout and old_view != view:  # the same sample order, read by other ranks
+            served = old_view.consumed(position)  # canonical batches per canonical rank, whole steps
+            steps = served // view.canonical_accum
+            partial = position - steps * view.canonical_accum * old_view.accum // old_view.canonical_accum
             position = steps * view.accum
-            log.info(
-                "loader: epoch %d continues at step %d of the same sample order on %d ranks x %d micro-batches of %d "
-                "(was %d x %d x %d)%s", state["epoch"], steps, view.world_size, view.accum, view.batch_size,
-                old_view.world_size, old_view.accum, old_view.batch_size,
-                f"; the {partial} micro-batches of a partly served step are served again" if partial else "",
-            )  # fmt: skip
+            if (old_view.world_size, old_view.batch_size) != (view.world_size, view.batch_size):
+                log.info(
+                    "loader: epoch %d continues at step %d of the same sample order on %d ranks x %d micro-batches "
+                    "of %d (was %d x %d x %d)%s", state["epoch"], steps, view.world_size, view.accum,
+                    view.batch_size, old_view.world_size, old_view.accum, old_view.batch_size,
+                    f"; the {partial} micro-batches of a partly served step are served again" if partial else "",
+                )  # fmt: skip
         elif old_layout != view.layout and position > 0:
             history.append(Segment(old_layout, old_view.consumed(position)))
             position = 0

@@ -414,6 +414,11 @@ def test_world_sizes_that_divide_the_canonical_ranks_train_every_step_on_the_sam
     rest, state = _step_sets(shard_dir, 2, 1, 6, canonical, state)
     assert first + second + rest == reference
     assert state["epoch"] == 1 and state["position"] == 0
+    # A state written before rank views (version 1: positions in the batches of its own ranks) continues the same.
+    first, state = _step_sets(shard_dir, 4, 3, 1, canonical, steps=2)
+    old = {k: v for k, v in state.items() if k != "view"} | {"version": 1}
+    rest, _ = _step_sets(shard_dir, 1, 3, 4, canonical, old)
+    assert first + rest == reference
     # Negative control: without a canonical layout the shrink re-plans (a new segment), and the steps differ.
     first, state = _step_sets(shard_dir, 4, 3, 1, None, steps=2)
     second, state = _step_sets(shard_dir, 1, 3, 4, None, state, steps=1)
