@@ -479,11 +479,15 @@ class RunConfig(_Section):
         on its most nodes (``data.batch_size`` x ``deepspeed.grad_accum`` x ``nodes`` x ranks per node)."""
         return self.deepspeed.global_batch or self.data.batch_size * self.deepspeed.grad_accum * self.world_size()
 
+    def micro_batches(self) -> list[int]:
+        """The micro-batches a run may use, largest first: ``data.batch_size`` and ``data.batch_size_choices``."""
+        return sorted({self.data.batch_size, *self.data.batch_size_choices}, reverse=True)
+
     def batch_split(self, world_size: int) -> tuple[int, int] | None:
         """(micro-batch, accumulation) that make :meth:`configured_global_batch` on ``world_size`` ranks: the
         largest allowed micro-batch that divides it with a whole accumulation, or None."""
         target = self.configured_global_batch()
-        for micro in sorted({self.data.batch_size, *self.data.batch_size_choices}, reverse=True):
+        for micro in self.micro_batches():
             if target % (micro * world_size) == 0:
                 return micro, target // (micro * world_size)
         return None
@@ -498,7 +502,7 @@ class RunConfig(_Section):
         if not bad:
             return None
         good = [n for n in c.node_counts() if n not in bad]
-        micro = sorted({self.data.batch_size, *self.data.batch_size_choices}, reverse=True)
+        micro = self.micro_batches()
         why = (
             f"on {_counts(bad)} node(s) x {c.ranks_per_node} ranks no micro-batch of {micro} with a whole "
             f"accumulation makes the global batch {self.configured_global_batch()}"
@@ -516,7 +520,7 @@ class RunConfig(_Section):
 
     def _no_fit(self, nodes: int, target: int) -> str:
         rpn = self.cluster.ranks_per_node
-        micro = sorted({self.data.batch_size, *self.data.batch_size_choices}, reverse=True)
+        micro = self.micro_batches()
         can = [n for n in range(1, 2 * self.cluster.nodes + 1) if self.batch_split(n * rpn) is not None]
         nearest = sorted(can, key=lambda n: (abs(n - nodes), n))[:2]
         return (
