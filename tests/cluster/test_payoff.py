@@ -100,13 +100,16 @@ def test_a_chain_with_a_payoff_pair_reports_it_and_links_every_run_to_its_pretra
 
 
 def test_a_payoff_needs_a_pretraining_run_first_and_a_classifier_config(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fmnist_shards: str, fmnist_test_shards: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Refused before anything is written: the pair would compare nothing."""
-    common = ["--local", "--dry-run", "--run-dir", str(tmp_path / "first")]
+    """Refused before anything is written: the pair would compare nothing. The accepted pair (the control) points at
+    the fixture's shards: the demo configs' default data exists only after ``make demo``."""
+    data = [f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}"]
+    common = ["--local", "--dry-run", "--run-dir", str(tmp_path / "first"), *data]
     assert launch_main(["--config", "demo_finetune", *common, "--payoff", "demo_linprobe"]) == 2
     assert "the first stage must be a pretraining run, not finetune" in capsys.readouterr().err
     assert launch_main(["--config", "demo_fcmae", *common, "--payoff", "demo_maskrcnn"]) == 2
     assert "a fine-tuning or linear-probe config, not a detection one" in capsys.readouterr().err
-    assert launch_main(["--config", "demo_fcmae", *common, "--payoff", "demo_linprobe"]) == 0
+    probe = _config(tmp_path, "probe", "demo_linprobe", *data)
+    assert launch_main(["--config", "demo_fcmae", *common, "--payoff", probe]) == 0, capsys.readouterr().err
     assert not (tmp_path / "first").exists()
