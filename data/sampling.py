@@ -225,19 +225,27 @@ def mixture_counts(total: int, weights: Sequence[float]) -> np.ndarray:
     return counts
 
 
+LOCATE_GAP = 4096
+"""Positions further apart than this are located in separate merges (:meth:`MixtureOrder.locate`)."""
+
+
 class MixtureOrder:
     """The global sample order of one epoch of a weighted mixture of sources (same interface as :class:`EpochOrder`).
 
     * **Length.** An epoch has as many positions as the sources have samples together; source ``s`` fills
       ``n_s`` of them, its weight's share (largest remainder), whatever its size.
     * **Interleaving.** Source ``s``'s positions are spread evenly over the epoch (stratified: its ``q``-th one sits
-      at ``(q + u_s) / n_s`` of the way, ``u_s`` drawn from ``(seed, epoch)``), so every batch holds the sources in
-      about their proportions and every rank's contiguous slice does too.
+      at ``(q + u_s) / n_s`` of the way, ``u_s`` drawn from ``(seed, epoch)``; ties go to the lower source), so every
+      batch holds the sources in about their proportions and every rank's contiguous slice does too.
     * **Streams.** Each source is read as an endless stream of passes; pass ``j`` is the source's shards in an
       order shuffled from ``(seed, s, j)``. Epoch ``e`` takes the stream's samples ``e*n_s .. (e+1)*n_s - 1``: an
       up-weighted source repeats a sample only after serving all of them, a down-weighted one continues in the next
       epoch where this one stopped. Consecutive positions of a source are consecutive in its stream, so a worker
       reads each source's shards forward.
+
+    Nothing is held per position: the entries of a range of positions are merged from the sources' keys in that
+    range (the keys below a value are counted per source), so locating costs what the range holds plus the number
+    of sources, at any size of the set.
     """
 
     def __init__(
@@ -258,16 +266,11 @@ class MixtureOrder:
             raise ValueError(f"mixture source {int(np.argmin(self.source_sizes))} holds no samples")
         self.total = int(sizes.sum())
         self.counts = mixture_counts(self.total, weights)
-        self._sizes = sizes
+        """``n_s``: the positions of each source in the epoch."""
         rng = np.random.default_rng(derive_seed(seed, TAG_MIX, epoch)) if shuffle else None
-        keys = [(np.arange(n) + (rng.random() if rng is not None else 0.5)) / n for n in self.counts.tolist()]
-        order = np.argsort(np.concatenate(keys), kind="stable")
-        self.source = np.repeat(np.arange(len(weights)), self.counts)[order]
-        """Source of every position of the epoch."""
-        self.index = np.empty(self.total, dtype=np.int64)
-        """Index of every position among its source's positions of the epoch."""
-        for s, n in enumerate(self.counts.tolist()):
-            self.index[self.source == s] = np.arange(n)
+        self.offsets = np.array([rng.random() if rng is not None else 0.5 for _ in range(len(weights))])
+        """``u_s``: where in its first stratum each source's positions start."""
+        self._sizes = sizes
         self._passes: dict[tuple[int, int], EpochOrder] = {}
 
     def _pass(self, source: int, number: int) -> EpochOrder:
@@ -278,15 +281,60 @@ class MixtureOrder:
             self._passes[key] = EpochOrder(sizes.tolist(), seed, number, self.shuffle)
         return self._passes[key]
 
+    def _below(self, source: int, x: float, inclusive: bool) -> int:
+        """How many of ``source``'s keys are below ``x`` (at most ``x`` when ``inclusive``): from the arithmetic
+        estimate, corrected on the keys as floats compute them."""
+        n, u = int(self.counts[source]), float(self.offsets[source])
+
+        def under(q: int) -> bool:
+            key = (q + u) / n
+            return key <= x if inclusive else key < x
+
+        count = min(max(int(np.floor(x * n - u)) + 1, 0), n)
+        while count > 0 and not under(count - 1):
+            count -= 1
+        while count < n and under(count):
+            count += 1
+        return count
+
+    def entries(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source of each position ``lo .. hi-1`` and its index among that source's positions of the epoch.
+
+        Every key in ``[x_lo, x_hi]`` is merged (stable: by key, then source, then index); the keys below ``x_lo``
+        are counted, which places the merged run in the epoch. Per source ``ceil(x n_s - u_s)`` keys lie below
+        ``x``, so with a margin of (number of sources + 2) positions on each side the run covers ``lo .. hi-1``."""
+        sources = [s for s in range(len(self.counts)) if self.counts[s] > 0]
+        margin = len(self.counts) + 2
+        x_lo, x_hi = max(0.0, (lo - margin) / self.total), (hi + margin) / self.total
+        first = [self._below(s, x_lo, inclusive=False) for s in sources]
+        last = [self._below(s, x_hi, inclusive=True) for s in sources]
+        index = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(first, last, strict=True)])
+        source = np.repeat(np.asarray(sources, dtype=np.int64), np.subtract(last, first))
+        keys = (index + self.offsets[source]) / self.counts[source]
+        start = sum(first)
+        assert start <= lo and start + len(keys) >= hi, (lo, hi, start, len(keys))
+        merged = np.argsort(keys, kind="stable")[lo - start : hi - start]
+        return source[merged], index[merged]
+
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Shard indices (into the manifest list) and member indices of global ``positions``."""
         positions = np.asarray(positions, dtype=np.int64)
+        sources = np.empty(len(positions), dtype=np.int64)
+        index = np.empty(len(positions), dtype=np.int64)
+        by_position = np.argsort(positions, kind="stable")
+        ordered = positions[by_position]
+        # Runs of nearby positions are merged together; far apart ones separately (memory follows the positions).
+        for run in np.split(by_position, np.flatnonzero(np.diff(ordered) > LOCATE_GAP) + 1):
+            if len(run) == 0:
+                continue
+            lo, hi = int(positions[run].min()), int(positions[run].max()) + 1
+            run_sources, run_index = self.entries(lo, hi)
+            sources[run], index[run] = run_sources[positions[run] - lo], run_index[positions[run] - lo]
         shards = np.empty(len(positions), dtype=np.int64)
         members = np.empty(len(positions), dtype=np.int64)
-        sources = self.source[positions]
         for s in np.unique(sources).tolist():
             at = np.flatnonzero(sources == s)
-            stream = self.epoch * int(self.counts[s]) + self.index[positions[at]]
+            stream = self.epoch * int(self.counts[s]) + index[at]
             passes, within = np.divmod(stream, self.source_sizes[s])
             for number in np.unique(passes).tolist():
                 sel = at[passes == number]
