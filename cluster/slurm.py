@@ -41,6 +41,21 @@ def _attempt() -> str:
     return f"{slurm_job_id() or 'local'}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
+def distributed_env() -> Any:
+    """In a task of the job: torch's ``env://`` variables exported from SLURM's (submitit's
+    ``TorchDistributedEnvironment``), with the port of this attempt (:func:`trainer.rendezvous.job_port`) unless
+    the user set ``MASTER_PORT``. They replace any the submitting shell passed on (a job started from another
+    job's shell inherits its ``RANK``, ``WORLD_SIZE``...: SLURM's are this task's)."""
+    import submitit
+
+    from trainer.rendezvous import job_port
+
+    dist = submitit.helpers.TorchDistributedEnvironment()
+    if "MASTER_PORT" not in os.environ:
+        dist.master_port = job_port(_attempt())
+    return dist.export(set_cuda_visible_devices=False, overwrite=True)
+
+
 def claim_restart(run_dir: Path, cause: str, limit: int) -> tuple[int, bool]:
     """The attempts of this run requeued for ``cause`` (``"preemption"`` or ``"failure"``) before this one, and
     whether this one may requeue too (fewer than ``limit`` before it); if so it is recorded, once however many
@@ -108,7 +123,7 @@ class TrainJob:
         from trainer.resilience.run_lock import RunDirLocked, RunLock
         from trainer.worker import run_run_dir, setup_logging
 
-        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        dist_env = distributed_env()
         setup_logging(dist_env.rank)
         job_id = submitit.JobEnvironment().job_id
         run_dir = Path(self.run_dir)

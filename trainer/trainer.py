@@ -92,14 +92,15 @@ class Trainer:
         self.preemption = PreemptionHandler().install()  # first: a signal during start-up must not kill the rank
         self.env = env = init_distributed()
         self.cfg = cfg = fit_to_world(cfg, env)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.stage = stage_class(cfg.stage)(cfg, env, run_dir)  # type: ignore[call-arg]
-        self.schedule = schedule = Schedule.of(cfg, len(self.stage.loader), env.world_size)
         self.recovery = Recovery(cfg.schedule, cfg.tracking.log_every, env, run_dir)
         self.checkpointer = Checkpointer(
             self.paths.checkpoints, cfg.checkpoint, env, self.recovery.targets(), cfg.cluster.signal_delay_s
         )
         self.resume_from = self.checkpointer.find_latest()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        fresh = self.resume_from is None  # a resume's checkpoint holds every weight: the stage reads no source
+        self.stage = stage_class(cfg.stage)(cfg, env, run_dir, fresh=fresh)  # type: ignore[call-arg]
+        self.schedule = schedule = Schedule.of(cfg, len(self.stage.loader), env.world_size)
         self.segments = SegmentLog(run_dir)
         if env.is_main:
             resumed = self.resume_from.tag if self.resume_from else None

@@ -101,9 +101,9 @@ def test_every_size_and_stage_trains_two_steps_on_cpu(
 ) -> None:
     store = tmp_path_factory.getbasetemp() / "configs-mlflow.db"  # one store: its schema is created once
     name = f"{size}_{kind}"
-    # The configs train in bf16 (GPUs); on a CPU without bf16 instructions that is emulated, ~20x slower than
-    # fp32 (large fine-tuning: 43 s a step at 64 px). atto keeps its configs' precision, so every stage's bf16
-    # path runs here; the larger sizes differ from it in widths, depths and settings, which fp32 runs as well.
+    # The configs train in bf16 (GPUs); a CPU without bf16 instructions emulates it (large fine-tuning at 64 px:
+    # 43 s a step against 12 in fp32). atto keeps its configs' precision, so every stage's bf16 path runs here;
+    # the larger sizes differ from it in widths, depths and settings, which fp32 runs as well.
     precision = [] if size == "atto" else ["deepspeed.precision=fp32"]
     args = ["--config", name, "--run-dir", str(tmp_path), *TINY_RUN, *_stage_overrides(kind, det_shards),
             *precision, f"tracking.tracking_uri=sqlite:///{store}"]  # fmt: skip

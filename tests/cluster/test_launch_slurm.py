@@ -25,6 +25,7 @@ from tests.support.launch import TINY, launch_cmd, logged_steps
 from tests.support.launch import run as run_local
 from tests.support.slurm import SlurmCluster
 from trainer.config import load_run_config
+from trainer.rendezvous import JOB_PORTS, job_port
 from trainer.resilience.ledger import read_ledger
 
 # One SLURM per machine: with pytest-xdist, every test of the real SLURM runs in the same worker.
@@ -241,3 +242,16 @@ def test_a_node_range_starts_on_the_nodes_there_are_and_keeps_the_steps(
     assert list(ledger) == list(range(1, steps + 1))
     assert all(len(entry["keys"]) == 8 for entry in ledger.values())  # the global batch, on 1 node and on 2
     assert [sorted(e["keys"]) for e in ledger.values()] == [sorted(e["keys"]) for e in expected.values()]
+
+
+def test_each_job_attempt_meets_on_its_own_port_below_the_ephemeral_range() -> None:
+    """A job's tasks meet on the port of the attempt (job id and restart count): outside the range the kernel hands
+    to outgoing connections (which could hold it on the first node: submitit's own choice can fall there), and a
+    requeued attempt gets another one, so a port taken on the first node does not fail every retry."""
+    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert JOB_PORTS.stop <= low
+    attempts = [f"{job}:{restart}" for job in range(1000, 1050) for restart in range(3)]
+    ports = [job_port(attempt) for attempt in attempts]
+    assert ports == [job_port(attempt) for attempt in attempts]  # every task of an attempt computes the same
+    assert set(ports) <= set(JOB_PORTS)
+    assert len(set(ports)) >= 145  # 150 attempts: a few may share a port by chance, not many

@@ -8,6 +8,7 @@ import pytest
 import submitit
 
 from tests.support.slurm import SlurmCluster
+from trainer.rendezvous import JOB_PORTS
 
 # One SLURM per machine: with pytest-xdist, every test of the real SLURM runs in the same worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -47,14 +48,15 @@ def test_submitit_job_returns_result(slurm_cluster: SlurmCluster, tmp_path: Path
 
 def test_submitit_two_node_job_rendezvous_on_master_addr(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     def rendezvous() -> dict[str, str | int]:
-        """What torch's env:// init does: rank 0 listens on MASTER_ADDR:MASTER_PORT, the other rank connects."""
+        """What torch's env:// init does: rank 0 listens on MASTER_ADDR:MASTER_PORT, the other rank connects (the
+        variables as a training job's tasks export them)."""
         import os
         import socket
         import time
 
-        import submitit
+        from cluster.slurm import distributed_env
 
-        dist = submitit.helpers.TorchDistributedEnvironment().export()
+        dist = distributed_env()
         if dist.rank == 0:
             with socket.create_server(("", dist.master_port)) as server:
                 server.settimeout(60)
@@ -78,6 +80,7 @@ def test_submitit_two_node_job_rendezvous_on_master_addr(slurm_cluster: SlurmClu
             "world_size": dist.world_size,
             "node": os.environ["SLURMD_NODENAME"],
             "master_addr": dist.master_addr,
+            "master_port": dist.master_port,
             "message": message,
         }
 
@@ -87,6 +90,7 @@ def test_submitit_two_node_job_rendezvous_on_master_addr(slurm_cluster: SlurmClu
     assert [r["rank"] for r in results] == [0, 1]
     assert {r["node"] for r in results} == {"n1", "n2"}
     assert all(r["world_size"] == 2 and r["master_addr"] == "n1" for r in results)
+    assert results[0]["master_port"] == results[1]["master_port"] in JOB_PORTS
     assert results[0]["message"] == "hello from rank 1"
 
 

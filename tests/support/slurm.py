@@ -366,8 +366,13 @@ def _add_hosts_entry(stack: contextlib.ExitStack, tag: str) -> None:
     HOSTS_FILE.write_text(original + ("" if original.endswith("\n") or not original else "\n") + line + "\n")
 
     def restore() -> None:
+        # Overwrite from the start, then cut the tail: the file is never empty or cut short, even when the
+        # process is killed half-way (write_text truncates first: a kill there left /etc/hosts broken).
         current = HOSTS_FILE.read_text().splitlines(keepends=True)
-        HOSTS_FILE.write_text("".join(x for x in current if x.rstrip("\n") != line))
+        kept = "".join(x for x in current if x.rstrip("\n") != line).encode()
+        with open(HOSTS_FILE, "r+b") as f:
+            f.write(kept)
+            f.truncate(len(kept))
 
     stack.callback(restore)
 

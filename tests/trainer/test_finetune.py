@@ -28,12 +28,13 @@ from data.writer import WriterConfig, write_shards
 from models.checkpoints import to_official, to_timm
 from models.convnextv2 import build
 from models.fcmae import FCMAE
-from tests.support.launch import launch, logged_steps
+from tests.support.launch import launch, launch_cmd, logged_steps, run, start
 from tests.support.tensors import rel_err
 from trainer.config import load_config
 from trainer.distributed import DistEnv
 from trainer.optim import lr_scales, param_groups
 from trainer.rendezvous import free_port
+from trainer.resilience.preemption import REQUEUE_EXIT_CODE
 from trainer.stages.finetune import LABELED_FILE, FinetuneStage, attach_probe, build_model, eval_counts, init_head
 from trainer.stages.pretrained import PretrainedWeightsError, load_pretrained
 
@@ -344,6 +345,48 @@ def test_a_linear_probe_learns_separable_features_not_shuffled_labels_and_leaves
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert rel_err(folded.eval()(x), probe.eval()(x)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_a_resumed_probe_takes_its_frozen_trunk_from_the_checkpoint_not_the_source(
+    encoder: dict[str, torch.Tensor], fmnist_shards: str, tmp_path: Path, zero_stage: int
+) -> None:
+    """A linear probe from pretrained weights (2 ranks), preempted at step 2 of 4; its source is then gone (a
+    bucket that became unreachable). The resume does not read it: the frozen trunk, the head and its BatchNorm come
+    from the checkpoint, and the run ends at the uninterrupted run's weights, bit for bit. Control: the probe of a
+    random trunk ends elsewhere under the same comparison."""
+    source = tmp_path / "pretrained" / "model.safetensors"
+    source.parent.mkdir()
+    save_file(encoder, str(source))
+
+    def cmd(run_dir: Path, pretrained: str) -> list[str]:
+        return launch_cmd(
+            run_dir, f"data.train_url={fmnist_shards}", "data.val_url=synthetic://16", "data.batch_size=8",
+            "schedule.max_steps=4", "checkpoint.every_steps=1000", f"deepspeed.zero_stage={zero_stage}",
+            f"model.pretrained={pretrained}", ranks=2, config="demo_linprobe",
+        )  # fmt: skip
+
+    assert run(cmd(tmp_path / "uninterrupted", str(source))) == 0
+    assert run(cmd(tmp_path / "random", "null")) == 0
+    resumed = tmp_path / "resumed"
+    log = tmp_path / "segment-1.log"
+    assert start(cmd(resumed, str(source)), log, fault="step@2=preempt").wait(timeout=300) == REQUEUE_EXIT_CODE
+    source.rename(source.with_suffix(".gone"))
+    log = tmp_path / "segment-2.log"
+    assert start(cmd(resumed, str(source)), log).wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "resumed from" in log.read_text()
+
+    def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(run_dir / "export" / "model.safetensors"))
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    reference = weights(tmp_path / "uninterrupted")
+    assert all(torch.equal(reference[k], encoder[k]) for k in encoder)  # the trunk stayed as loaded
+    assert same(weights(resumed), reference)
+    assert not same(weights(tmp_path / "random"), reference)
 
 
 def test_the_v1_ablations_encoder_fine_tunes_in_a_v1_classifier(tmp_path: Path) -> None:

@@ -7,9 +7,12 @@ things:
   ``torch.device("meta")``) from the current torch RNG state, with no file or loader touched. The trainer seeds
   the RNG with ``cfg.seed`` first; the dry-run planner (:mod:`cluster.plan`) counts parameters and activations of
   the very same model on the meta device.
-- A class satisfying :class:`Stage` (constructed as ``Stage(cfg, env, run_dir)``): the task around the model,
-  with its loaders (from :mod:`trainer.loaders`, the one place that builds loaders), loss, the per-batch work of
-  its evaluation (the trainer runs the loop, :mod:`trainer.evaluation`), the files of its export and its state.
+- A class satisfying :class:`Stage` (constructed as ``Stage(cfg, env, run_dir, fresh=...)``): the task around the
+  model, with its loaders (from :mod:`trainer.loaders`, the one place that builds loaders), loss, the per-batch work
+  of its evaluation (the trainer runs the loop, :mod:`trainer.evaluation`), the files of its export and its state.
+  ``fresh`` is False when the trainer resumes from a checkpoint (it decides that before building the stage): the
+  checkpoint then replaces every weight, so the stage does not read the weights it starts from
+  (``model.init_from``, ``model.pretrained``), and a resume does not depend on their source being reachable.
 """
 
 from __future__ import annotations

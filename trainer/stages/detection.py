@@ -147,7 +147,7 @@ def build_model(cfg: DetectionConfig) -> MaskRCNN:
 class DetectionStage:
     """The Mask R-CNN stage (:class:`trainer.stages.Stage`)."""
 
-    def __init__(self, cfg: DetectionConfig, env: DistEnv, run_dir: Path) -> None:
+    def __init__(self, cfg: DetectionConfig, env: DistEnv, run_dir: Path, fresh: bool = True) -> None:
         self.cfg = cfg
         self.env = env
         self.run_dir = run_dir
@@ -159,7 +159,7 @@ class DetectionStage:
         self.val_loader = build_eval_loader(cfg, env, run_dir, sample_transform=ResizePad(size))
         self.categories = self._categories()
         model = build_model(cfg)
-        if cfg.model.pretrained:
+        if cfg.model.pretrained and fresh:  # on a resume the checkpoint replaces every weight
             load_detector_backbone(model, cfg.model.pretrained, cfg.model.size)
         self.model = model.to(env.device)
         self.flops = None  # MFU is not reported: RoI counts vary per image

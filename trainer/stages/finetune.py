@@ -180,7 +180,7 @@ class Best:
 class FinetuneStage:
     """The classification fine-tuning stage (:class:`trainer.stages.Stage`)."""
 
-    def __init__(self, cfg: FinetuneConfig, env: DistEnv, run_dir: Path) -> None:
+    def __init__(self, cfg: FinetuneConfig, env: DistEnv, run_dir: Path, fresh: bool = True) -> None:
         self.cfg = cfg
         self.env = env
         self.run_dir = run_dir
@@ -207,7 +207,7 @@ class FinetuneStage:
         self.soft_target_loss = SoftTargetCrossEntropy()
 
         model = build_model(cfg).to(env.device)
-        if cfg.model.pretrained:
+        if cfg.model.pretrained and fresh:  # on a resume the checkpoint replaces every weight
             load_pretrained(model, cfg.model.pretrained, cfg.model.size)
         init_head(model, ft.head_init_scale)
         self.probe = attach_probe(model) if ft.linear_probe else None

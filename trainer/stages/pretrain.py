@@ -80,18 +80,20 @@ def build_model(cfg: PretrainConfig) -> FCMAE:
 class PretrainStage:
     """The FCMAE stage (:class:`trainer.stages.Stage`)."""
 
-    def __init__(self, cfg: PretrainConfig, env: DistEnv, run_dir: Path) -> None:
+    def __init__(self, cfg: PretrainConfig, env: DistEnv, run_dir: Path, fresh: bool = True) -> None:
         self.cfg = cfg
         self.env = env
         self.run_dir = run_dir
         model = build_model(cfg)
         self.init_line = "random init"
-        if cfg.model.init_from:  # a resumed run's checkpoint replaces these weights right after
+        if cfg.model.init_from and fresh:
             init = cached_init(cfg, run_dir)
             apply_init(model, init)
             self.init_line = init.describe()
             if env.is_main:
                 log.info("model.init_from: %s", self.init_line)
+        elif cfg.model.init_from:  # the checkpoint replaces every weight
+            self.init_line = f"{cfg.model.init_from} (resumed: the weights come from the checkpoint)"
         model = model.to(env.device)
         if cfg.model.channels_last and env.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
