@@ -327,9 +327,10 @@ class MixtureOrder:
         for run in np.split(by_position, np.flatnonzero(np.diff(ordered) > LOCATE_GAP) + 1):
             if len(run) == 0:
                 continue
-            lo, hi = int(positions[run].min()), int(positions[run].max()) + 1
+            at = positions[run]  # ascending: ``run`` follows the sorted order
+            lo, hi = int(at[0]), int(at[-1]) + 1
             run_sources, run_index = self.entries(lo, hi)
-            sources[run], index[run] = run_sources[positions[run] - lo], run_index[positions[run] - lo]
+            sources[run], index[run] = run_sources[at - lo], run_index[at - lo]
         shards = np.empty(len(positions), dtype=np.int64)
         members = np.empty(len(positions), dtype=np.int64)
         for s in np.unique(sources).tolist():
