@@ -13,8 +13,13 @@ rank and the per-stage feature cosine distance (the paper's statistic for the GR
 ``cluster/launch.py --local`` and is skipped when its run directory holds a finished export, so an interrupted bench
 resumes where it stopped (a run cut mid-way resumes from its checkpoint). Several bench processes started side by
 side on the same ``--out`` share the runs (each takes the next one nobody holds): on 2 cores, two processes with one
-thread each finish about 1.5x sooner than one with two. Prints mean ± standard deviation over the
-seeds, and which gaps exceed two standard deviations of both arms.
+thread each finish about 1.5x sooner than one with two.
+
+A seed whose 15 runs have all finished is written to ``--record`` (``bench/fidelity_seeds.jsonl``, kept in the
+repository: each run's ``metrics.json``, with the budget, date, machine and commit) and is not run again for that
+budget: ``runs/`` is scratch that a machine may lose, a seed takes about an hour of a 2-core machine, and the table
+gathers seeds recorded on different days. Prints mean ± standard deviation over the seeds, and which gaps exceed two
+standard deviations of both arms.
 
     python -m bench.fidelity --seeds 0 1 2 --pretrain-steps 3000
     for i in 1 2; do OMP_NUM_THREADS=1 python -m bench.fidelity & done; wait   # two processes sharing the runs
@@ -26,16 +31,20 @@ import argparse
 import fcntl
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cluster.launch import main as launch
 
 DATA = Path("runs/data/fashion-mnist-64")
+RECORD = Path(__file__).with_name("fidelity_seeds.jsonl")
 PRETRAIN = {"fcmae_v2_sparse": [], "fcmae_v2_dense": ["model.sparse=false"], "fcmae_v1_sparse": ["model.block=v1"]}
 ENCODERS = [*PRETRAIN, "random"]
 PROTOCOLS = ("labels_10", "labels_100", "linear_probe")
@@ -63,6 +72,52 @@ class Run:
     @property
     def metrics(self) -> Path:
         return self.run_dir / "export" / "metrics.json"
+
+
+class Records:
+    """The finished seeds of one budget in the record file: one JSON line per seed, appended once (under a lock:
+    bench processes side by side finish seeds too)."""
+
+    def __init__(self, path: Path, budget: dict[str, int]) -> None:
+        self.path, self.budget = path, budget
+
+    def seeds(self) -> dict[int, dict[str, Any]]:
+        """Seed -> its record, for this budget."""
+        if not self.path.exists():
+            return {}
+        lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return {int(r["seed"]): r for r in lines if r["budget"] == self.budget}
+
+    def add(self, runs: list[Run]) -> None:
+        """Record each seed of ``runs`` whose runs have all exported and that is not recorded yet."""
+        for seed in sorted({run.seed for run in runs}):
+            mine = [run for run in runs if run.seed == seed]
+            if all(run.metrics.exists() for run in mine) and self._append(seed, mine):
+                print(f"[bench] seed {seed} recorded in {self.path}", flush=True)
+
+    def _append(self, seed: int, runs: list[Run]) -> bool:
+        with open(self.path.with_name(f"{self.path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if seed in self.seeds():
+                return False
+            record = {
+                "seed": seed, "budget": self.budget, "date": time.strftime("%Y-%m-%d"), "machine": _machine(),
+                "commit": _commit(), "runs": {run.key: json.loads(run.metrics.read_text()) for run in runs},
+            }  # fmt: skip
+            with open(self.path, "a") as out:
+                out.write(json.dumps(record) + "\n")
+        return True
+
+
+def _machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+    return f"{models[0] if models else platform.machine()}, {os.cpu_count()} cores"
+
+
+def _commit() -> str:
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return git.stdout.strip() or "unknown"
 
 
 def shard_set(name: str, split: str, *extra: str) -> Path:
@@ -134,11 +189,12 @@ def seed_runs(seed: int, args: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def run_all(runs: list[Run]) -> None:
+def run_all(runs: list[Run], finished: Callable[[], None]) -> None:
     """Run every launch that has not finished, in order, sharing the work with any other bench process on the same
     ``--out``: a run another process holds (an ``flock`` beside its run directory) is left to it, one whose
     pretraining is not exported yet waits, and this process takes the first run it can. A run that failed elsewhere
-    releases its lock and is retried here, so an error still ends the bench."""
+    releases its lock and is retried here, so an error still ends the bench. ``finished`` is called after each
+    run."""
     pending = [run for run in runs if not run.metrics.exists()]
     print(f"[bench] {len(runs) - len(pending)} of {len(runs)} runs finished already", flush=True)
     while pending:
@@ -160,6 +216,7 @@ def run_all(runs: list[Run]) -> None:
         else:
             time.sleep(15)  # everything left is running elsewhere or waits for a pretraining run
         pending = [run for run in pending if not run.metrics.exists()]
+        finished()
         print(f"[bench] {len(runs) - len(pending)} of {len(runs)} runs finished", flush=True)
 
 
@@ -180,10 +237,18 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=600, help="linear probe steps (batch 64)")
     parser.add_argument("--image-size", type=int, default=96, help="pretraining crop (fine-tuning runs at 64)")
     parser.add_argument("--out", type=Path, default=Path("runs/fidelity"))
+    parser.add_argument("--record", type=Path, default=RECORD, help="finished seeds (JSON lines), kept in the repo")
     args = parser.parse_args()
-    runs = [run for seed in args.seeds for run in seed_runs(seed, args)]
-    run_all(runs)
-    per_seed = [{r.key: json.loads(r.metrics.read_text()) for r in runs if r.seed == seed} for seed in args.seeds]
+    budget = {"pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
+              "probe_steps": args.probe_steps, "image_size": args.image_size}  # fmt: skip
+    records = Records(args.record, budget)
+    todo = [seed for seed in args.seeds if seed not in records.seeds()]
+    print(f"[bench] seeds recorded already for this budget: {sorted(set(args.seeds) - set(todo))}", flush=True)
+    runs = [run for seed in todo for run in seed_runs(seed, args)]
+    run_all(runs, lambda: records.add(runs))
+    records.add(runs)  # also the seeds whose runs had all finished before this bench started
+    recorded = records.seeds()
+    per_seed = [recorded[seed]["runs"] for seed in args.seeds]
 
     def values(run: str, key: str) -> list[float]:
         return [float(r[run][key]) for r in per_seed]
@@ -192,6 +257,9 @@ def main() -> None:
         mean, spread = _stats(values(run, key))
         return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
+    for seed in args.seeds:
+        r = recorded[seed]
+        print(f"# seed {seed}: recorded {r['date']} on {r['machine']} at commit {r['commit']}")
     print(
         f"\n# seeds {args.seeds}; pretraining {args.pretrain_steps} steps x 32 images at {args.image_size} px; "
         f"few-label fine-tuning {args.finetune_steps} steps; linear probe {args.probe_steps} steps x 64 images on "

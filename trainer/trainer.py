@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoopState:
     """What the loop accumulates over the whole run, saved with every checkpoint so that a requeued run reports
-    the whole run (nanochat's single saved loop state)."""
+    the whole run (nanochat's single saved loop state): also a run resumed at its last step, which trains nothing
+    and exports the summary it saved."""
 
     first_loss: float | None = None
+    last_loss: float = float("nan")
+    """The mean loss of the last log interval (the summary's ``final_loss``)."""
+    evaluation: dict[str, float] = field(default_factory=dict)
+    """The newest evaluation's values (the summary reports them)."""
     train_time_s: float = 0.0
     """Wall time of the earlier segments (the current one is added when saving or exporting)."""
     restarts: int = 0
@@ -70,6 +75,8 @@ class LoopState:
         first = saved.get("first_loss")
         return cls(
             first_loss=None if first is None else float(first),
+            last_loss=float(saved.get("last_loss", float("nan"))),
+            evaluation={key: float(value) for key, value in saved.get("evaluation", {}).items()},
             train_time_s=float(saved.get("train_time_s", 0.0)),
             restarts=restarts,
         )
@@ -80,8 +87,18 @@ class LoopState:
             self.first_loss = float(result.loss_sum / result.loss_count)  # sync: once per run
 
     def to_dict(self, segment_s: float) -> dict[str, Any]:
-        """The state as saved (and reported in ``metrics.json``), with the current segment's time added."""
-        return {"first_loss": self.first_loss, "train_time_s": self.train_time_s + segment_s, "restarts": self.restarts}
+        """The state as saved, with the current segment's time added."""
+        return {**asdict(self), "train_time_s": self.train_time_s + segment_s}
+
+    def summary(self, segment_s: float) -> dict[str, Any]:
+        """The run's part of ``metrics.json``."""
+        return {
+            "final_loss": self.last_loss,
+            "first_loss": self.first_loss,
+            "train_time_s": self.train_time_s + segment_s,
+            "restarts": self.restarts,
+            **self.evaluation,
+        }
 
 
 class Trainer:
@@ -121,8 +138,6 @@ class Trainer:
         self.system_metrics: SystemMetrics | None = None
         self.ledger: SampleLedger | None = None
         self.batches: Generator[list[Batch], None, None] | None = None
-        self.eval_metrics: dict[str, float] = {}
-        self.last_loss = float("nan")
         self.started = time.perf_counter()
         self.eval_pending = False
         """A preemption stopped the evaluation of the checkpoint's step: the resumed run evaluates it first."""
@@ -230,10 +245,10 @@ class Trainer:
     def _log(self, epoch: int, lr: float, meter: Meter) -> None:
         loader, interval = self.stage.loader, self.interval
         sources = loader.source_names
-        self.last_loss, served = interval.mean_loss(loader.source_samples if sources else ())
+        self.loop_state.last_loss, served = interval.mean_loss(loader.source_samples if sources else ())
         perf = meter.flush(self.step, self.env.device)
         scalars = {
-            "loss": self.last_loss,
+            "loss": self.loop_state.last_loss,
             "lr": lr,
             "grad_norm": interval.grad_norm_value(),
             "skipped_steps": float(self.recovery.skip_guard.total),
@@ -241,7 +256,7 @@ class Trainer:
         # samples served per mixture source since the run began, all ranks
         scalars.update({f"samples_{name}": float(n) for name, n in zip(sources, served, strict=True)})
         self.logger.train(self.step, self.schedule.progress(epoch, self.step), scalars, perf)
-        self.recovery.after_log(self.step, self.last_loss)
+        self.recovery.after_log(self.step, self.loop_state.last_loss)
 
     def _evaluate_or_stop(self, meter: Meter) -> bool:
         """Evaluate and log; when a preemption stops the evaluation, save (marking it pending) and return True."""
@@ -257,7 +272,7 @@ class Trainer:
             self.save()  # first; the resumed run evaluates this step again
             self._finish_uploads(at_preemption=True)
             return True
-        self.eval_metrics = evaluation.metrics
+        self.loop_state.evaluation = evaluation.metrics
         self.logger.eval(self.step, evaluation.metrics, seconds, evaluation.artifacts)
         for key, value in evaluation.tags.items():
             self.tracker.set_tag(key, value)
@@ -314,12 +329,10 @@ class Trainer:
         summary = {
             "stage": self.cfg.stage,
             "steps": self.step,
-            "final_loss": self.last_loss,
             "skipped_steps": self.recovery.skip_guard.total,
-            **self.loop_state.to_dict(time.perf_counter() - self.started),
             "loader_samples_skipped": self.stage.loader.stats.skipped,
             "world_sizes": self.segments.world_sizes() if self.env.is_main else [],
-            **self.eval_metrics,
+            **self.loop_state.summary(time.perf_counter() - self.started),
         }
         out = self.paths.export
         params = sum(p.numel() for p in self.stage.model.parameters())

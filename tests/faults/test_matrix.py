@@ -80,6 +80,12 @@ def _evaluations(run_dir: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: {k: r[k] for k in keys} for r in records if r["kind"] == "eval"}
 
 
+def _summary_of_the_training(run_dir: Path) -> dict[str, object]:
+    """``metrics.json`` less what differs between segmented and whole runs (time, restarts, world per segment)."""
+    summary = json.loads((run_dir / "export" / "metrics.json").read_text())
+    return {k: v for k, v in summary.items() if k not in ("train_time_s", "restarts", "world_sizes")}
+
+
 def _nothing_blocks_a_resume(run_dir: Path) -> None:
     """No lock, no half-written file, no checkpoint directory without its marker."""
     assert not RunDir(run_dir).lock.exists()
@@ -115,7 +121,8 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     segment faults the recovery from the one before. Cells: train step x SIGKILL rank 1 (with a second launch
     refused), save x SIGKILL launcher, train step x SIGHUP, damaged checkpoint + train step x SIGKILL rank 0, the
     same step damaged again + evaluation x SIGTERM, mirror upload x SIGKILL rank 0, marker x SIGINT, save x ENOSPC,
-    export x ENOSPC, export x SIGKILL rank 0, then the end."""
+    export x ENOSPC, export x SIGKILL rank 0, then the end, whose summary (losses, probes) is the uninterrupted
+    run's."""
     common = (
         f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}", f"eval.knn_bank_url={fmnist_shards}",
         "data.batch_size=8", "schedule.max_steps=12", "checkpoint.every_steps=2", "checkpoint.keep=3",
@@ -198,12 +205,16 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     assert _evaluations(run_dir) == _evaluations(reference) and set(_evaluations(reference)) == {6, 12}
     ledger, expected = read_ledger(run_dir / "ledger"), read_ledger(reference / "ledger")
     assert list(ledger) == list(range(1, 13)) and ledger == expected  # every step once, the same samples
+    # The export resumed at the last step trains nothing and reports the saved run: its loss and evaluation.
+    assert _summary_of_the_training(run_dir) == _summary_of_the_training(reference)
+    assert {"final_loss", "first_loss", "knn_top1", "effective_rank"} <= set(_summary_of_the_training(reference))
     summary = json.loads((run_dir / "export" / "metrics.json").read_text())
     assert summary["restarts"] == 10 == len(RunDir(run_dir).segments.read_text().splitlines()) - 1
     _nothing_blocks_a_resume(run_dir)
     control = subprocess.run(launch_cmd(tmp_path / "control", *common, ranks=2), capture_output=True, timeout=300)
     assert control.returncode == 0
     assert not _same_weights(tmp_path / "control", reference)  # the same assertion rejects a wrong resume
+    assert _summary_of_the_training(tmp_path / "control") != _summary_of_the_training(reference)
 
 
 def _spike_data(tmp_path: Path) -> tuple[tuple[str, ...], int, list[str]]:
