@@ -98,6 +98,11 @@ class RunDir:
         return self.root / "slurm"
 
     @property
+    def export_model_id(self) -> Path:
+        """The export's MLflow logged model (written when the export is logged and registered)."""
+        return self.export / MODEL_ID_FILE
+
+    @property
     def lock(self) -> Path:
         return self.root / "lock.json"
 

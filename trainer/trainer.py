@@ -191,6 +191,7 @@ class Trainer:
         schedule = self.schedule
         if self.step >= schedule.total and self.paths.complete():
             if self.env.is_main:
+                self._publish()  # a kill came before the export reached MLflow
                 log.info("run already complete (%d steps); exports are in %s", self.step, self.paths.export)
             return 0
         cfg, env = self.cfg, self.env
@@ -335,6 +336,9 @@ class Trainer:
             **self.loop_state.summary(time.perf_counter() - self.started),
         }
         out = self.paths.export
+        if self.env.is_main:  # an export replaced (a longer schedule) is incomplete until its metrics.json is new
+            self.paths.export_metrics.unlink(missing_ok=True)
+            self.paths.export_model_id.unlink(missing_ok=True)
         params = sum(p.numel() for p in self.stage.model.parameters())
         with (
             self.watchdog.phase("export"),
@@ -345,10 +349,18 @@ class Trainer:
                 self.stage.export(out, summary)
         barrier()
         if self.env.is_main:
-            config = self.cfg.model_dump(mode="json")
-            self.tracker.log_model(out, config, self.cfg.stage, self.step, self.cfg.tracking.register_as)
-            self.tracker.describe_result(self.step, result_line(json.loads(self.paths.export_metrics.read_text())))
+            self._publish()
             log.info("done: %d steps, weights and metrics in %s", self.step, out)
+
+    def _publish(self) -> None:
+        """The export in MLflow (rank 0): what it reached in the run's description, and the export as a logged
+        (and registered) model, unless its id is written already (the last step of publishing)."""
+        if not self.tracker.enabled or self.paths.export_model_id.exists():
+            return
+        summary = json.loads(self.paths.export_metrics.read_text())
+        self.tracker.describe_result(int(summary["steps"]), result_line(summary))
+        config = self.cfg.model_dump(mode="json")
+        self.tracker.log_model(self.paths.export, config, self.cfg.stage, self.step, self.cfg.tracking.register_as)
 
     def close(self, failed: bool) -> None:
         """Stop the watchdog, the loader workers (they ignore SIGTERM and would block exit), the ledger and the
@@ -372,6 +384,9 @@ class Trainer:
             schedule = self.schedule.describe(cfg.data.batch_size, env.world_size)
             summary = f"{cfg.stage} | {self.stage.describe()} | {schedule}"
         self.tracker.start_run(cfg, env.world_size, summary)
+        if env.is_main:
+            rollbacks = self.recovery.rollbacks
+            self.tracker.log_missing_rollbacks(rollbacks.path, [int(r["detected_at_step"]) for r in rollbacks.read()])
         if cfg.tracking.system_metrics:  # every rank: other nodes receive rank 0's run id
             hosts = job_hosts(env.world_size, cfg.cluster.ranks_per_node)
             self.system_metrics = SystemMetrics(cfg.tracking.system_metrics_interval_s, env, self.tracker, hosts)

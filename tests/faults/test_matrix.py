@@ -217,6 +217,76 @@ def test_faults_at_every_phase_of_one_run_end_with_the_uninterrupted_weights(
     assert _summary_of_the_training(tmp_path / "control") != _summary_of_the_training(reference)
 
 
+def _mlflow_view(run_dir: Path) -> dict[str, object]:
+    """What MLflow shows of a run (its run directory's store), ids left out: status, parameters, the first start's
+    records, the description's result, the exported model and its registered versions, the baseline runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    model_id = run.data.tags.get("logged_model_id")
+    model = client.get_logged_model(model_id) if model_id else None
+    versions = client.search_model_versions("name = 'matrix-model'")
+    children = client.search_runs([run.info.experiment_id], f"tags.baseline_of = '{run.info.run_id}'")
+    return {
+        "status": run.info.status,
+        "params": run.data.params,
+        "first start logged": run.data.tags.get("first_start_logged"),
+        "config": [a.path for a in client.list_artifacts(run.info.run_id) if a.path == "config.yaml"],
+        "inputs": sorted(d.dataset.name for d in run.inputs.dataset_inputs),
+        "result": run.data.tags.get("mlflow.note.content", "").split("\n\n")[-1],
+        "model": None if model is None else (str(model.status), model.name),
+        "model id file": model_id is not None and (run_dir / "export" / "mlflow_model_id").read_text() == model_id,
+        "versions": sorted((int(v.version), v.source == (model and model.artifact_location)) for v in versions),
+        "baseline runs": sorted((c.info.run_name, c.info.status) for c in children),
+    }
+
+
+@pytest.mark.slow
+def test_kills_while_a_run_reaches_mlflow_or_replaces_its_export_leave_the_uninterrupted_record(
+    tmp_path: Path, fmnist_shards: str, fmnist_test_shards: str
+) -> None:
+    """One rank, the kNN probe (with its random-init baseline run) and a registered model. SIGKILL after the MLflow
+    run is created, before its parameters, config and inputs; then after the export's files are uploaded as a logged
+    model, before it is finalized and registered (metrics.json written); the relaunch finds the run complete and
+    publishes the export. MLflow then shows what the uninterrupted run's store shows; the killed state, checked the
+    same way, does not (the control). Then the schedule is extended and rank 0 SIGKILLed inside the new export:
+    the old metrics.json must not pass for the new export's."""
+    common = (
+        f"data.train_url={fmnist_shards}", f"data.val_url={fmnist_test_shards}", f"eval.knn_bank_url={fmnist_shards}",
+        "data.batch_size=8", "schedule.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2",
+        "tracking.register_as=matrix-model",
+    )  # fmt: skip
+    reference = tmp_path / "reference"
+    assert start(launch_cmd(reference, *common), tmp_path / "reference.log").wait(timeout=300) == 0
+    expected = _mlflow_view(reference)
+    assert expected["status"] == "FINISHED" and expected["model"] == ("READY", "demo_fcmae")
+    assert expected["versions"] == [(1, True)] and expected["baseline runs"] == [
+        ("demo_fcmae / random init", "FINISHED")]  # fmt: skip
+    assert expected["config"] == ["config.yaml"] and expected["first start logged"] == "true"
+
+    run_dir = tmp_path / "run"
+    seg = Segments(tmp_path, launch_cmd(run_dir, *common))
+    _summary(seg.run("tracking=kill_rank@0", 128 + 9), r"run failed: rank 0 was killed by SIGKILL")
+    assert _mlflow_view(run_dir)["params"] == {}
+    _summary(seg.run("publish=kill_rank@0", 128 + 9), r"run failed: rank 0 was killed by SIGKILL")
+    assert (run_dir / "export" / "metrics.json").exists()
+    killed = _mlflow_view(run_dir)
+    assert killed != expected  # the control: the same comparison rejects the state the kill left
+    assert "run already complete" in seg.run(None, 0)
+    assert _mlflow_view(run_dir) == expected
+
+    # A longer schedule replaces the export; a kill between its weights and its metrics.json leaves no metrics.json
+    # (the old one would describe the old weights), and the relaunch completes and publishes the new export.
+    longer = launch_cmd(run_dir, *common, "schedule.max_steps=6")
+    seg.run("export=kill_rank@0", 128 + 9, cmd=longer)
+    assert not (run_dir / "export" / "metrics.json").exists()
+    seg.run(None, 0, cmd=longer)
+    assert json.loads((run_dir / "export" / "metrics.json").read_text())["steps"] == 6
+    view = _mlflow_view(run_dir)
+    assert view["versions"] == [(1, False), (2, True)] and view["model id file"] and "step 6" in str(view["result"])
+
+
 def _spike_data(tmp_path: Path) -> tuple[tuple[str, ...], int, list[str]]:
     """20 shards of 8 calm images with one of noise, a seed that serves the noise at step 7 or 8, and the step the
     spike is found at (8, the end of the log interval 7-8)."""

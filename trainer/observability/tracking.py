@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 
 from trainer.config import TrainConfig
+from trainer.export import atomic_write_text
+from trainer.resilience import faults
 from trainer.resilience.run_lock import slurm_job_id
 from trainer.run_dir import MODEL_ID_FILE, RunDir
 
@@ -105,6 +107,8 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 """The experiment tag that makes MLflow's UI show a training experiment (runs, metrics, models)."""
 DESCRIPTION_TAG = "mlflow.note.content"
 """The tag MLflow shows as a run's description."""
+SETUP_TAG = "first_start_logged"
+"""Set once a run's first start has logged everything it logs once (parameters, config, inputs, upstream links)."""
 
 
 STORE_TEMPLATES = Path(__file__).resolve().parents[2] / ".cache" / "mlflow"
@@ -151,8 +155,9 @@ class Tracker:
 
     def start_run(self, cfg: TrainConfig, world_size: int, description: str) -> None:
         """Start (or continue) the run of ``cfg`` with the run's tags: the code's commit, the world and its hosts,
-        the SLURM job, the stage; a first start also records the description, the resolved config and the run's
-        inputs (:mod:`trainer.observability.inputs`)."""
+        the SLURM job, the stage; a first start also records the description, the parameters, the resolved config,
+        the run's inputs (:mod:`trainer.observability.inputs`) and its upstream links, then tags the run
+        ``first_start_logged`` (a start killed before that is completed by the next one)."""
         tags = {
             "git_commit": git_commit(),
             "world_size": str(world_size),
@@ -162,19 +167,23 @@ class Tracker:
         }
         resolved = cfg.model_dump(mode="json")
         name = f"{cfg.name} / {BASELINE_LABEL}" if cfg.tracking.baseline_of else cfg.name
-        self.start(resolved, tags, run_name=name, description=description)
-        if self.restart_count == 0 and self.enabled:
-            from trainer.observability.inputs import as_mlflow, run_inputs
+        self.start(tags, run_name=name, description=description)
+        if not self.enabled or self._client.get_run(self.run_id).data.tags.get(SETUP_TAG) == "true":
+            return
+        from trainer.observability.inputs import as_mlflow, run_inputs
 
-            self.log_config(resolved)
-            self._client.log_inputs(self.run_id, datasets=as_mlflow(run_inputs(cfg, self.run_dir)))
-            upstream = getattr(cfg.model, "pretrained", None) or getattr(cfg.model, "init_from", None)
-            if upstream:
-                self.link_upstream(upstream, cfg.stage)
-            if cfg.tracking.baseline_of:
-                self.link_baseline(Path(cfg.tracking.baseline_of))
+        faults.at("tracking", None, self.run_dir)
+        self._log_params(flatten(resolved))
+        self.log_config(resolved)
+        self._client.log_inputs(self.run_id, datasets=as_mlflow(run_inputs(cfg, self.run_dir)))
+        upstream = getattr(cfg.model, "pretrained", None) or getattr(cfg.model, "init_from", None)
+        if upstream:
+            self.link_upstream(upstream, cfg.stage)
+        if cfg.tracking.baseline_of:
+            self.link_baseline(Path(cfg.tracking.baseline_of))
+        self._client.set_tag(self.run_id, SETUP_TAG, "true")
 
-    def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str, description: str = "") -> None:
+    def start(self, tags: dict[str, str], run_name: str, description: str = "") -> None:
         """Create the run, or continue the one recorded in the run directory (restart count + 1). A new run is
         named ``run_name``, with the run directory's name added when the experiment already has a run so named."""
         if not self.enabled:
@@ -204,8 +213,7 @@ class Tracker:
             name = self._free_run_name(experiment_id, run_name)
             tags_at_creation = {DESCRIPTION_TAG: description} if description else {}
             self.run_id = self._client.create_run(experiment_id, run_name=name, tags=tags_at_creation).info.run_id
-            id_file.write_text(self.run_id)
-            self._log_params(flatten(params))
+            atomic_write_text(id_file, self.run_id)
         for key, value in {**tags, "restart_count": str(self.restart_count)}.items():
             self._client.set_tag(self.run_id, key, value)
         log.info("MLflow run %s at %s", self.run_id, redact("uri", self.uri))
@@ -233,8 +241,9 @@ class Tracker:
         """The stage's export as an MLflow logged model of this run: every file of ``export_dir`` (the weights as
         safetensors, ``metrics.json``) and the resolved ``config.yaml`` (secrets redacted) that builds them back
         (:func:`trainer.stages.load_export`); ``register_as`` registers it as a new version of that model. The
-        model's id is written to ``export_dir/mlflow_model_id`` (a later stage that reads this export links it as
-        its input). Returns the id (None on ranks that do not track)."""
+        model's id is written to ``export_dir/mlflow_model_id`` last (a later stage that reads this export links it
+        as its input; a run killed before it logs the export again). Returns the id (None on ranks that do not
+        track)."""
         if not self.enabled or self.run_id is None:
             return None
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
@@ -247,6 +256,7 @@ class Tracker:
         )  # fmt: skip
         try:
             self._client.log_model_artifacts(model.model_id, str(export_dir))
+            faults.at("publish", step, self.run_dir)
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.yaml").write_text(redacted_yaml(config))
                 self._client.log_model_artifacts(model.model_id, tmp)
@@ -256,9 +266,9 @@ class Tracker:
         self._client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         self._client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])  # the run page lists it
         self._client.set_tag(self.run_id, "logged_model_id", model.model_id)
-        (export_dir / MODEL_ID_FILE).write_text(model.model_id)
         if register_as:
             self._register(model.model_id, model.artifact_location, register_as)
+        atomic_write_text(export_dir / MODEL_ID_FILE, model.model_id)  # last: the export is published
         return str(model.model_id)
 
     def _register(self, model_id: str, location: str, name: str) -> None:
@@ -379,6 +389,15 @@ class Tracker:
         if self.enabled and self.run_id is not None:
             self._client.set_tag(self.run_id, key, value)
 
+    def log_missing_rollbacks(self, log_path: Path, detected_at: list[int]) -> None:
+        """The rollbacks of ``log_path`` (detected at the steps ``detected_at``) that the run does not show yet: a
+        run killed between recording a rollback and logging it logs it when it resumes."""
+        if not self.enabled or self.run_id is None:
+            return
+        shown = int(self._client.get_run(self.run_id).data.tags.get("rollbacks", "0"))
+        for count, step in enumerate(detected_at[shown:], start=shown + 1):
+            self.log_rollback(count, log_path, step)
+
     def log_rollback(self, count: int, log_path: Path, step: int) -> None:
         """The run's ``count``-th rollback, detected at ``step``: a metric, a tag and the rollback log."""
         self.log_metrics({"train/rollbacks": float(count)}, step)
@@ -416,7 +435,10 @@ class Tracker:
         if not self.enabled or self.run_id is None:
             return
         try:
-            for child in self._baseline_runs.values():
+            # Every baseline run of this run, also those of earlier segments that a kill left open.
+            experiment = self._client.get_run(self.run_id).info.experiment_id
+            found = self._client.search_runs([experiment], f"tags.baseline_of = '{self.run_id}'")
+            for child in {*self._baseline_runs.values(), *(run.info.run_id for run in found)}:
                 self._client.set_terminated(child, status=status)
             self._client.set_terminated(self.run_id, status=status)
         except Exception as err:

@@ -7,6 +7,7 @@ reads the variable when it is unset, and a value that does not parse is an error
 
 Points, in the order a run meets them:
 
+- ``tracking``: the MLflow run created and its id written, before its parameters, config and inputs are logged;
 - ``step``: after an optimizer step (and its ledger record), before logging and saving;
 - ``save``: inside a checkpoint save, DeepSpeed's files of this rank written, its own state file not yet (nor the
   hashes, nor the ``COMPLETE`` marker);
@@ -16,7 +17,9 @@ Points, in the order a run meets them:
 - ``rollback``: a rollback recorded in ``rollbacks.jsonl``, before ``latest`` moves and the discarded checkpoints
   are removed;
 - ``conversion``: the universal checkpoint converted (another world size), before it is marked and renamed;
-- ``export``: the stage's weights written, before ``metrics.json``.
+- ``export``: the stage's weights written, before ``metrics.json``;
+- ``publish``: the export's MLflow logged model created and the export's files uploaded, before its config, its
+  status and its registration.
 
 Actions: ``kill_rank`` (SIGKILL this rank), ``kill_launcher`` (SIGKILL the local launcher), ``term_launcher``,
 ``hup_launcher``, ``int_launcher`` (SIGTERM / SIGHUP / SIGINT to the launcher), ``preempt`` (SIGUSR2 to the
@@ -38,7 +41,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV = "FCMAE_FAULT"
-POINTS = ("step", "save", "marker", "mirror", "evaluation", "rollback", "conversion", "export")
+POINTS = ("tracking", "step", "save", "marker", "mirror", "evaluation", "rollback", "conversion", "export", "publish")
 SIGNAL_ACTIONS = {
     "kill_launcher": signal.SIGKILL,
     "term_launcher": signal.SIGTERM,

@@ -247,9 +247,10 @@ class Recovery:
         self.recent_keys = [(step, keys) for step, keys in self.recent_keys if step > oldest_kept]
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint carries of recovery: the skip count, the spike statistic and the recent keys."""
+        """What a checkpoint carries of recovery: the skip counts, the spike statistic and the recent keys."""
         return {
             "skipped_total": self.skip_guard.total,
+            "skipped_in_row": self.skip_guard.in_row,
             "spikes": self.spikes.state_dict(),
             "recent_keys": self.recent_keys,
         }
@@ -257,6 +258,7 @@ class Recovery:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict` (a checkpoint's rank state)."""
         self.skip_guard.total = int(state.get("skipped_total", 0))
+        self.skip_guard.in_row = int(state.get("skipped_in_row", 0))
         self.spikes.load_state_dict(state.get("spikes", {}))
         self.recent_keys = [(int(step), list(keys)) for step, keys in state.get("recent_keys", [])]
 
