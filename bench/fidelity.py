@@ -19,8 +19,8 @@ A seed whose 15 runs have all finished is written to ``--record`` (``bench/fidel
 repository: each run's ``metrics.json``, with the budget, date, machine and commit) and is not run again for that
 budget: ``runs/`` is scratch that a machine may lose, and the table gathers seeds recorded on different days. The
 default budget is what a 2-core machine finishes a seed of in about 80 minutes (two processes): 1,500 FCMAE steps x
-32 images at 96 px (48,000 images, 0.8 epoch), 200 few-label steps; 3,000 FCMAE steps make a seed about 2.5 hours. Prints mean ± standard deviation over the seeds, and which gaps exceed two
-standard deviations of both arms.
+32 images at 96 px (48,000 images, 0.8 epoch), 200 few-label steps; 3,000 FCMAE steps make a seed about 2.5 hours.
+Prints mean ± standard deviation over the seeds, and which gaps exceed two standard deviations of both arms.
 
     python -m bench.fidelity --seeds 0 1 2                     # 1,500 FCMAE steps, 200 few-label steps
     for i in 1 2; do OMP_NUM_THREADS=1 python -m bench.fidelity & done; wait   # two processes sharing the runs

@@ -287,6 +287,15 @@ def test_kills_while_a_run_reaches_mlflow_or_replaces_its_export_leave_the_unint
     assert view["versions"] == [(1, False), (2, True)] and view["model id file"] and "step 6" in str(view["result"])
 
 
+def _rollbacks_in_mlflow(run_dir: Path) -> list[tuple[int, float]]:
+    """The ``train/rollbacks`` points of the run's MLflow run: (step, count)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, "train/rollbacks")]
+
+
 def _spike_data(tmp_path: Path) -> tuple[tuple[str, ...], int, list[str]]:
     """20 shards of 8 calm images with one of noise, a seed that serves the noise at step 7 or 8, and the step the
     spike is found at (8, the end of the log interval 7-8)."""
@@ -311,8 +320,9 @@ def _spike_data(tmp_path: Path) -> tuple[tuple[str, ...], int, list[str]]:
 def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_rollback(tmp_path: Path) -> None:
     """The noise shard spikes the loss at step 7 or 8; the run, preempted at step 7 and resumed, rolls back to
     step 6 at step 8. Rank 0 SIGKILLed right after the rollback is recorded
-    (before ``latest`` moves and the newer checkpoints go), then SIGUSR2 in the resumed run's first step: the run
-    ends with the uninterrupted rollback run's weights and ledger, one rollback in the record, and the ledger
+    (before ``latest`` moves and the newer checkpoints go, and before MLflow is told), then SIGUSR2 in the resumed
+    run's first step: the run ends with the uninterrupted rollback run's weights, ledger and MLflow rollback
+    metric, one rollback in the record, and the ledger
     holds every sample of the epoch once except exactly the ones the record names. Control: the same crash
     resumed from the checkpoints the rollback abandoned (as before the commit existed) replays the spike and spends
     a second rollback on it. And a run whose rollback budget is spent fails, saying so."""
@@ -341,7 +351,11 @@ def test_a_crash_during_a_rollback_neither_replays_the_spike_nor_spends_another_
     def rolled_back_once_as_the_reference(run: Path) -> bool:
         records = [json.loads(line) for line in RunDir(run).rollbacks.read_text().splitlines()]
         same = len(records) == 1 and records[0]["skipped_keys"] == record["skipped_keys"]
-        return same and _same_weights(run, reference) and read_ledger(run / "ledger") == read_ledger(ledger_of)
+        # MLflow shows the rollback too, though the kill came between its record and its logging.
+        shown = _rollbacks_in_mlflow(run) == _rollbacks_in_mlflow(reference) == [(noisy_step, 1.0)]
+        return (
+            same and shown and _same_weights(run, reference) and read_ledger(run / "ledger") == read_ledger(ledger_of)
+        )
 
     ledger_of = reference / "ledger"
     assert rolled_back_once_as_the_reference(run_dir)
