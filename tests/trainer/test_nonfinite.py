@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from trainer.config import load_config
+from trainer.distributed import DistEnv
 from trainer.resilience.failure import TrainingError
-from trainer.resilience.recovery import SkipGuard
+from trainer.resilience.recovery import Recovery, SkipGuard
 
 
 def _rank_main(rank: int, port: int, stage: int, out: str) -> None:
@@ -101,3 +103,36 @@ def test_too_many_skips_in_a_row_stop_with_advice(tmp_path: Path) -> None:
     error = guard.error(5, tmp_path, rollbacks=3)
     assert isinstance(error, TrainingError)
     assert re.search(r"3 steps in a row .* 3 rollbacks made.* optim\.grad_clip", str(error))
+
+
+def test_a_run_of_skipped_steps_that_a_checkpoint_splits_spends_the_budget_at_the_same_step(tmp_path: Path) -> None:
+    """Steps 4 and 5 skipped, a checkpoint at step 5, a resume, step 6 skipped: the resumed run's budget is spent at
+    step 6 with the stretch starting at step 4, as in the uninterrupted run (a rollback then restores the same
+    checkpoint). Control: a resume that starts counting again finds nothing."""
+    schedule = load_config("demo_fcmae").schedule.model_copy(update={"max_skipped_steps": 3})
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    def recovery(run: str) -> Recovery:
+        (tmp_path / run).mkdir(exist_ok=True)
+        return Recovery(schedule, 10, env, tmp_path / run)
+
+    def steps(rec: Recovery, skipped: dict[int, bool]) -> None:
+        for step, skip in skipped.items():
+            rec.after_step(step, [f"key{step}"], skip, tmp_path / "checkpoints")
+
+    whole, first = recovery("whole"), recovery("segmented")
+    steps(whole, {3: False, 4: True, 5: True, 6: True})
+    steps(first, {3: False, 4: True, 5: True})
+    saved = first.state_dict()
+    resumed = recovery("segmented")
+    resumed.load_state_dict(saved)
+    steps(resumed, {6: True})
+
+    def spent(rec: Recovery) -> tuple[int, int, str] | None:
+        return None if rec.pending is None else (rec.pending.step, rec.pending.first_step, rec.pending.cause)
+
+    assert spent(whole) == (6, 4, "non-finite steps") == spent(resumed)
+    control = recovery("control")
+    control.load_state_dict({k: v for k, v in saved.items() if k != "skipped_in_row"})
+    steps(control, {6: True})
+    assert spent(control) != spent(whole)
