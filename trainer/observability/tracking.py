@@ -151,6 +151,8 @@ class Tracker:
         self.restart_count = 0
         self._client: Any = None
         self._baseline_runs: dict[str, str] = {}
+        self._first_start_logged = False
+        """Whether the run is tagged ``first_start_logged`` (read by :meth:`start` with the run it continues)."""
         self._experiment = experiment
 
     def start_run(self, cfg: TrainConfig, world_size: int, description: str) -> None:
@@ -168,7 +170,7 @@ class Tracker:
         resolved = cfg.model_dump(mode="json")
         name = f"{cfg.name} / {BASELINE_LABEL}" if cfg.tracking.baseline_of else cfg.name
         self.start(tags, run_name=name, description=description)
-        if not self.enabled or self._client.get_run(self.run_id).data.tags.get(SETUP_TAG) == "true":
+        if not self.enabled or self._first_start_logged:
             return
         from trainer.observability.inputs import as_mlflow, run_inputs
 
@@ -182,6 +184,7 @@ class Tracker:
         if cfg.tracking.baseline_of:
             self.link_baseline(Path(cfg.tracking.baseline_of))
         self._client.set_tag(self.run_id, SETUP_TAG, "true")
+        self._first_start_logged = True
 
     def start(self, tags: dict[str, str], run_name: str, description: str = "") -> None:
         """Create the run, or continue the one recorded in the run directory (restart count + 1). A new run is
@@ -199,6 +202,7 @@ class Tracker:
             self.run_id = id_file.read_text().strip()
             run = self._client.get_run(self.run_id)
             self.restart_count = int(run.data.tags.get("restart_count", "0")) + 1
+            self._first_start_logged = run.data.tags.get(SETUP_TAG) == "true"
             self._client.update_run(self.run_id, status="RUNNING")
         else:
             experiment = self._client.get_experiment_by_name(self._experiment)
@@ -392,7 +396,7 @@ class Tracker:
     def log_missing_rollbacks(self, log_path: Path, detected_at: list[int]) -> None:
         """The rollbacks of ``log_path`` (detected at the steps ``detected_at``) that the run does not show yet: a
         run killed between recording a rollback and logging it logs it when it resumes."""
-        if not self.enabled or self.run_id is None:
+        if not self.enabled or self.run_id is None or not detected_at:
             return
         shown = int(self._client.get_run(self.run_id).data.tags.get("rollbacks", "0"))
         for count, step in enumerate(detected_at[shown:], start=shown + 1):
