@@ -267,15 +267,16 @@ def main() -> None:
         "60,000 labels; top-1 on the 10,000 test images"
     )
     print(
-        "| encoder | pretrain loss | kNN top-1 % | effective rank | 10 labels/class % | 100 labels/class % "
-        "| linear probe % |"
+        "| encoder | pretrain loss | kNN top-1 % | kNN top-1 % at init | effective rank | 10 labels/class % "
+        "| 100 labels/class % | linear probe % |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for encoder in ENCODERS:
-        pre = (
-            [cell(encoder, "final_loss", 3), cell(encoder, "knn_top1"), cell(encoder, "effective_rank")]
+        pre = (  # "at init": the same probe on the run's own architecture, randomly initialized from the seed
+            [cell(encoder, k, 3 if k == "final_loss" else 1) for k in ("final_loss", "knn_top1", "knn_top1_random")]
+            + [cell(encoder, "effective_rank")]
             if encoder in PRETRAIN
-            else ["-", cell("fcmae_v2_sparse", "knn_top1_random"), "-"]
+            else ["-", cell("fcmae_v2_sparse", "knn_top1_random"), "-", "-"]
         )
         down = [cell(f"{encoder}/{p}", "top1") for p in PROTOCOLS]
         print(f"| {encoder} | {' | '.join(pre)} | {' | '.join(down)} |")
@@ -283,14 +284,26 @@ def main() -> None:
     print("|---|" + "---|" * len(STAGES))
     for run in PRETRAIN:
         print(f"| {run} | " + " | ".join(cell(run, f"feature_cosine_distance_{s}", 3) for s in STAGES) + " |")
-    print("\n| claim | protocol | method | other | gap | separates (gap > 2 SD of both) |")
+
+    def measured(arm: str, measure: str) -> list[float] | None:
+        """An arm's values of a measure: a protocol's top-1, or a probe of the pretrained encoder (random weights:
+        the kNN probe at init of the method's architecture; no rank)."""
+        if measure in PROTOCOLS:
+            return values(f"{arm}/{measure}", "top1")
+        if arm in PRETRAIN:
+            return values(arm, measure)
+        return values("fcmae_v2_sparse", "knn_top1_random") if measure == "knn_top1" else None
+
+    print("\n| claim | measure | method | other | gap | separates (gap > 2 SD of both) |")
     print("|---|---|---|---|---|---|")
     for claim, method, other in CLAIMS:
-        for protocol in PROTOCOLS:
-            m, ms = _stats(values(f"{method}/{protocol}", "top1"))
-            o, os_ = _stats(values(f"{other}/{protocol}", "top1"))
+        for measure in (*PROTOCOLS, "knn_top1", "effective_rank"):
+            mine, theirs = measured(method, measure), measured(other, measure)
+            if mine is None or theirs is None:
+                continue
+            (m, ms), (o, os_) = _stats(mine), _stats(theirs)
             verdict = "- (one seed)" if len(per_seed) < 2 else "yes" if abs(m - o) > 2 * max(ms, os_) else "no"
-            row = f"| {claim} | {protocol} | {m:.1f} ± {ms:.1f} | {o:.1f} ± {os_:.1f} | {m - o:+.1f} | {verdict} |"
+            row = f"| {claim} | {measure} | {m:.1f} ± {ms:.1f} | {o:.1f} ± {os_:.1f} | {m - o:+.1f} | {verdict} |"
             print(row, flush=True)
 
 
