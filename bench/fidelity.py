@@ -18,7 +18,7 @@ thread each finish about 1.5x sooner than one with two.
 A seed whose 15 runs have all finished is written to ``--record`` (``bench/fidelity_seeds.jsonl``, kept in the
 repository: each run's ``metrics.json``, with the budget, date, machine and commit) and is not run again for that
 budget: ``runs/`` is scratch that a machine may lose, and the table gathers seeds recorded on different days. The
-default budget is what a 2-core machine finishes a seed of in 80-95 minutes (two processes): 1,500 FCMAE steps x
+default budget is what a 2-core machine finishes a seed of in 77-95 minutes (two processes): 1,500 FCMAE steps x
 32 images at 96 px (48,000 images, 0.8 epoch), 200 few-label steps; 3,000 FCMAE steps make a seed about 2.5 hours.
 Prints mean ± standard deviation over the seeds, and which gaps exceed two standard deviations of both arms.
 
