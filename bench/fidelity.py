@@ -230,6 +230,11 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _cell(values: list[float], digits: int = 1) -> str:
+    mean, spread = _stats(values)
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -254,9 +259,17 @@ def main() -> None:
     def values(run: str, key: str) -> list[float]:
         return [float(r[run][key]) for r in per_seed]
 
+    def measured(arm: str, measure: str) -> list[float] | None:
+        """An arm's values of a measure: a protocol's top-1, or a probe of the pretrained encoder (random weights:
+        the kNN probe at init of the method's architecture; no rank)."""
+        if measure in PROTOCOLS:
+            return values(f"{arm}/{measure}", "top1")
+        if arm in PRETRAIN:
+            return values(arm, measure)
+        return values("fcmae_v2_sparse", "knn_top1_random") if measure == "knn_top1" else None
+
     def cell(run: str, key: str, digits: int = 1) -> str:
-        mean, spread = _stats(values(run, key))
-        return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+        return _cell(values(run, key), digits)
 
     for seed in args.seeds:
         r = recorded[seed]
@@ -273,27 +286,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for encoder in ENCODERS:
         pre = (  # "at init": the same probe on the run's own architecture, randomly initialized from the seed
-            [cell(encoder, k, 3 if k == "final_loss" else 1) for k in ("final_loss", "knn_top1", "knn_top1_random")]
-            + [cell(encoder, "effective_rank")]
+            [cell(encoder, "final_loss", 3), cell(encoder, "knn_top1"), cell(encoder, "knn_top1_random"),
+             cell(encoder, "effective_rank")]
             if encoder in PRETRAIN
-            else ["-", cell("fcmae_v2_sparse", "knn_top1_random"), "-", "-"]
-        )
+            else ["-", _cell(measured(encoder, "knn_top1") or []), "-", "-"]
+        )  # fmt: skip
         down = [cell(f"{encoder}/{p}", "top1") for p in PROTOCOLS]
         print(f"| {encoder} | {' | '.join(pre)} | {' | '.join(down)} |")
     print("\n| pretraining run | " + " | ".join(f"feature cosine distance {s}" for s in STAGES) + " |")
     print("|---|" + "---|" * len(STAGES))
     for run in PRETRAIN:
         print(f"| {run} | " + " | ".join(cell(run, f"feature_cosine_distance_{s}", 3) for s in STAGES) + " |")
-
-    def measured(arm: str, measure: str) -> list[float] | None:
-        """An arm's values of a measure: a protocol's top-1, or a probe of the pretrained encoder (random weights:
-        the kNN probe at init of the method's architecture; no rank)."""
-        if measure in PROTOCOLS:
-            return values(f"{arm}/{measure}", "top1")
-        if arm in PRETRAIN:
-            return values(arm, measure)
-        return values("fcmae_v2_sparse", "knn_top1_random") if measure == "knn_top1" else None
-
     print("\n| claim | measure | method | other | gap | separates (gap > 2 SD of both) |")
     print("|---|---|---|---|---|---|")
     for claim, method, other in CLAIMS:
